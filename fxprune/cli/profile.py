@@ -1,0 +1,8 @@
+"""``fxprune profile`` (not implemented yet)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("profile", help="(not implemented yet)")
+    p.set_defaults(func=lambda args: print("not implemented") or 1)

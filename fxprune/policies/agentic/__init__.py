@@ -1,0 +1,1 @@
+"""The agentic policy: Profiling, Analysis (LLM or offline) and Master agents."""
