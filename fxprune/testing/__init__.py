@@ -1,0 +1,1 @@
+"""Test helpers shipped with fxprune: a local Messages-API server, tiny model zoo, equivalence checks."""
