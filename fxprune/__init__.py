@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fxprune.errors import (
+    BandUnreachableError,
     BenchmarkError,
     BudgetUnreachableError,
     DataError,
@@ -19,12 +20,47 @@ from fxprune.errors import (
 
 __version__ = "0.1.0"
 
+from fxprune._compile import CompileResult, compile  # noqa: E402
+from fxprune.capture import capture  # noqa: E402
+from fxprune.counting import MacProfile, count_macs, profile_macs  # noqa: E402
+
+
+def save(model, path, **kwargs):
+    """Save a (pruned) model so it loads without its original Python class; see ``fxprune.serialization``."""
+    from fxprune.serialization import save as _save
+
+    return _save(model, path, **kwargs)
+
+
+def load(path, **kwargs):
+    """Load a model written by :func:`save` (no pickle is ever unpickled)."""
+    from fxprune.serialization import load as _load
+
+    return _load(path, **kwargs)
+
+
+def finetune(model, train_data, **kwargs):
+    """Recovery fine-tune after pruning (optionally distilling from a teacher); see ``fxprune.finetune``."""
+    from fxprune.finetune import finetune as _finetune
+
+    return _finetune(model, train_data, **kwargs)
+
 __all__ = [
     "__version__",
+    "compile",
+    "CompileResult",
+    "count_macs",
+    "profile_macs",
+    "MacProfile",
+    "capture",
+    "save",
+    "load",
+    "finetune",
     "FxpruneError",
     "TraceError",
     "InvalidBudgetError",
     "BudgetUnreachableError",
+    "BandUnreachableError",
     "PassError",
     "PolicyError",
     "ExportError",

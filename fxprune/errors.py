@@ -13,6 +13,7 @@ __all__ = [
     "TraceError",
     "InvalidBudgetError",
     "BudgetUnreachableError",
+    "BandUnreachableError",
     "PassError",
     "PreconditionError",
     "PostconditionError",
@@ -60,6 +61,23 @@ class BudgetUnreachableError(FxpruneError):
         super().__init__(message)
         self.min_macs = int(min_macs)
         self.budget = budget
+
+
+class BandUnreachableError(FxpruneError):
+    """No plan lands in the tolerance band: the allowed keep counts are too coarse for it.
+
+    Attributes:
+        best_macs: the largest achievable MACs at or below the budget.
+        budget / lower: the band.
+        needed_tolerance: the tolerance that ``best_macs`` would satisfy.
+    """
+
+    def __init__(self, message: str, *, best_macs: int, budget: int, lower: int):
+        super().__init__(message)
+        self.best_macs = int(best_macs)
+        self.budget = int(budget)
+        self.lower = int(lower)
+        self.needed_tolerance = 1.0 - best_macs / budget if budget else 1.0
 
 
 class PassError(FxpruneError):

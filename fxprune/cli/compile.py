@@ -1,8 +1,75 @@
-"""``fxprune compile`` (not implemented yet)."""
+"""``fxprune compile MODEL --mac-budget 50% -o model.onnx``: prune to a budget, export, summarise."""
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+
 
 def register(sub) -> None:
-    p = sub.add_parser("compile", help="(not implemented yet)")
-    p.set_defaults(func=lambda args: print("not implemented") or 1)
+    p = sub.add_parser(
+        "compile", help="prune a model to a MAC (or latency) budget and export it to ONNX",
+        description="Compile MODEL (torchvision:NAME, timm:NAME, hf:NAME or file.py:factory) to a hard MAC "
+                    "budget: the result's MACs are at most the budget and within the tolerance below it.")
+    p.add_argument("model", metavar="MODEL")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--mac-budget", help="fraction ('50%%', 0.5) or absolute MACs ('1.8G', '500M')")
+    budget.add_argument("--latency-budget", help="measured ONNX Runtime latency ('20ms', '60%%' of the original)")
+    p.add_argument("-o", "--output", help="write the pruned model as ONNX to this file (dynamic batch)")
+    p.add_argument("--save", help="also save the pruned model in fxprune's format (.fxp)")
+    p.add_argument("--report", help="write the full JSON report to this file")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
+    p.add_argument("--policy", default="global", help="uniform | global | isomorphic | agentic | rl (default global)")
+    p.add_argument("--tolerance", type=float, default=0.01, help="band below the budget (default 0.01 = 1%%)")
+    p.add_argument("--channel-multiple", type=int, default=8, help="kept channels are multiples of this (default 8)")
+    p.add_argument("--min-keep-ratio", type=float, default=0.1, help="every group keeps at least this fraction")
+    p.add_argument("--importance", default="l1", help="l1 | l2 | bn_scale | taylor | snip | grasp | synflow")
+    p.add_argument("--ignore", action="append", default=[], help="module name to leave untouched (repeatable)")
+    p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (default: the model's own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrained", action="store_true", help="load the source's pretrained weights (may download)")
+    p.add_argument("--groups", action="store_true", help="also print the per-group table")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import fxprune
+    from fxprune.models import parse_shape, resolve_model
+
+    shape = parse_shape(args.input_shape) if args.input_shape else None
+    spec = resolve_model(args.model, input_shape=shape, pretrained=args.pretrained)
+    t = time.perf_counter()
+    result = fxprune.compile(
+        spec.model, spec.example_inputs,
+        mac_budget=args.mac_budget, latency_budget=args.latency_budget, tolerance=args.tolerance,
+        policy=args.policy, channel_multiple=args.channel_multiple, min_keep_ratio=args.min_keep_ratio,
+        importance=args.importance, ignore=args.ignore or None, seed=args.seed,
+    )
+    result.report.model = spec.label
+    export_s = None
+    if args.output:
+        t1 = time.perf_counter()
+        result.export_onnx(args.output)
+        export_s = time.perf_counter() - t1
+        result.report.timings["onnx_export"] = export_s
+    if args.save:
+        result.save(args.save)
+    total = time.perf_counter() - t
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write(result.report.dumps())
+    if args.json:
+        json.dump(result.report.to_json(), sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    print(result.report)
+    if args.groups:
+        print()
+        print(result.report.group_table())
+    if args.output:
+        print(f"wrote {args.output} (ONNX, dynamic batch; export {export_s:.2f}s)")
+    if args.save:
+        print(f"wrote {args.save}")
+    print(f"done in {total:.2f}s")
+    return 0

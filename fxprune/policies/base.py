@@ -37,6 +37,9 @@ class GroupSpec:
         importance: per-unit importance, normalised to mean 1 within the group, original order.
         exact: False when the group passes through a channel-mixing normalisation (LayerNorm,
             GroupNorm), where pruning changes the function beyond removing the channel.
+        quantum: every keep count is a multiple of this (the conv-group count of grouped convs).
+        importance_scale: mean raw importance of the group's units (``importance`` times this is
+            the raw criterion value), so groups can be compared on a common scale.
     """
 
     id: int
@@ -50,6 +53,8 @@ class GroupSpec:
     mac_share: float
     importance: tuple[float, ...] | None = None
     exact: bool = True
+    quantum: int = 1
+    importance_scale: float = 1.0
 
     @property
     def min_keep(self) -> int:

@@ -1,0 +1,466 @@
+"""``fxprune.compile``: the default pipeline, top to bottom.
+
+    capture -> shape-prop -> dependency groups -> MAC terms -> importance -> problem
+            -> policy -> budget solver -> prune channels -> shape-prop -> verify -> report
+
+Each step is a named pass or analysis; the policy only sees a serialisable ``PruningProblem``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fxprune.budget import format_macs, parse_mac_budget
+from fxprune.capture import Captured, capture
+from fxprune.cost_models.mac import MacCostModel, MacTerm, PlanCost
+from fxprune.errors import FxpruneError, InvalidBudgetError, PolicyError, PostconditionError
+from fxprune.passes._infra import AnalysisManager, TimingInstrument
+from fxprune.passes.dependency_groups import DependencyGraph, DependencyGroupsAnalysis, Group
+from fxprune.passes.prune_channels import PruneChannelsPass
+from fxprune.passes.shape_prop import ShapePropPass
+from fxprune.policies.base import GroupSpec, PruningPlan, PruningProblem, SearchContext
+from fxprune.policies.solver import Projection, allowed_keeps, project
+from fxprune.report import FrozenInfo, GroupDecision, Report, environment
+
+__all__ = ["compile", "CompileResult", "PruneSession", "get_policy", "POLICIES"]
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ policies
+
+def _policies() -> dict[str, Callable[..., Any]]:
+    from fxprune.policies.heuristic import GlobalPolicy, IsomorphicPolicy, UniformPolicy
+
+    table: dict[str, Callable[..., Any]] = {"uniform": UniformPolicy, "global": GlobalPolicy,
+                                            "isomorphic": IsomorphicPolicy}
+    try:
+        from fxprune.policies.agentic.master import AgenticPolicy
+
+        table["agentic"] = AgenticPolicy
+    except ImportError:  # pragma: no cover - during development
+        pass
+    try:
+        from fxprune.policies.rl import RLPolicy
+
+        table["rl"] = RLPolicy
+    except ImportError:  # pragma: no cover
+        pass
+    return table
+
+
+POLICIES = ("uniform", "global", "isomorphic", "agentic", "rl")
+
+
+def get_policy(policy: Any, options: dict[str, Any] | None = None):
+    """A policy object from a name ("global", ...) or an object with ``select``."""
+    if hasattr(policy, "select"):
+        return policy
+    table = _policies()
+    if not isinstance(policy, str) or policy not in table:
+        raise PolicyError(f"unknown policy {policy!r}; choose one of {sorted(table)} or pass an object with "
+                          "a select(problem, ctx) method")
+    cls = table[policy]
+    try:
+        return cls(**(options or {}).get("init", {}))
+    except TypeError as err:
+        raise PolicyError(f"policy {policy!r}: bad options: {err}") from err
+
+
+# ------------------------------------------------------------------------------------ session
+
+def _params(model: nn.Module) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def choose_units(group: Group, scores: np.ndarray | None, keep: int) -> np.ndarray:
+    """The ``keep`` most important units (uniform across conv-group blocks), sorted."""
+    if keep >= group.n:
+        return np.arange(group.n)
+    s = np.asarray(scores if scores is not None else np.zeros(group.n), dtype=np.float64)
+    if group.block_count > 1:
+        per = keep // group.block_count
+        out = []
+        for b in range(group.block_count):
+            members = np.flatnonzero(group.block_of == b)
+            order = members[np.lexsort((members, -s[members]))]
+            out.append(order[:per])
+        return np.sort(np.concatenate(out))
+    order = np.lexsort((np.arange(group.n), -s))
+    return np.sort(order[:keep])
+
+
+@dataclass
+class PruneSession:
+    """A captured model with its analyses; builds pruned candidates for any keep vector."""
+
+    captured: Captured
+    graph: DependencyGraph
+    terms: list[MacTerm]
+    base_macs: int
+    cost: PlanCost
+    scores: dict[int, np.ndarray]
+    criterion: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gm(self) -> torch.fx.GraphModule:
+        return self.captured.gm
+
+    def units(self, keep: np.ndarray) -> dict[int, np.ndarray]:
+        return {g.id: choose_units(g, self.scores.get(g.id), int(k))
+                for g, k in zip(self.graph.groups, keep) if int(k) < g.n}
+
+    def materialize(self, keep: np.ndarray) -> tuple[torch.fx.GraphModule, int]:
+        """Build the pruned model for ``keep`` (a copy; the session's graph is untouched)."""
+        gm = copy.deepcopy(self.gm)
+        units = self.units(keep)
+        if units:
+            PruneChannelsPass(self.graph, units)(gm, AnalysisManager(gm))
+            gm.graph.lint()
+            gm.recompile()
+        ShapePropPass(self.captured.inputs)(gm)
+        macs = MacCostModel().count(gm).total
+        gm.eval()
+        return gm, macs
+
+
+def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, importance: str = "l1",
+                 calibration_data: Any = None, loss_fn: Any = None, capture_method: str = "auto",
+                 leaf_modules: Sequence[type] = (), seed: int = 0) -> PruneSession:
+    t0 = time.perf_counter()
+    cap = capture(model, example_inputs, method=capture_method, leaf_modules=leaf_modules)
+    t1 = time.perf_counter()
+    ShapePropPass(cap.inputs)(cap.gm)
+    t2 = time.perf_counter()
+    ignore_names, ignore_fn = _ignore_spec(ignore, cap.gm)
+    graph = DependencyGroupsAnalysis(ignore=ignore_names, ignore_fn=ignore_fn).run(cap.gm)
+    terms, _uncounted = MacCostModel().terms(cap.gm)
+    t3 = time.perf_counter()
+    sizes = {}
+    for n in cap.gm.graph.nodes:
+        info = n.meta.get("fxprune.shape")
+        if hasattr(info, "shape"):
+            for d, s in enumerate(info.shape):
+                sizes[(n.name, d)] = s
+    cost = PlanCost(terms, graph.forms(), sizes, len(graph.groups))
+    base = int(cost(np.array([g.n for g in graph.groups], dtype=np.int64))[0]) if graph.groups else \
+        MacCostModel().count(cap.gm).total
+    scores = _importance(cap.gm, graph, importance, calibration_data, loss_fn, seed)
+    t4 = time.perf_counter()
+    timings = {"capture": t1 - t0, "shape_prop": t2 - t1, "analysis": t3 - t2, "importance": t4 - t3}
+    return PruneSession(cap, graph, terms, base, cost, scores, importance, timings)
+
+
+def _ignore_spec(ignore: Any, gm: torch.fx.GraphModule) -> tuple[tuple[str, ...], Callable[[str], bool] | None]:
+    if ignore is None:
+        return (), None
+    if callable(ignore):
+        def fn(path: str) -> bool:
+            try:
+                mod = gm.get_submodule(path)
+            except AttributeError:
+                mod = None
+            try:
+                return bool(ignore(path, mod))
+            except TypeError:
+                return bool(ignore(path))
+        return (), fn
+    if isinstance(ignore, str):
+        ignore = [ignore]
+    names = []
+    for item in ignore:
+        if isinstance(item, str):
+            names.append(item)
+        else:
+            raise InvalidBudgetError(f"ignore must list module names (strings) or be a predicate, got {item!r}")
+    return tuple(names), None
+
+
+def _importance(gm, graph: DependencyGraph, criterion: str, data, loss_fn, seed) -> dict[int, np.ndarray]:
+    if not graph.groups:
+        return {}
+    from fxprune.importance import group_importance
+
+    scores = group_importance(gm, graph.unit_groups(), criterion, data=data, loss_fn=loss_fn, seed=seed)
+    return {int(k): np.asarray(v, dtype=np.float64) for k, v in scores.items()}
+
+
+def build_problem(session: PruneSession, budget: int, tolerance: float, channel_multiple: int,
+                  min_keep_ratio: float) -> PruningProblem:
+    groups = session.graph.groups
+    G = len(groups)
+    full = np.array([g.n for g in groups], dtype=np.int64)
+    # MAC share: what disappears when the group is removed entirely
+    K = np.repeat(full[None, :], G, axis=0)
+    K[np.arange(G), np.arange(G)] = 0
+    shares = (session.base_macs - session.cost(K)) / max(session.base_macs, 1) if G else np.zeros(0)
+    specs = []
+    for g, share in zip(groups, shares):
+        allowed = allowed_keeps(g.n, blocks=g.block_count, multiple=channel_multiple, unit=g.unit,
+                                heads=g.kind == "heads", min_keep_ratio=min_keep_ratio)
+        raw = session.scores.get(g.id)
+        scale = float(np.mean(raw)) if raw is not None and len(raw) else 1.0
+        imp = tuple((raw / scale).tolist()) if raw is not None and scale > 0 else None
+        specs.append(GroupSpec(g.id, g.name, g.kind, g.n, g.unit, allowed, g.bucket, g.members, float(share),
+                               imp, g.exact, g.block_count, scale))
+    mins = np.array([s.allowed[0] for s in specs], dtype=np.int64)
+    min_macs = int(session.cost(mins[None, :])[0]) if G else session.base_macs
+    fixed = int(session.cost(np.zeros((1, G), dtype=np.int64))[0]) if G else session.base_macs
+    frozen = tuple(f"{f.name} ({f.n}): {'; '.join(f.reasons[:2])}" for f in session.graph.frozen)
+    lower = int(math.ceil(budget * (1.0 - tolerance)))
+    return PruningProblem(tuple(specs), session.base_macs, int(budget), lower, min_macs, fixed, session.cost, frozen)
+
+
+# ------------------------------------------------------------------------------------- result
+
+@dataclass
+class CompileResult:
+    """What ``fxprune.compile`` returns.
+
+    Attributes:
+        model: the pruned model (a ``torch.fx.GraphModule``, eval mode).
+        macs / base_macs: MACs of the pruned / original model on the example inputs.
+        params / base_params: parameter counts.
+        report: every decision (``report.to_json()`` for pipelines, ``str(report)`` for people).
+        example_inputs: the inputs the model was compiled with.
+        original: the captured, unpruned model (for benchmarks and ONNX of the baseline).
+    """
+
+    model: torch.fx.GraphModule
+    macs: int
+    base_macs: int
+    params: int
+    base_params: int
+    report: Report
+    example_inputs: tuple
+    original: torch.fx.GraphModule | None = None
+    keep: dict[int, int] = field(default_factory=dict)
+
+    def export_onnx(self, path: str | None = None, **kwargs: Any):
+        """Export the pruned model to ONNX (dynamic batch dimension); returns the ``onnx.ModelProto``."""
+        from fxprune.export import export_onnx
+
+        return export_onnx(self.model, self.example_inputs, path, **kwargs)
+
+    def save(self, path: str) -> None:
+        from fxprune.serialization import save
+
+        save(self.model, path)
+
+    def benchmark(self, config: Any = None, **kwargs: Any):
+        """Measure original vs pruned latency on ONNX Runtime (see ``fxprune.latency``)."""
+        from fxprune.latency import benchmark_result
+
+        return benchmark_result(self, config, **kwargs)
+
+    def __str__(self) -> str:
+        return str(self.report)
+
+
+# ------------------------------------------------------------------------------------ compile
+
+def compile(  # noqa: A001 - the product's name for the operation
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    mac_budget: Any = None,
+    latency_budget: Any = None,
+    tolerance: float = 0.01,
+    policy: Any = "global",
+    channel_multiple: int = 8,
+    min_keep_ratio: float = 0.1,
+    ignore: Any = None,
+    importance: str = "l1",
+    calibration_data: Any = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    loss_fn: Any = None,
+    seed: int = 0,
+    verify: bool = True,
+    policy_options: dict[str, Any] | None = None,
+    capture: str = "auto",
+    leaf_modules: Sequence[type] = (),
+    latency_options: dict[str, Any] | None = None,
+) -> CompileResult:
+    """Compile ``model`` to a MAC budget: a physically smaller model with MACs in the band.
+
+    Args:
+        model: any ``nn.Module`` (never modified).
+        example_inputs: a tensor, a tuple of tensors, or a dict of keyword tensors.
+        mac_budget: absolute MACs (``1.8e9``, ``"1.8G"``, ``"500M"``) or a fraction of the
+            original (``0.5``, ``"50%"``).
+        latency_budget: alternatively a measured-latency budget (``"20ms"``, ``"60%"``) on ONNX
+            Runtime; see ``latency_options``.
+        tolerance: the band is ``[budget * (1 - tolerance), budget]``.
+        policy: "uniform", "global", "isomorphic", "agentic", "rl" or an object with ``select``.
+        channel_multiple: kept channel counts are multiples of this where the group is large
+            enough; attention heads are kept whole.
+        min_keep_ratio: every group keeps at least this fraction of its units.
+        ignore: module names (or a predicate ``(name, module) -> bool``) to leave untouched.
+        importance: channel criterion: "l1", "l2", "bn_scale", "taylor", "snip", "grasp", "synflow".
+        calibration_data: batches for data-driven criteria and the label-free quality signal.
+        evaluate: ``evaluate(model) -> float`` (higher is better) used by search policies.
+        seed: the run's seed (same inputs and seed give the same result).
+        verify: check that counted MACs equal the estimate and the band holds.
+
+    Returns:
+        A :class:`CompileResult`.
+
+    Raises:
+        InvalidBudgetError: the budget is not understood.
+        BudgetUnreachableError: the budget is below the smallest reachable model (``.min_macs``).
+        TraceError: the model cannot be captured.
+    """
+    if mac_budget is None and latency_budget is None:
+        raise InvalidBudgetError("give mac_budget (e.g. '50%', 0.5, '1.8G') or latency_budget (e.g. '20ms')")
+    if mac_budget is not None and latency_budget is not None:
+        raise InvalidBudgetError("give either mac_budget or latency_budget, not both")
+    if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
+        raise InvalidBudgetError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
+    if not isinstance(channel_multiple, int) or channel_multiple < 1:
+        raise InvalidBudgetError(f"channel_multiple must be a positive int, got {channel_multiple!r}")
+    if not 0 < min_keep_ratio <= 1:
+        raise InvalidBudgetError(f"min_keep_ratio must be in (0, 1], got {min_keep_ratio!r}")
+    if latency_budget is not None:
+        from fxprune.latency import compile_to_latency
+
+        return compile_to_latency(
+            model, example_inputs, latency_budget=latency_budget, tolerance=tolerance, policy=policy,
+            channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio, ignore=ignore,
+            importance=importance, calibration_data=calibration_data, evaluate=evaluate, loss_fn=loss_fn,
+            seed=seed, verify=verify, policy_options=policy_options, capture=capture,
+            leaf_modules=leaf_modules, options=latency_options or {},
+        )
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        session = open_session(model, example_inputs, ignore=ignore, importance=importance,
+                               calibration_data=calibration_data, loss_fn=loss_fn, capture_method=capture,
+                               leaf_modules=leaf_modules, seed=seed)
+        budget = parse_mac_budget(mac_budget, session.base_macs)
+        report = _new_report(model, session, policy, importance, mac_budget, budget, tolerance, channel_multiple, seed)
+        if budget >= session.base_macs or not session.graph.groups:
+            note = ("budget at or above the original's MACs: model returned unchanged" if budget >= session.base_macs
+                    else "nothing in this model can be pruned: model returned unchanged")
+            report.notes.append(note)
+            if budget < session.base_macs:
+                from fxprune.errors import BudgetUnreachableError
+
+                raise BudgetUnreachableError(
+                    f"{note.split(':')[0]}; the budget {format_macs(budget)} is below the original "
+                    f"{format_macs(session.base_macs)}", min_macs=session.base_macs, budget=budget)
+            return _result(session, session.gm, session.base_macs, report, {}, start)
+        problem = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio)
+        report.lower_macs = problem.lower
+        pol = get_policy(policy, policy_options)
+        ctx = _search_context(session, problem, model, evaluate, calibration_data, seed, report, policy_options)
+        t0 = time.perf_counter()
+        plan = pol.select(problem, ctx)
+        proj = project(problem, problem.dense(plan.keep).astype(np.float64))
+        report.timings["policy"] = time.perf_counter() - t0
+        report.solver_notes += proj.notes
+        if plan.rationale:
+            report.notes.append(f"policy: {plan.rationale}")
+        t0 = time.perf_counter()
+        pruned, macs = session.materialize(proj.keep)
+        report.timings["rewrite"] = time.perf_counter() - t0
+        if verify:
+            _verify(problem, proj, macs)
+        report.estimated_macs = proj.macs
+        keep = {g.id: int(k) for g, k in zip(problem.groups, proj.keep)}
+        report.groups = [
+            GroupDecision(g.id, g.name, g.kind, g.bucket, g.size, int(k), g.unit, g.mac_share, g.exact, g.members)
+            for g, k in zip(problem.groups, proj.keep)
+        ]
+        return _result(session, pruned, macs, report, keep, start)
+
+
+def _verify(problem: PruningProblem, proj: Projection, macs: int) -> None:
+    if macs != proj.macs:
+        raise PostconditionError(
+            f"the rewritten model has {macs:,} MACs but the cost model predicted {proj.macs:,}; this is a bug in "
+            "fxprune (please report it with the model)")
+    if macs > problem.budget:
+        raise PostconditionError(f"the rewritten model has {macs:,} MACs, above the budget {problem.budget:,}")
+    if macs < problem.lower:
+        raise PostconditionError(
+            f"could not land in the band [{problem.lower:,}, {problem.budget:,}] (got {macs:,}); the allowed keep "
+            "counts are too coarse for this tolerance. Increase tolerance or lower channel_multiple.")
+
+
+def _new_report(model, session, policy, importance, spec, budget, tolerance, channel_multiple, seed) -> Report:
+    r = Report(
+        model=type(model).__name__,
+        policy=policy if isinstance(policy, str) else getattr(policy, "name", type(policy).__name__),
+        criterion=importance,
+        budget_spec=str(spec),
+        budget_macs=int(budget),
+        lower_macs=int(math.ceil(budget * (1 - tolerance))),
+        tolerance=float(tolerance),
+        channel_multiple=channel_multiple,
+        base_macs=session.base_macs,
+        base_params=_params(session.gm),
+        seed=seed,
+        environment=environment(),
+    )
+    r.frozen = [FrozenInfo(f.name, f.n, f.reasons) for f in session.graph.frozen]
+    r.notes += session.captured.notes
+    r.timings.update(session.timings)
+    return r
+
+
+def _result(session: PruneSession, pruned, macs, report: Report, keep, start) -> CompileResult:
+    report.macs = macs
+    report.params = _params(pruned)
+    report.timings["total"] = time.perf_counter() - start
+    pruned.eval()
+    return CompileResult(pruned, macs, session.base_macs, report.params, report.base_params, report,
+                         session.captured.inputs, session.gm, keep)
+
+
+def _search_context(session, problem, model, evaluate, calibration_data, seed, report, options) -> SearchContext:
+    """The quality signal for search policies: the user's evaluate, else label-free fidelity."""
+    cache: dict[bytes, float] = {}
+
+    def quality(plan: PruningPlan) -> float:
+        keep = problem.dense(plan.keep)
+        key = keep.tobytes()
+        if key not in cache:
+            cand, _ = session.materialize(keep)
+            if evaluate is not None:
+                cache[key] = float(evaluate(cand))
+            else:
+                cache[key] = _fidelity(session, cand, calibration_data)
+        return cache[key]
+
+    name = "evaluate(model) (user)" if evaluate is not None else (
+        "fidelity to the original on calibration data" if calibration_data is not None
+        else "fidelity to the original on the example inputs")
+    return SearchContext(quality=quality, quality_name=name, seed=seed,
+                         log=lambda rec: report.attempts.append(rec), options=dict(options or {}))
+
+
+def _fidelity(session: PruneSession, cand: nn.Module, data: Any) -> float:
+    from fxprune.quality import fidelity
+
+    if data is None:
+        data = [session.captured.inputs]
+    return float(fidelity(session.gm, cand, data))
+
+
+_ = (Iterable, FxpruneError)

@@ -1,0 +1,413 @@
+"""Capture: turn a user's ``nn.Module`` into a ``torch.fx.GraphModule`` fxprune can prune.
+
+The user's model is never touched: capture works on a deep copy. Before tracing, modules whose
+internals matter for pruning but that torch.fx would keep opaque are replaced by equivalent,
+traceable ones (``nn.MultiheadAttention`` becomes q/k/v/out ``nn.Linear`` layers around
+``F.scaled_dot_product_attention``). After tracing, library ops that bake in a width are swapped
+for fxprune's (torchvision's Swin window attention), and ``training=`` flags that tracing froze to
+a constant are made to follow ``model.train()`` / ``model.eval()`` again.
+
+Symbolic tracing (``torch.fx``) is the default. Models it cannot trace (data-dependent control
+flow, Hugging Face transformers >= 5) are captured with ``torch.export`` (see ``_export.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxprune import ops as fx_ops
+from fxprune.errors import TraceError
+
+__all__ = ["Captured", "capture", "normalize_inputs", "DecomposedMultiheadAttention"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Captured:
+    """A captured model: the graph module plus the example inputs it was captured with."""
+
+    gm: torch.fx.GraphModule
+    args: tuple
+    kwargs: dict
+    method: str = "fx"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> tuple:
+        """Example inputs in placeholder order (keyword inputs appended in signature order)."""
+        return self.args + tuple(self.kwargs.values())
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Accept a tensor, a tuple/list of tensors, or a dict of keyword tensors."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        if len(example_inputs) == 2 and isinstance(example_inputs[1], dict) and isinstance(example_inputs[0], (tuple, list)):
+            return tuple(example_inputs[0]), dict(example_inputs[1])
+        return tuple(example_inputs), {}
+    raise TraceError(
+        f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors, "
+        f"got {type(example_inputs).__name__}. Pass e.g. example_inputs=(torch.randn(1, 3, 224, 224),)."
+    )
+
+
+# ------------------------------------------------------------------ MultiheadAttention decomposition
+
+class DecomposedMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` as separate q/k/v/out projections (numerically equivalent).
+
+    Traced through (not a leaf), so the projections become ordinary ``nn.Linear`` nodes whose
+    heads fxprune can prune. Supports batch_first or not, biases, separate key/value dims,
+    ``attn_mask``, ``key_padding_mask``, ``is_causal`` and ``need_weights``.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        e, h = mha.embed_dim, mha.num_heads
+        self.num_heads = h
+        self.head_dim = e // h
+        self.batch_first = mha.batch_first
+        self.dropout = mha.dropout
+        has_bias = mha.in_proj_bias is not None
+        self.q_proj = nn.Linear(e, e, bias=has_bias)
+        self.k_proj = nn.Linear(mha.kdim, e, bias=has_bias)
+        self.v_proj = nn.Linear(mha.vdim, e, bias=has_bias)
+        self.out_proj = nn.Linear(e, mha.out_proj.out_features, bias=mha.out_proj.bias is not None)
+        with torch.no_grad():
+            if mha._qkv_same_embed_dim:
+                wq, wk, wv = mha.in_proj_weight.chunk(3)
+            else:
+                wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+            self.q_proj.weight.copy_(wq)
+            self.k_proj.weight.copy_(wk)
+            self.v_proj.weight.copy_(wv)
+            if has_bias:
+                bq, bk, bv = mha.in_proj_bias.chunk(3)
+                self.q_proj.bias.copy_(bq)
+                self.k_proj.bias.copy_(bk)
+                self.v_proj.bias.copy_(bv)
+            self.out_proj.weight.copy_(mha.out_proj.weight)
+            if mha.out_proj.bias is not None:
+                self.out_proj.bias.copy_(mha.out_proj.bias)
+        self.train(mha.training)
+
+    @staticmethod
+    def supports(mha: nn.MultiheadAttention) -> bool:
+        return mha.bias_k is None and not mha.add_zero_attn
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        n, lq = query.shape[0], query.shape[1]
+        ls = key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(n, lq, h, d).transpose(1, 2)
+        k = self.k_proj(key).view(n, ls, h, d).transpose(1, 2)
+        v = self.v_proj(value).view(n, ls, h, d).transpose(1, 2)
+        mask = None
+        if attn_mask is not None:
+            mask = _additive_mask(attn_mask, q.dtype)
+            if mask.dim() == 3:
+                mask = mask.view(n, h, lq, ls)
+        if key_padding_mask is not None:
+            pad = _additive_mask(key_padding_mask, q.dtype).view(n, 1, 1, ls)
+            mask = pad if mask is None else mask + pad
+        if need_weights:
+            scores = q.matmul(k.transpose(-2, -1)) * (1.0 / math.sqrt(d))
+            if mask is not None:
+                scores = scores + mask
+            if is_causal and mask is None:
+                scores = scores + torch.triu(torch.full((lq, ls), float("-inf"), dtype=q.dtype), 1)
+            weights = F.softmax(scores, dim=-1)
+            out = F.dropout(weights, p=self.dropout, training=self.training).matmul(v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
+                                                 is_causal=bool(is_causal and mask is None))
+            weights = None
+        out = out.transpose(1, 2).reshape(n, lq, h * d)
+        out = self.out_proj(out)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        return out, weights
+
+
+def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _decompose_attention(model: nn.Module, notes: list[str]) -> None:
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if type(child) is nn.MultiheadAttention:
+                path = f"{name}.{child_name}" if name else child_name
+                if DecomposedMultiheadAttention.supports(child):
+                    setattr(mod, child_name, DecomposedMultiheadAttention(child))
+                else:
+                    notes.append(f"{path}: nn.MultiheadAttention with add_bias_kv/add_zero_attn kept opaque")
+
+
+# ----------------------------------------------------------------------------------- tracing
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx tracer that remembers which module it was in when something failed."""
+
+    def __init__(self, leaf_types: Sequence[type] = (), autowrap_functions: Sequence[Any] = ()):
+        super().__init__(autowrap_functions=tuple(autowrap_functions))
+        self.leaf_types = tuple(leaf_types)
+        self.stack: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, DecomposedMultiheadAttention):
+            return False
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.stack.pop()
+
+
+def _timm_extras() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    """timm's own not-traceable modules and functions, when the user's model comes from timm."""
+    if "timm" not in sys.modules:
+        return (), ()
+    try:
+        from timm.layers import _fx as timm_fx  # type: ignore
+    except Exception:
+        return (), ()
+    return tuple(getattr(timm_fx, "_leaf_modules", ())), tuple(getattr(timm_fx, "_autowrap_functions", ()))
+
+
+def _explain(err: Exception) -> str:
+    text = f"{type(err).__name__}: {err}"
+    if "symbolically traced variables cannot be used as inputs to control flow" in text or "Proxy" in text and "bool" in text:
+        return "data-dependent Python control flow (an `if`/`for` on a tensor value or shape)"
+    if "iteration" in text.lower() and "proxy" in text.lower():
+        return "iterating over a traced tensor"
+    if "NotImplementedError" in text:
+        return "an operation torch.fx cannot trace"
+    return "an unsupported Python construct"
+
+
+def _leaf_root_graph(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+    """A model that is itself a leaf type (a bare ``nn.Conv2d``) becomes a one-call graph."""
+    root = nn.Module()
+    root.add_module("module", model)
+    graph = torch.fx.Graph()
+    pos = tuple(graph.placeholder(f"input_{i}") for i in range(len(args)))
+    kw = {k: graph.placeholder(k) for k in kwargs}
+    graph.output(graph.call_module("module", pos, kw))
+    return torch.fx.GraphModule(root, graph, type(model).__name__)
+
+
+def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence[type] = ()) -> torch.fx.GraphModule:
+    """Symbolically trace ``model`` (already a private copy)."""
+    timm_leaves, timm_wraps = _timm_extras()
+    tracer = _Tracer(tuple(leaf_modules) + timm_leaves, timm_wraps)
+    if tracer.is_leaf_module(model, ""):
+        return _leaf_root_graph(model, args, kwargs)
+    concrete = None
+    if kwargs:
+        import inspect
+
+        sig = inspect.signature(model.forward)
+        names = list(sig.parameters)
+        concrete = {n: None for n in names[len(args):] if n not in kwargs
+                    and sig.parameters[n].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+    try:
+        graph = tracer.trace(model, concrete_args=concrete)
+    except TraceError:
+        raise
+    except Exception as err:
+        where = tracer.stack[-1] if tracer.stack else ""
+        construct = _explain(err)
+        frame = ""
+        tb = traceback.extract_tb(err.__traceback__)
+        user = [f for f in tb if "torch/fx" not in f.filename and "torch/_" not in f.filename]
+        if user:
+            f = user[-1]
+            frame = f" at {f.filename}:{f.lineno} ({f.line})"
+        raise TraceError(
+            f"torch.fx could not trace {'module ' + repr(where) if where else 'the model'}: {construct}{frame}. "
+            f"Original error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+            "What you can do: pass leaf_modules=[ThatModuleClass] so fxprune treats it as an opaque op "
+            "(it will not be pruned inside), rewrite the branch with torch.where, or use capture='export' "
+            "to capture with torch.export.",
+            module_path=where,
+            construct=construct,
+        ) from None
+    name = type(model).__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+# ------------------------------------------------------------------------------ graph fixes
+
+def _swap_window_attention(gm: torch.fx.GraphModule) -> int:
+    try:
+        import torchvision.models.swin_transformer as tv_swin
+    except Exception:  # pragma: no cover
+        return 0
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is tv_swin.shifted_window_attention:
+            node.target = fx_ops.window_attention
+            n += 1
+    return n
+
+
+_TRAINING_ARGS: dict[Any, tuple[int, str]] = {
+    F.dropout: (2, "training"),
+    F.dropout1d: (2, "training"),
+    F.dropout2d: (2, "training"),
+    F.dropout3d: (2, "training"),
+    F.alpha_dropout: (2, "training"),
+    F.feature_alpha_dropout: (2, "training"),
+    F.batch_norm: (5, "training"),
+    fx_ops.window_attention: (12, "training"),
+}
+try:
+    from torchvision.ops import stochastic_depth as _sd
+
+    _TRAINING_ARGS[_sd] = (3, "training")
+except Exception:  # pragma: no cover
+    pass
+
+
+def _live_training_flags(gm: torch.fx.GraphModule, traced_training: bool) -> int:
+    """Replace ``training=<const>`` frozen by tracing with ``self.training`` of the graph module."""
+    n = 0
+    flag = None
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _TRAINING_ARGS:
+            continue
+        pos, name = _TRAINING_ARGS[node.target]
+        if pos < len(node.args):
+            value, where = node.args[pos], "arg"
+        elif name in node.kwargs:
+            value, where = node.kwargs[name], "kw"
+        else:
+            continue
+        if not isinstance(value, bool) or value != traced_training:
+            continue
+        if flag is None:
+            first = next(iter(gm.graph.nodes))
+            with gm.graph.inserting_after(first), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # `training` is a plain attribute, not a parameter
+                flag = gm.graph.get_attr("training")
+        if where == "arg":
+            args = list(node.args)
+            args[pos] = flag
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, name: flag}
+        n += 1
+    if flag is not None:
+        # the get_attr must come before its first use: move it right after the placeholders
+        last_ph = [nd for nd in gm.graph.nodes if nd.op == "placeholder"][-1]
+        last_ph.append(flag)
+    return n
+
+
+def _copy_model(model: nn.Module, share_weights: bool) -> nn.Module:
+    memo: dict[int, Any] = {}
+    if share_weights:
+        for t in list(model.parameters()) + list(model.buffers()):
+            memo[id(t)] = t
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as err:
+        raise TraceError(
+            f"could not copy {type(model).__name__} ({type(err).__name__}: {err}); fxprune works on a copy so "
+            "your model is never modified. Make the model deep-copyable (e.g. no open files or locks as attributes)."
+        ) from err
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    method: str = "auto",
+    leaf_modules: Sequence[type] = (),
+    share_weights: bool = False,
+) -> Captured:
+    """Capture ``model`` as a torch.fx graph module (on a deep copy, in eval mode).
+
+    Args:
+        model: any ``nn.Module``; it is not modified.
+        example_inputs: a tensor, a tuple of tensors, or a dict of keyword tensors.
+        method: "fx" (torch.fx symbolic tracing), "export" (torch.export, ATen-level graph turned
+            back into modules) or "auto" (fx first, then export).
+        leaf_modules: module classes to keep opaque (not traced into, not pruned inside).
+        share_weights: copy the module structure but share parameter and buffer tensors with
+            ``model`` (fast; for read-only uses such as counting MACs). The default copies them.
+
+    Raises:
+        TraceError: when the model cannot be captured; the message names the module and the
+            construct that failed and what to do.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"fxprune needs a torch.nn.Module, got {type(model).__name__}.")
+    if method not in ("auto", "fx", "export"):
+        raise TraceError(f"capture method must be 'auto', 'fx' or 'export', got {method!r}.")
+    args, kwargs = normalize_inputs(example_inputs)
+    for i, a in enumerate(list(args) + list(kwargs.values())):
+        if not isinstance(a, torch.Tensor):
+            raise TraceError(f"example input {i} is a {type(a).__name__}; every example input must be a tensor.")
+    notes: list[str] = []
+    work = _copy_model(model, share_weights)
+    work.eval()
+    _decompose_attention(work, notes)
+    fx_error: TraceError | None = None
+    if method in ("auto", "fx"):
+        try:
+            gm = trace_fx(work, args, kwargs, leaf_modules)
+        except TraceError as err:
+            if method == "fx":
+                raise
+            fx_error = err
+        else:
+            if _swap_window_attention(gm):
+                notes.append("torchvision shifted_window_attention -> fxprune.ops.window_attention")
+            _live_training_flags(gm, traced_training=False)
+            gm.graph.lint()
+            gm.recompile()
+            gm.eval()
+            return Captured(gm, args, kwargs, "fx", notes)
+    from fxprune._export import capture_export
+
+    try:
+        gm = capture_export(work, args, kwargs)
+    except TraceError as err:
+        if fx_error is not None:
+            raise TraceError(f"{fx_error}\nAlso tried torch.export: {err}", module_path=fx_error.module_path,
+                             construct=fx_error.construct) from None
+        raise
+    if fx_error is not None:
+        notes.append(f"torch.fx failed ({fx_error.construct}); captured with torch.export")
+    gm.eval()
+    return Captured(gm, args, kwargs, "export", notes)

@@ -1,0 +1,30 @@
+"""What fxprune knows about each op: coupling of channel spaces, MACs and rewrite (see ``_base``).
+
+Importing this package registers the built-in rules. Third-party ops can be taught to fxprune
+with :func:`register` and an :class:`OpRule` subclass.
+"""
+
+from __future__ import annotations
+
+from fxprune.opset import attention, layers, structural  # noqa: F401  (registration)
+from fxprune.opset._base import (
+    UNKNOWN,
+    OpRule,
+    op_label,
+    register,
+    register_function,
+    register_method,
+    register_module,
+    rule_for,
+)
+
+__all__ = [
+    "OpRule",
+    "UNKNOWN",
+    "register",
+    "register_module",
+    "register_function",
+    "register_method",
+    "rule_for",
+    "op_label",
+]

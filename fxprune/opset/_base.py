@@ -1,0 +1,236 @@
+"""The op registry: what fxprune knows about each operation, in one place.
+
+For every op that can appear in a graph (a module class, a function, a tensor method or an ATen
+overload) an :class:`OpRule` answers three questions:
+
+``couple(node, b)``
+    How does the op couple the channel spaces of its inputs and outputs? A channel space is one
+    dimension of one tensor (``b.space(node, dim)``) or of one parameter (``b.pspace(name, dim)``).
+    Rules tie spaces element by element (``b.tie`` for identity, ``b.tie_map`` for offsets,
+    blocks and permutations), mark the spaces where prunable channels are produced
+    (``b.origin``), freeze spaces that must keep every element (``b.freeze``, always with a
+    reason), and declare constraints (``b.blocks``: uniform keep per block; ``b.inexact``:
+    channel-mixing normalisation).
+``macs(node, m)``
+    The op's multiply-accumulates as ``coef * prod(size(space))`` terms (``m.term``), so the same
+    formula counts a real graph and estimates a hypothetical plan.
+``rewrite(node, r)``
+    After parameters were sliced, fix the node's shape-carrying constants (view sizes, groups,
+    normalized_shape, split sizes, module attributes).
+
+An op without a rule gets :data:`UNKNOWN`, which freezes every dimension it touches: unknown ops
+reduce what can be pruned, they never crash the pipeline.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.fx
+
+from fxprune.ir import TensorInfo, concrete_value, shape_of, tensor_info
+
+__all__ = [
+    "OpRule",
+    "UNKNOWN",
+    "register",
+    "register_module",
+    "register_function",
+    "register_method",
+    "rule_for",
+    "op_label",
+    "arg",
+    "set_arg",
+    "tensor_args",
+    "norm_dim",
+    "CouplingBuilder",
+    "MacBuilder",
+    "RewriteContext",
+]
+
+
+class CouplingBuilder(Protocol):  # implemented in fxprune.passes.dependency_groups
+    gm: torch.fx.GraphModule
+
+    def space(self, node: torch.fx.Node, dim: int) -> int: ...
+    def pspace(self, param: str, dim: int) -> int: ...
+    def size(self, space: int) -> int: ...
+    def tie(self, a: int, b: int) -> None: ...
+    def tie_map(self, a: int, ia: np.ndarray, b: int, ib: np.ndarray) -> None: ...
+    def freeze(self, space: int, reason: str) -> None: ...
+    def freeze_node(self, node: torch.fx.Node, reason: str) -> None: ...
+    def origin(self, space: int) -> None: ...
+    def inexact(self, space: int, reason: str) -> None: ...
+    def blocks(self, space: int, n: int, reason: str) -> None: ...
+    def role(self, space: int, role: str) -> None: ...
+    def reshape(self, node: torch.fx.Node, src: torch.fx.Node, flexible: Sequence[bool] | None) -> None: ...
+    def module(self, node: torch.fx.Node) -> torch.nn.Module: ...
+    def param_name(self, node: torch.fx.Node, attr: str) -> str: ...
+
+
+class MacBuilder(Protocol):  # implemented in fxprune.cost_models.mac
+    gm: torch.fx.GraphModule
+
+    def term(self, coef: float, spaces: Iterable[tuple[torch.fx.Node, int]]) -> None: ...
+    def module(self, node: torch.fx.Node) -> torch.nn.Module: ...
+
+
+class RewriteContext(Protocol):  # implemented in fxprune.passes.prune_channels
+    gm: torch.fx.GraphModule
+
+    def kept(self, node: torch.fx.Node, dim: int) -> np.ndarray | None: ...
+    def new_size(self, node: torch.fx.Node, dim: int) -> int: ...
+    def module(self, node: torch.fx.Node) -> torch.nn.Module: ...
+
+
+class OpRule:
+    """Knowledge about one op. Subclasses override what they need."""
+
+    name = "op"
+
+    def couple(self, node: torch.fx.Node, b: CouplingBuilder) -> None:
+        b.freeze_node(node, f"no coupling rule for {op_label(node, b.gm)}")
+
+    def macs(self, node: torch.fx.Node, m: MacBuilder) -> None:
+        return None
+
+    def rewrite(self, node: torch.fx.Node, r: RewriteContext) -> None:
+        return None
+
+    def known(self) -> bool:
+        return True
+
+
+class _Unknown(OpRule):
+    name = "unknown"
+
+    def known(self) -> bool:
+        return False
+
+
+UNKNOWN = _Unknown()
+
+_MODULES: dict[type, OpRule] = {}
+_FUNCTIONS: dict[Any, OpRule] = {}
+_METHODS: dict[str, OpRule] = {}
+
+
+def register_module(*classes: type) -> Callable[[OpRule], OpRule]:
+    def deco(rule):
+        inst = rule() if isinstance(rule, type) else rule
+        for c in classes:
+            _MODULES[c] = inst
+        return rule
+
+    return deco
+
+
+def register_function(*fns: Any) -> Callable[[OpRule], OpRule]:
+    def deco(rule):
+        inst = rule() if isinstance(rule, type) else rule
+        for f in fns:
+            if f is not None:
+                _FUNCTIONS[f] = inst
+        return rule
+
+    return deco
+
+
+def register_method(*names: str) -> Callable[[OpRule], OpRule]:
+    def deco(rule):
+        inst = rule() if isinstance(rule, type) else rule
+        for n in names:
+            _METHODS[n] = inst
+        return rule
+
+    return deco
+
+
+def register(*, modules: Sequence[type] = (), functions: Sequence[Any] = (), methods: Sequence[str] = ()):
+    """Register one rule for several op identities (public extension point)."""
+
+    def deco(rule):
+        register_module(*modules)(rule)
+        register_function(*functions)(rule)
+        register_method(*methods)(rule)
+        return rule
+
+    return deco
+
+
+def rule_for(node: torch.fx.Node, gm: torch.fx.GraphModule) -> OpRule:
+    """The rule for ``node`` (module rules are found through the class MRO)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        for cls in type(mod).__mro__:
+            rule = _MODULES.get(cls)
+            if rule is not None:
+                return rule
+        return UNKNOWN
+    if node.op == "call_function":
+        rule = _FUNCTIONS.get(node.target)
+        if rule is None and isinstance(node.target, torch._ops.OpOverload):
+            rule = _FUNCTIONS.get(node.target.overloadpacket)
+        return rule if rule is not None else UNKNOWN
+    if node.op == "call_method":
+        return _METHODS.get(node.target, UNKNOWN)
+    return _FUNCTIONS.get(node.op, UNKNOWN)  # placeholder / get_attr / output
+
+
+def op_label(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
+    """A readable op name for messages: ``Conv2d``, ``torch.cat``, ``Tensor.view``."""
+    if node.op == "call_module":
+        return f"{type(gm.get_submodule(node.target)).__name__} module '{node.target}'"
+    if node.op == "call_method":
+        return f"Tensor.{node.target} (node '{node.name}')"
+    if node.op == "call_function":
+        t = node.target
+        mod = getattr(t, "__module__", "") or ""
+        return f"{mod + '.' if mod else ''}{getattr(t, '__name__', str(t))} (node '{node.name}')"
+    return f"{node.op} '{node.name}'"
+
+
+# ----------------------------------------------------------------------------- argument helpers
+
+def arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Positional argument ``index`` or keyword ``name`` of a call node."""
+    if index is not None and 0 <= index < len(node.args):
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def set_arg(node: torch.fx.Node, index: int, name: str, value: Any) -> None:
+    if index is not None and 0 <= index < len(node.args):
+        args = list(node.args)
+        args[index] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """Input nodes that carry a single tensor (in argument order)."""
+    out = []
+    for a in node.all_input_nodes:
+        if isinstance(tensor_info(a), TensorInfo):
+            out.append(a)
+    return out
+
+
+def norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def const(a: Any) -> Any:
+    """A literal argument or the concrete value recorded for a non-tensor node."""
+    return concrete_value(a)
+
+
+def ishape(a: Any) -> tuple[int, ...] | None:
+    return shape_of(a)
+
+
+_ = (operator, np)

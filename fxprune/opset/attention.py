@@ -1,0 +1,329 @@
+"""Rules for matmul-like ops and attention.
+
+MACs: ``matmul``: prod(out.shape) * K. ``einsum`` (two operands): product of every index size.
+``scaled_dot_product_attention``: prod(batch) * L * S * (E + Ev) (QK^T and AV).
+Window attention (Swin): qkv and output projections plus QK^T and AV inside each window.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxprune import ops as fx_ops
+from fxprune.opset._base import (
+    OpRule,
+    arg,
+    const,
+    ishape,
+    norm_dim,
+    register_function,
+    register_method,
+    register_module,
+    set_arg,
+)
+
+__all__ = ["MatmulRule", "EinsumRule", "SDPARule", "WindowAttentionRule"]
+
+
+def _tie_batch(b, pairs):
+    """Tie right-aligned batch dims of several (node, n_batch_dims) to the output's batch dims."""
+    out_node, out_nb = pairs[0]
+    for node, nb in pairs[1:]:
+        s, os_ = ishape(node), ishape(out_node)
+        off = out_nb - nb
+        for d in range(nb):
+            if s[d] == os_[d + off]:
+                b.tie(b.space(node, d), b.space(out_node, d + off))
+
+
+class MatmulRule(OpRule):
+    """matmul / bmm / mm / ``@`` on two tensors: the contracted dim is tied across operands."""
+
+    name = "matmul"
+
+    def couple(self, node, b):
+        a, c = node.args[0], node.args[1]
+        sa, sc, so = ishape(a), ishape(c), ishape(node)
+        if sa is None or sc is None or len(sa) < 2 or len(sc) < 2:
+            b.freeze_node(node, f"matrix-vector product ({node.name})")
+            return
+        b.tie(b.space(a, len(sa) - 1), b.space(c, len(sc) - 2))
+        b.tie(b.space(a, len(sa) - 2), b.space(node, len(so) - 2))
+        b.tie(b.space(c, len(sc) - 1), b.space(node, len(so) - 1))
+        _tie_batch(b, [(node, len(so) - 2), (a, len(sa) - 2), (c, len(sc) - 2)])
+        if len(so) >= 4:
+            for d in range(1, len(so) - 2):
+                b.role(b.space(node, d), "heads")
+
+    def macs(self, node, m):
+        a = node.args[0]
+        so = ishape(node)
+        m.term(1, [(node, d) for d in range(len(so))] + [(a, len(ishape(a)) - 1)])
+
+
+register_function(torch.matmul, operator.matmul, torch.bmm, torch.mm)(MatmulRule)
+register_method("matmul", "bmm", "mm", "__matmul__")(MatmulRule)
+
+
+def _parse_einsum(eq: str, n: int):
+    eq = eq.replace(" ", "")
+    if "..." in eq:
+        return None
+    if "->" in eq:
+        lhs, rhs = eq.split("->")
+    else:
+        lhs = eq
+        letters = lhs.replace(",", "")
+        rhs = "".join(sorted(ch for ch in set(letters) if letters.count(ch) == 1))
+    ins = lhs.split(",")
+    if len(ins) != n:
+        return None
+    return ins, rhs
+
+
+class EinsumRule(OpRule):
+    name = "einsum"
+
+    @staticmethod
+    def _operands(node):
+        ops = list(node.args[1:])
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = list(ops[0])
+        return const(node.args[0]), ops
+
+    def couple(self, node, b):
+        eq, ops = self._operands(node)
+        parsed = _parse_einsum(eq, len(ops))
+        if parsed is None:
+            b.freeze_node(node, f"einsum '{eq}' not supported ({node.name})")
+            return
+        ins, rhs = parsed
+        first = {}
+        for letter, d in zip(rhs, range(len(rhs))):
+            first.setdefault(letter, (node, d))
+        for op, spec in zip(ops, ins):
+            s = ishape(op)
+            for d, letter in enumerate(spec):
+                if letter in first:
+                    n0, d0 = first[letter]
+                    if ishape(n0)[d0] == s[d]:
+                        b.tie(b.space(n0, d0), b.space(op, d))
+                else:
+                    first[letter] = (op, d)
+
+    def macs(self, node, m):
+        eq, ops = self._operands(node)
+        parsed = _parse_einsum(eq, len(ops))
+        if parsed is None or len(ops) < 2:
+            return
+        ins, rhs = parsed
+        spaces = {}
+        for op, spec in zip(ops, ins):
+            s = ishape(op)
+            for d, letter in enumerate(spec):
+                if letter not in spaces or ishape(spaces[letter][0])[spaces[letter][1]] == 1:
+                    spaces[letter] = (op, d)
+                _ = s
+        m.term(len(ops) - 1, list(spaces.values()))
+
+
+register_function(torch.einsum, torch.functional.einsum)(EinsumRule)
+
+
+class SDPARule(OpRule):
+    """``F.scaled_dot_product_attention``: heads (batch dims) are tied across q, k, v and output;
+    the head dims and the key axis are frozen (heads are pruned whole)."""
+
+    name = "sdpa"
+
+    def couple(self, node, b):
+        q, k, v = node.args[0], node.args[1], node.args[2]
+        sq, sk, sv, so = ishape(q), ishape(k), ishape(v), ishape(node)
+        nb = len(so) - 2
+        _tie_batch(b, [(node, nb), (q, len(sq) - 2), (k, len(sk) - 2), (v, len(sv) - 2)])
+        if bool(const(arg(node, 6, "enable_gqa", False))) and sq[-3] != sk[-3]:
+            b.freeze_node(node, f"grouped-query attention ({node.name})")
+            return
+        b.tie(b.space(q, len(sq) - 2), b.space(node, nb))  # L
+        b.tie(b.space(k, len(sk) - 2), b.space(v, len(sv) - 2))  # S
+        b.tie(b.space(q, len(sq) - 1), b.space(k, len(sk) - 1))  # E
+        b.tie(b.space(v, len(sv) - 1), b.space(node, nb + 1))  # Ev
+        b.freeze(b.space(k, len(sk) - 2), f"key axis of attention '{node.name}'")
+        b.freeze(b.space(q, len(sq) - 1), f"head dim of attention '{node.name}' (heads are pruned whole)")
+        b.freeze(b.space(v, len(sv) - 1), f"value head dim of attention '{node.name}' (heads are pruned whole)")
+        mask = arg(node, 3, "attn_mask")
+        if isinstance(mask, torch.fx.Node) and ishape(mask) is not None:
+            ms = ishape(mask)
+            off = len(so) - len(ms)
+            for d in range(len(ms)):
+                od = d + off
+                if od < nb and ms[d] == so[od]:
+                    b.tie(b.space(mask, d), b.space(node, od))
+                elif od == nb and ms[d] == so[nb]:
+                    b.tie(b.space(mask, d), b.space(node, nb))
+                elif od == nb + 1 and ms[d] == sk[-2]:
+                    b.tie(b.space(mask, d), b.space(k, len(sk) - 2))
+        if nb >= 2:
+            for d in range(1, nb):
+                b.role(b.space(node, d), "heads")
+
+    def macs(self, node, m):
+        q, k = node.args[0], node.args[1]
+        sq, sk, so = ishape(q), ishape(k), ishape(node)
+        nb = len(so) - 2
+        batch_l = [(node, d) for d in range(nb + 1)]
+        s_axis = (k, len(sk) - 2)
+        m.term(1, batch_l + [s_axis, (q, len(sq) - 1)])  # Q K^T
+        m.term(1, batch_l + [s_axis, (node, nb + 1)])  # A V
+
+
+register_function(F.scaled_dot_product_attention)(SDPARule)
+
+
+class MultiheadAttentionLeafRule(OpRule):
+    """An ``nn.MultiheadAttention`` that capture could not decompose: counted, not pruned."""
+
+    name = "mha_leaf"
+
+    def couple(self, node, b):
+        b.freeze_node(node, f"nn.MultiheadAttention '{node.target}' with options fxprune does not decompose")
+
+    def macs(self, node, m):
+        mod = m.module(node)
+        q, k = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
+        sq, sk = ishape(q), ishape(k)
+        if len(sq) == 2:
+            n, lq, ls = 1, sq[0], sk[0]
+        elif mod.batch_first:
+            n, lq, ls = sq[0], sq[1], sk[1]
+        else:
+            n, lq, ls = sq[1], sq[0], sk[0]
+        e = mod.embed_dim
+        total = n * lq * e * e + n * ls * mod.kdim * e + n * ls * mod.vdim * e + 2 * n * lq * ls * e + n * lq * e * e
+        m.term(total, [])
+
+
+register_module(nn.MultiheadAttention)(MultiheadAttentionLeafRule)
+
+
+# ----------------------------------------------------------------------- Swin (torchvision)
+
+def _heads_of(node):
+    return int(const(arg(node, 5, "num_heads")))
+
+
+class WindowAttentionRule(OpRule):
+    """``fxprune.ops.window_attention``: heads are the pruning unit of the qkv/proj projections."""
+
+    name = "window_attention"
+
+    def _parts(self, node):
+        x, qkv_w, proj_w, rpb = node.args[0], node.args[1], node.args[2], node.args[3]
+        nh = _heads_of(node)
+        qkv_out = ishape(qkv_w)[0]
+        hd = const(arg(node, 13, "head_dim")) or ishape(x)[-1] // nh
+        return x, qkv_w, proj_w, rpb, nh, hd, qkv_out
+
+    def couple(self, node, b):
+        x, qkv_w, proj_w, rpb, nh, hd, qkv_out = self._parts(node)
+        xs = ishape(x)
+        if qkv_out != 3 * nh * hd or not isinstance(qkv_w, torch.fx.Node) or not isinstance(proj_w, torch.fx.Node):
+            b.freeze_node(node, f"window attention with unexpected shapes ({node.name})")
+            return
+        for d in range(len(xs) - 1):
+            b.tie(b.space(x, d), b.space(node, d))
+        heads = b.vspace(node, "heads", nh)
+        b.origin(heads)
+        b.role(heads, "heads")
+        i = np.arange(qkv_out)
+        qkv0 = b.space(qkv_w, 0)
+        b.tie_map(qkv0, i, heads, (i // hd) % nh)
+        b.role(qkv0, "producer")
+        qkv1 = b.space(qkv_w, 1)
+        b.tie(b.space(x, len(xs) - 1), qkv1)
+        b.role(qkv1, "consumer")
+        j = np.arange(nh * hd)
+        p1 = b.space(proj_w, 1)
+        b.tie_map(p1, j, heads, j // hd)
+        b.role(p1, "consumer")
+        p0 = b.space(proj_w, 0)
+        out_c = b.space(node, len(xs) - 1)
+        b.tie(out_c, p0)
+        b.origin(out_c)
+        b.role(p0, "producer")
+        if isinstance(rpb, torch.fx.Node) and ishape(rpb) is not None and ishape(rpb)[-3] == nh:
+            b.tie(b.space(rpb, len(ishape(rpb)) - 3), heads)
+        qkv_b = arg(node, 9, "qkv_bias")
+        if isinstance(qkv_b, torch.fx.Node):
+            b.tie_map(b.space(qkv_b, 0), i, heads, (i // hd) % nh)
+        proj_b = arg(node, 10, "proj_bias")
+        if isinstance(proj_b, torch.fx.Node):
+            b.tie(b.space(proj_b, 0), out_c)
+        ls = arg(node, 11, "logit_scale")
+        if isinstance(ls, torch.fx.Node):
+            b.tie(b.space(ls, 0), heads)
+
+    def macs(self, node, m):
+        x, qkv_w, proj_w, rpb, nh, hd, qkv_out = self._parts(node)
+        bsz, h, w, _ = ishape(x)
+        ws = list(const(arg(node, 4, "window_size")))
+        ph = h + (ws[0] - h % ws[0]) % ws[0]
+        pw = w + (ws[1] - w % ws[1]) % ws[1]
+        n_win = (ph // ws[0]) * (pw // ws[1])
+        n = ws[0] * ws[1]
+        tokens = bsz * n_win * n
+        m.term(tokens, [(x, 3), (qkv_w, 0)])  # qkv projection
+        m.term(2 * bsz * n_win * n * n / 3, [(qkv_w, 0)])  # QK^T and AV over nh*hd = qkv_out / 3
+        m.term(tokens, [(proj_w, 1), (proj_w, 0)])  # output projection
+
+    def rewrite(self, node, r):
+        x, qkv_w, proj_w, rpb, nh, hd, qkv_out = self._parts(node)
+        new_heads = r.new_size(qkv_w, 0) // (3 * hd)
+        set_arg(node, 5, "num_heads", new_heads)
+        set_arg(node, 13, "head_dim", hd)
+
+
+register_function(fx_ops.window_attention)(WindowAttentionRule)
+
+
+try:
+    import torchvision.models.swin_transformer as _tv_swin
+
+    class RelPosBiasRule(OpRule):
+        """torchvision's ``_get_relative_position_bias``: the heads dim of the table passes through."""
+
+        name = "relative_position_bias"
+
+        def couple(self, node, b):
+            table, index = node.args[0], node.args[1]
+            so = ishape(node)
+            b.tie(b.space(table, 1), b.space(node, len(so) - 3))
+            b.freeze(b.space(table, 0), f"relative position table rows ({node.name})")
+            _ = index
+
+    class PatchMergingPadRule(OpRule):
+        """torchvision's ``_patch_merging_pad``: 4 strided copies of C concatenated on the last dim."""
+
+        name = "patch_merging_pad"
+
+        def couple(self, node, b):
+            x = node.args[0]
+            xs, so = ishape(x), ishape(node)
+            for d in range(len(xs) - 3):
+                b.tie(b.space(x, d), b.space(node, d))
+            c = xs[-1]
+            j = np.arange(so[-1])
+            b.tie_map(b.space(node, len(so) - 1), j, b.space(x, len(xs) - 1), j % c)
+
+    register_function(_tv_swin._get_relative_position_bias)(RelPosBiasRule)
+    register_function(_tv_swin._patch_merging_pad)(PatchMergingPadRule)
+except Exception:  # pragma: no cover - torchvision optional
+    pass
+
+_ = (math, register_method, norm_dim)

@@ -1,0 +1,536 @@
+"""Rules for parametrised layers: convolution, linear, normalisation, embedding, pooling.
+
+MAC conventions (one multiply-accumulate per weight use, bias excluded):
+
+* conv:        N * prod(out_spatial) * prod(kernel) * C_out * C_in / groups
+* conv^T:      N * prod(in_spatial)  * prod(kernel) * C_in  * C_out / groups
+* linear:      prod(out.shape) * in_features
+* norms, activations, pooling, bias and elementwise ops: 0
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxprune.opset._base import (
+    OpRule,
+    arg,
+    const,
+    ishape,
+    norm_dim,
+    register_function,
+    register_module,
+    set_arg,
+)
+
+__all__ = ["ConvRule", "LinearRule", "BatchNormRule", "LayerNormRule", "GroupNormRule"]
+
+
+class _Weights:
+    """Uniform access to a layer's parameters, whether module attributes or get_attr nodes."""
+
+    def __init__(self, node, gm, names=("weight", "bias"), positions=(1, 2)):
+        self.node = node
+        self.gm = gm
+        self.is_module = node.op == "call_module"
+        self.refs = {}
+        if self.is_module:
+            mod = gm.get_submodule(node.target)
+            for n in names:
+                if isinstance(getattr(mod, n, None), torch.Tensor):
+                    self.refs[n] = f"{node.target}.{n}"
+        else:
+            for n, pos in zip(names, positions):
+                a = arg(node, pos, n)
+                if isinstance(a, torch.fx.Node):
+                    self.refs[n] = a
+
+    def has(self, n):
+        return n in self.refs
+
+    def space(self, b, n, dim):
+        ref = self.refs[n]
+        return b.pspace(ref, dim) if isinstance(ref, str) else b.space(ref, dim)
+
+    def shape(self, n):
+        ref = self.refs[n]
+        if isinstance(ref, str):
+            return tuple(self.gm.get_parameter(ref).shape) if _is_param(self.gm, ref) else tuple(
+                self.gm.get_buffer(ref).shape
+            )
+        return ishape(ref)
+
+    def tensor(self, n):
+        ref = self.refs[n]
+        target = ref if isinstance(ref, str) else ref.target
+        return _get_tensor(self.gm, target)
+
+    def set_tensor(self, n, value):
+        ref = self.refs[n]
+        target = ref if isinstance(ref, str) else ref.target
+        _set_tensor(self.gm, target, value)
+
+
+def _is_param(gm, name):
+    mod_path, _, attr = name.rpartition(".")
+    mod = gm.get_submodule(mod_path) if mod_path else gm
+    return attr in mod._parameters
+
+
+def _get_tensor(gm, target):
+    mod_path, _, attr = target.rpartition(".")
+    mod = gm.get_submodule(mod_path) if mod_path else gm
+    return getattr(mod, attr)
+
+
+def _set_tensor(gm, target, value):
+    mod_path, _, attr = target.rpartition(".")
+    mod = gm.get_submodule(mod_path) if mod_path else gm
+    if attr in mod._parameters:
+        old = mod._parameters[attr]
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = value
+    else:
+        setattr(mod, attr, value)
+
+
+# --------------------------------------------------------------------------------- convolution
+
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVT_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+class ConvRule(OpRule):
+    """Conv{1,2,3}d modules and ``F.conv{1,2,3}d``.
+
+    Coupling: output channels are produced by weight dim 0 (an origin); with ``groups == 1``
+    the input channels are consumed by weight dim 1. A depthwise conv (``groups == C_in``) ties
+    each input channel to its ``C_out / C_in`` output channels. Any other grouped conv keeps its
+    group count: input and output channels must be pruned uniformly within each group (a block
+    constraint) and the weight is rebuilt per group by the rewrite.
+    """
+
+    name = "conv"
+
+    def _info(self, node, gm):
+        w = _Weights(node, gm)
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            groups = mod.groups
+        else:
+            groups = int(const(arg(node, 6, "groups", 1)))
+        x = node.args[0]
+        xs, os_ = ishape(x), ishape(node)
+        wshape = w.shape("weight")
+        spatial = len(wshape) - 2
+        cdim = len(os_) - spatial - 1  # 1 when batched, 0 when not
+        return w, groups, x, xs, os_, cdim, wshape
+
+    @staticmethod
+    def kind(groups, cin, cout):
+        if groups == 1:
+            return "dense"
+        if groups == cin and cout % cin == 0:
+            return "depthwise"
+        return "grouped"
+
+    def couple(self, node, b):
+        w, g, x, xs, os_, c, wshape = self._info(node, b.gm)
+        for d in range(c):
+            b.tie(b.space(x, d), b.space(node, d))
+        cin, cout = xs[c], os_[c]
+        out_c, in_c = b.space(node, c), b.space(x, c)
+        w0 = w.space(b, "weight", 0)
+        b.tie(out_c, w0)
+        b.origin(out_c)
+        b.role(w0, "producer")
+        if w.has("bias"):
+            bs = w.space(b, "bias", 0)
+            b.tie(out_c, bs)
+            b.role(bs, "other")
+        kind = self.kind(g, cin, cout)
+        if kind == "dense":
+            w1 = w.space(b, "weight", 1)
+            b.tie(in_c, w1)
+            b.role(w1, "consumer")
+        elif kind == "depthwise":
+            mult = cout // cin
+            j = np.arange(cout)
+            b.tie_map(out_c, j, in_c, j // mult)
+        else:
+            b.blocks(in_c, g, f"grouped conv '{node.name}' (groups={g})")
+            b.blocks(out_c, g, f"grouped conv '{node.name}' (groups={g})")
+
+    def macs(self, node, m):
+        w, g, x, xs, os_, c, wshape = self._info(node, m.gm)
+        ksize = math.prod(wshape[2:])
+        spatial = [(node, d) for d in range(len(os_)) if d != c]
+        kind = self.kind(g, xs[c], os_[c])
+        if kind == "depthwise":
+            m.term(ksize * (xs[c] // g), spatial + [(node, c)])
+        else:
+            m.term(ksize / g, spatial + [(node, c), (x, c)])
+
+    def rewrite(self, node, r):
+        gm = r.gm
+        w, g, x, xs, os_, c, wshape = self._info(node, gm)
+        cin_old = xs[c]
+        cout_old = os_[c]  # the weight may already be sliced: use the recorded shapes
+        kind = self.kind(g, cin_old, cout_old)
+        new_cin = r.new_size(x, c)
+        new_groups = g
+        if kind == "depthwise":
+            new_groups = new_cin
+        elif kind == "grouped":
+            kept_in = r.kept(x, c)
+            if kept_in is not None:
+                weight = w.tensor("weight")  # rows already sliced to the kept outputs
+                per_in = cin_old // g
+                new_rows = weight.shape[0] // g
+                keep_local = (kept_in % per_in).reshape(g, -1)
+                parts = [
+                    weight[i * new_rows : (i + 1) * new_rows][:, torch.as_tensor(keep_local[i], dtype=torch.long)]
+                    for i in range(g)
+                ]
+                w.set_tensor("weight", torch.cat(parts, 0).contiguous())
+        if node.op == "call_module":
+            mod = r.module(node)
+            mod.in_channels = new_cin
+            mod.out_channels = mod.weight.shape[0]
+            mod.groups = new_groups
+        elif new_groups != g:
+            set_arg(node, 6, "groups", new_groups)
+
+
+register_module(*_CONV_MODULES)(ConvRule)
+register_function(F.conv1d, F.conv2d, F.conv3d)(ConvRule)
+
+
+class ConvTransposeRule(OpRule):
+    """ConvTranspose modules (dense only; grouped transposed convs are frozen)."""
+
+    name = "conv_transpose"
+
+    def couple(self, node, b):
+        mod = b.module(node)
+        x = node.args[0]
+        xs, os_ = ishape(x), ishape(node)
+        c = len(os_) - mod.weight.dim() + 1
+        for d in range(c):
+            b.tie(b.space(x, d), b.space(node, d))
+        in_c, out_c = b.space(x, c), b.space(node, c)
+        w0, w1 = b.pspace(f"{node.target}.weight", 0), b.pspace(f"{node.target}.weight", 1)
+        b.tie(in_c, w0)
+        b.role(w0, "consumer")
+        if mod.groups != 1:
+            b.freeze(out_c, f"grouped transposed conv '{node.target}'")
+            b.freeze(in_c, f"grouped transposed conv '{node.target}'")
+            return
+        b.tie(out_c, w1)
+        b.role(w1, "producer")
+        b.origin(out_c)
+        if mod.bias is not None:
+            bs = b.pspace(f"{node.target}.bias", 0)
+            b.tie(out_c, bs)
+            b.role(bs, "other")
+
+    def macs(self, node, m):
+        mod = m.module(node)
+        x = node.args[0]
+        xs, os_ = ishape(x), ishape(node)
+        c = len(os_) - mod.weight.dim() + 1
+        k = math.prod(mod.weight.shape[2:])
+        spatial = [(x, d) for d in range(len(xs)) if d != c]
+        m.term(k / mod.groups, spatial + [(x, c), (node, c)])
+
+    def rewrite(self, node, r):
+        mod = r.module(node)
+        mod.in_channels = mod.weight.shape[0]
+        mod.out_channels = mod.weight.shape[1] * mod.groups
+
+
+register_module(*_CONVT_MODULES)(ConvTransposeRule)
+
+
+# ------------------------------------------------------------------------------------- linear
+
+class LinearRule(OpRule):
+    """``nn.Linear`` (and subclasses) and ``F.linear`` on parameters or any tensors."""
+
+    name = "linear"
+
+    def couple(self, node, b):
+        w = _Weights(node, b.gm)
+        x = node.args[0]
+        xs, os_ = ishape(x), ishape(node)
+        for d in range(len(os_) - 1):
+            b.tie(b.space(x, d), b.space(node, d))
+        out_f, in_f = b.space(node, len(os_) - 1), b.space(x, len(xs) - 1)
+        w0, w1 = w.space(b, "weight", 0), w.space(b, "weight", 1)
+        b.tie(out_f, w0)
+        b.tie(in_f, w1)
+        b.origin(out_f)
+        b.role(w0, "producer")
+        b.role(w1, "consumer")
+        if w.has("bias"):
+            bs = w.space(b, "bias", 0)
+            b.tie(out_f, bs)
+            b.role(bs, "other")
+
+    def macs(self, node, m):
+        x = node.args[0]
+        os_ = ishape(node)
+        m.term(1, [(node, d) for d in range(len(os_))] + [(x, len(ishape(x)) - 1)])
+
+    def rewrite(self, node, r):
+        if node.op == "call_module":
+            mod = r.module(node)
+            mod.out_features, mod.in_features = mod.weight.shape
+
+
+register_module(nn.Linear)(LinearRule)
+register_function(F.linear)(LinearRule)
+
+
+class BilinearFreeze(OpRule):
+    name = "bilinear"
+
+    def macs(self, node, m):
+        mod = m.module(node)
+        os_ = ishape(node)
+        m.term(mod.weight.shape[1] * mod.weight.shape[2], [(node, d) for d in range(len(os_))])
+
+
+register_module(nn.Bilinear)(BilinearFreeze)
+
+
+# ------------------------------------------------------------------------------ normalisation
+
+class BatchNormRule(OpRule):
+    """BatchNorm/InstanceNorm modules and ``F.batch_norm``: per-channel, exact."""
+
+    name = "batch_norm"
+
+    def couple(self, node, b):
+        x = node.args[0]
+        xs = ishape(x)
+        for d in range(len(xs)):
+            b.tie(b.space(x, d), b.space(node, d))
+        c = 1 if len(xs) > 1 else 0
+        ch = b.space(node, c)
+        if node.op == "call_module":
+            mod = b.module(node)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                if isinstance(getattr(mod, name, None), torch.Tensor):
+                    s = b.pspace(f"{node.target}.{name}", 0)
+                    b.tie(ch, s)
+                    b.role(s, "norm" if name == "weight" else "other")
+        else:
+            for pos, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+                a = arg(node, pos, name)
+                if isinstance(a, torch.fx.Node) and ishape(a) is not None:
+                    b.tie(ch, b.space(a, 0))
+
+    def rewrite(self, node, r):
+        if node.op == "call_module":
+            mod = r.module(node)
+            for name in ("weight", "running_mean"):
+                t = getattr(mod, name, None)
+                if isinstance(t, torch.Tensor):
+                    mod.num_features = t.shape[0]
+                    break
+
+
+register_module(nn.modules.batchnorm._NormBase)(BatchNormRule)
+register_function(F.batch_norm, F.instance_norm)(BatchNormRule)
+
+
+class LayerNormRule(OpRule):
+    """``nn.LayerNorm``, ``nn.RMSNorm`` and their functional forms: normalise the last k dims.
+
+    Channels stay prunable but the group is marked inexact: the mean and variance are taken over
+    the kept channels only, so pruning is more than zeroing.
+    """
+
+    name = "layer_norm"
+
+    def _shape_arg(self, node, b_or_r):
+        if node.op == "call_module":
+            return tuple(b_or_r.module(node).normalized_shape)
+        return tuple(const(arg(node, 1, "normalized_shape")))
+
+    def couple(self, node, b):
+        x = node.args[0]
+        xs = ishape(x)
+        k = len(self._shape_arg(node, b))
+        for d in range(len(xs)):
+            b.tie(b.space(x, d), b.space(node, d))
+        for j in range(k):
+            d = len(xs) - k + j
+            b.inexact(b.space(node, d), f"normalised by {node.name}")
+        names = ("weight", "bias")
+        if node.op == "call_module":
+            mod = b.module(node)
+            for name in names:
+                if isinstance(getattr(mod, name, None), torch.Tensor):
+                    for j in range(k):
+                        s = b.pspace(f"{node.target}.{name}", j)
+                        b.tie(b.space(node, len(xs) - k + j), s)
+                        b.role(s, "norm" if name == "weight" else "other")
+        else:
+            for pos, name in ((2, "weight"), (3, "bias")):
+                a = arg(node, pos, name)
+                if isinstance(a, torch.fx.Node) and ishape(a) is not None:
+                    for j in range(k):
+                        b.tie(b.space(node, len(xs) - k + j), b.space(a, j))
+
+    def rewrite(self, node, r):
+        x = node.args[0]
+        k = len(self._shape_arg(node, r))
+        nd = len(ishape(x))
+        new_shape = tuple(r.new_size(x, nd - k + j) for j in range(k))
+        if node.op == "call_module":
+            r.module(node).normalized_shape = new_shape
+        else:
+            old = arg(node, 1, "normalized_shape")
+            set_arg(node, 1, "normalized_shape", list(new_shape) if isinstance(old, list) else new_shape)
+
+
+register_module(nn.LayerNorm)(LayerNormRule)
+register_function(F.layer_norm)(LayerNormRule)
+if hasattr(nn, "RMSNorm"):
+    register_module(nn.RMSNorm)(LayerNormRule)
+    register_function(getattr(F, "rms_norm", None))(LayerNormRule)
+
+
+class GroupNormRule(OpRule):
+    """GroupNorm: channels pruned uniformly within each of the ``num_groups`` groups."""
+
+    name = "group_norm"
+
+    def couple(self, node, b):
+        x = node.args[0]
+        xs = ishape(x)
+        for d in range(len(xs)):
+            b.tie(b.space(x, d), b.space(node, d))
+        ch = b.space(node, 1)
+        if node.op == "call_module":
+            mod = b.module(node)
+            groups = mod.num_groups
+            for name in ("weight", "bias"):
+                if isinstance(getattr(mod, name, None), torch.Tensor):
+                    s = b.pspace(f"{node.target}.{name}", 0)
+                    b.tie(ch, s)
+                    b.role(s, "norm" if name == "weight" else "other")
+        else:
+            groups = int(const(arg(node, 1, "num_groups")))
+            for pos, name in ((2, "weight"), (3, "bias")):
+                a = arg(node, pos, name)
+                if isinstance(a, torch.fx.Node):
+                    b.tie(ch, b.space(a, 0))
+        b.blocks(ch, groups, f"GroupNorm '{node.name}' ({groups} groups)")
+        b.inexact(ch, f"normalised by {node.name}")
+
+    def rewrite(self, node, r):
+        if node.op == "call_module":
+            mod = r.module(node)
+            mod.num_channels = r.new_size(node, 1)
+
+
+register_module(nn.GroupNorm)(GroupNormRule)
+register_function(F.group_norm)(GroupNormRule)
+
+
+class EmbeddingRule(OpRule):
+    """``nn.Embedding``: the embedding dim is produced by weight dim 1."""
+
+    name = "embedding"
+
+    def couple(self, node, b):
+        x = node.args[0]
+        xs, os_ = ishape(x), ishape(node)
+        for d in range(len(xs)):
+            b.tie(b.space(x, d), b.space(node, d))
+        if node.op == "call_module":
+            s = b.pspace(f"{node.target}.weight", 1)
+        else:
+            s = b.space(arg(node, 1, "weight"), 1)
+        out = b.space(node, len(os_) - 1)
+        b.tie(out, s)
+        b.origin(out)
+        b.role(s, "producer")
+
+    def rewrite(self, node, r):
+        if node.op == "call_module":
+            mod = r.module(node)
+            mod.embedding_dim = mod.weight.shape[1]
+
+
+register_module(nn.Embedding)(EmbeddingRule)
+register_function(F.embedding)(EmbeddingRule)
+
+
+class PReLURule(OpRule):
+    name = "prelu"
+
+    def couple(self, node, b):
+        x = node.args[0]
+        xs = ishape(x)
+        for d in range(len(xs)):
+            b.tie(b.space(x, d), b.space(node, d))
+        mod = b.module(node)
+        if mod.num_parameters > 1:
+            b.tie(b.space(node, 1 if len(xs) > 1 else 0), b.pspace(f"{node.target}.weight", 0))
+
+    def rewrite(self, node, r):
+        mod = r.module(node)
+        mod.num_parameters = mod.weight.shape[0]
+
+
+register_module(nn.PReLU)(PReLURule)
+
+
+# ------------------------------------------------------------------------------------ pooling
+
+class ChannelPassRule(OpRule):
+    """Ops that keep batch and channel dims and recompute the spatial ones (pooling, resize)."""
+
+    name = "channel_pass"
+
+    def couple(self, node, b):
+        x = node.args[0]
+        xs, os_ = ishape(x), ishape(node)
+        if os_ is None:
+            b.freeze_node(node, f"pooling with several outputs ({node.name})")
+            return
+        nkeep = 2 if len(xs) >= 3 else 1  # (N, C, *spatial) or unbatched (C, *spatial)
+        spatial = len(xs) - nkeep
+        if len(os_) != len(xs):
+            b.freeze_node(node, f"pooling changed the rank ({node.name})")
+            return
+        for d in range(len(xs) - spatial):
+            b.tie(b.space(x, d), b.space(node, d))
+
+
+register_module(
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.LPPool1d, nn.LPPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+)(ChannelPassRule)
+register_function(
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    torch._C._nn.avg_pool2d, torch._C._nn.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    F.lp_pool1d, F.lp_pool2d, F.interpolate, F.upsample,
+    torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d,
+)(ChannelPassRule)
+
+_ = norm_dim

@@ -1,0 +1,133 @@
+"""Deterministic policies: ``uniform``, ``global`` and ``isomorphic``.
+
+``uniform``     every group keeps the same fraction of its units.
+``global``      greedy across groups: repeatedly remove the step (``channel_multiple`` units of one
+                group) that loses the least importance per MAC saved. Importance is normalised to
+                mean 1 inside each group, so groups compete on relative importance and cost.
+``isomorphic``  like ``global``, but importance is normalised within isomorphic buckets (groups
+                with the same structure, widths and resolution) instead of within each group, so
+                structurally identical blocks compete on raw importance (Isomorphic Pruning).
+
+All three end with the budget solver, so every plan is in the band.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fxprune.policies.base import PruningPlan, PruningProblem, SearchContext
+from fxprune.policies.solver import project, snap
+
+__all__ = ["UniformPolicy", "GlobalPolicy", "IsomorphicPolicy", "greedy_keep"]
+
+
+class UniformPolicy:
+    """The same keep ratio for every group (the solver fills the band)."""
+
+    name = "uniform"
+
+    def select(self, problem: PruningProblem, ctx: SearchContext) -> PruningPlan:
+        sizes = problem.sizes.astype(np.float64)
+        allowed = [np.asarray(g.allowed) for g in problem.groups]
+
+        def keep_at(r):
+            return np.array([snap(a, n * r, "down") for a, n in zip(allowed, sizes)], dtype=np.int64)
+
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            if problem.cost(keep_at(mid)[None, :])[0] <= problem.budget:
+                lo = mid
+            else:
+                hi = mid
+        proj = project(problem, sizes * lo)
+        return PruningPlan({g.id: int(k) for g, k in zip(problem.groups, proj.keep)}, self.name,
+                           f"uniform keep ratio {lo:.3f}")
+
+
+def _importance(problem: PruningProblem, by_bucket: bool) -> list[np.ndarray]:
+    """Per group, unit importances sorted ascending (the order the greedy removes them)."""
+    raw = []
+    for g in problem.groups:
+        imp = np.asarray(g.importance if g.importance is not None else np.ones(g.size), dtype=np.float64)
+        raw.append(imp * (g.importance_scale if by_bucket else 1.0))
+    if by_bucket:
+        for ids in problem.buckets().values():
+            mean = np.mean(np.concatenate([raw[i] for i in ids]))
+            for i in ids:
+                raw[i] = raw[i] / mean if mean > 0 else raw[i]
+    return [np.sort(r) for r in raw]
+
+
+def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weight: float = 1.0) -> np.ndarray:
+    """Remove, one step at a time, the step with the least importance lost per MAC saved."""
+    G = len(problem.groups)
+    allowed = [np.asarray(g.allowed) for g in problem.groups]
+    cum = [np.concatenate([[0.0], np.cumsum(s)]) for s in sorted_imp]
+    sizes = problem.sizes
+    keep = sizes.copy()
+    cost = int(problem.cost(keep[None, :])[0])
+    unit_cost = max(problem.base_macs / max(int(sizes.sum()), 1), 1.0)
+    while cost > problem.budget:
+        gs, ks = [], []
+        for g in range(G):
+            i = int(np.searchsorted(allowed[g], keep[g], side="left"))
+            if i > 0:
+                gs.append(g)
+                ks.append(allowed[g][i - 1])
+        if not gs:
+            break
+        K = np.repeat(keep[None, :], len(gs), axis=0)
+        K[np.arange(len(gs)), gs] = ks
+        costs = problem.cost(K)
+        saved = np.maximum(cost - costs, 1)
+        lost = np.array([cum[g][sizes[g] - k] - cum[g][sizes[g] - keep[g]] for g, k in zip(gs, ks)])
+        score = lost / (saved / unit_cost) ** mac_weight
+        # remove several steps per round while far above the budget (same ranking, fewer evals)
+        order = np.argsort(score, kind="stable")
+        excess = cost - problem.budget
+        take = [order[0]]
+        if excess > 20 * saved[order[0]]:
+            budget_left = excess / 4
+            for j in order[1: max(1, G // 4)]:
+                if saved[j] > budget_left:
+                    break
+                take.append(j)
+                budget_left -= saved[j]
+        for j in take:
+            keep[gs[j]] = ks[j]
+        cost = int(problem.cost(keep[None, :])[0])
+    return keep
+
+
+class GlobalPolicy:
+    """Importance-per-MAC greedy across groups (importance normalised within each group)."""
+
+    name = "global"
+    by_bucket = False
+
+    def __init__(self, mac_weight: float = 0.5):
+        self.mac_weight = mac_weight
+
+    def select(self, problem: PruningProblem, ctx: SearchContext) -> PruningPlan:
+        imp = _importance(problem, self.by_bucket)
+        keep = greedy_keep(problem, imp, float(ctx.options.get("mac_weight", self.mac_weight)))
+        sizes = problem.sizes
+
+        def priority(k):  # give back the step whose best removed unit is most important per MAC
+            out = np.zeros(len(k))
+            for g, s in enumerate(imp):
+                removed = sizes[g] - k[g]
+                out[g] = s[removed - 1] if removed > 0 else -np.inf
+            return out
+
+        proj = project(problem, keep.astype(np.float64), priority=priority)
+        return PruningPlan({g.id: int(k) for g, k in zip(problem.groups, proj.keep)}, self.name,
+                           "greedy: least importance lost per MAC saved")
+
+
+class IsomorphicPolicy(GlobalPolicy):
+    """Global greedy with importance normalised within isomorphic buckets."""
+
+    name = "isomorphic"
+    by_bucket = True

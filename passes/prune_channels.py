@@ -1,0 +1,131 @@
+"""PruneChannelsPass: physically remove the pruned channels from the graph module.
+
+Given the dependency graph and, per group, which units to keep, the pass
+
+1. computes, for every channel space, the element indices that survive;
+2. slices every parameter and buffer along each dim tied to a space that lost elements (weights,
+   biases, BatchNorm statistics, LayerNorm affine, embeddings, class tokens, position
+   embeddings, relative position tables...), keeping ``requires_grad`` and parameter identity
+   across aliases (tied weights stay tied);
+3. asks each op's rule to update its shape-carrying constants: module attributes
+   (``in_channels``, ``groups``, ``normalized_shape``...), view/reshape/expand sizes, split
+   sizes, slice bounds, ``num_heads``.
+
+Nothing is masked: the result has smaller tensors, fewer MACs and the same graph structure.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fxprune.errors import PostconditionError
+from fxprune.ir import shape_of
+from fxprune.opset import rule_for
+from fxprune.opset._base import norm_dim
+from fxprune.passes._infra import AnalysisManager, Pass, PassResult
+from fxprune.passes.dependency_groups import DependencyGraph
+
+__all__ = ["PruneChannelsPass"]
+
+
+class _Ctx:
+    """Implements the ``RewriteContext`` protocol of ``fxprune.opset._base``."""
+
+    def __init__(self, gm: torch.fx.GraphModule, graph: DependencyGraph, kept: dict[int, np.ndarray]):
+        self.gm = gm
+        self.graph = graph
+        self.kept_by_space = kept
+
+    def kept(self, node: torch.fx.Node, dim: int) -> np.ndarray | None:
+        s = shape_of(node)
+        sid = self.graph.space_index.get(("n", node.name, norm_dim(dim, len(s))))
+        return None if sid is None else self.kept_by_space.get(sid)
+
+    def new_size(self, node: torch.fx.Node, dim: int) -> int:
+        k = self.kept(node, dim)
+        return int(len(k)) if k is not None else int(shape_of(node)[norm_dim(dim, len(shape_of(node)))])
+
+    def module(self, node: torch.fx.Node) -> nn.Module:
+        return self.gm.get_submodule(node.target)
+
+
+def _owner(gm: torch.fx.GraphModule, name: str) -> tuple[nn.Module, str]:
+    mod_path, _, attr = name.rpartition(".")
+    return (gm.get_submodule(mod_path) if mod_path else gm), attr
+
+
+def slice_parameters(gm: torch.fx.GraphModule, graph: DependencyGraph, kept: dict[int, np.ndarray]) -> int:
+    """Slice parameters/buffers in place of their owners; returns how many tensors changed."""
+    per_param: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for sid, idx in kept.items():
+        key = graph.keys[sid]
+        if key[0] == "p":
+            per_param[key[1]].append((key[2], idx))
+    aliases: dict[int, list[str]] = defaultdict(list)
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        aliases[id(t)].append(name)
+    changed = 0
+    done: set[int] = set()
+    for name, cuts in per_param.items():
+        owner, attr = _owner(gm, name)
+        t = getattr(owner, attr)
+        if id(t) in done:
+            continue
+        done.add(id(t))
+        with torch.no_grad():
+            new = t.detach()
+            for dim, idx in sorted(cuts):
+                new = new.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=new.device))
+            new = new.contiguous()
+        names = aliases.get(id(t), [name])
+        is_param = isinstance(t, nn.Parameter)
+        replacement = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
+        for n in names:
+            o, a = _owner(gm, n)
+            if a in o._parameters:
+                o._parameters[a] = replacement
+            elif a in o._buffers:
+                o._buffers[a] = replacement
+            else:
+                setattr(o, a, replacement)
+        changed += 1
+    return changed
+
+
+@dataclass
+class PruneChannelsPass(Pass):
+    """Remove channels: ``keep_units[g]`` lists the units (sorted) group ``g`` keeps."""
+
+    graph: DependencyGraph
+    keep_units: dict[int, np.ndarray] = field(default_factory=dict)
+    name: ClassVar[str] = "prune-channels"
+
+    def call(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
+        for g in self.graph.groups:
+            units = self.keep_units.get(g.id)
+            if units is None:
+                continue
+            if len(units) == 0:
+                raise PostconditionError(f"group {g.id} ({g.name}) would keep no channel")
+            if g.block_count > 1:
+                per_block = np.bincount(g.block_of[np.asarray(units)], minlength=g.block_count)
+                if len(set(per_block.tolist())) != 1:
+                    raise PostconditionError(
+                        f"group {g.id} ({g.name}) keeps {per_block.tolist()} units per conv group; "
+                        "grouped convolutions need the same number in every group"
+                    )
+        kept = self.graph.kept_indices(self.keep_units)
+        n_tensors = slice_parameters(gm, self.graph, kept)
+        ctx = _Ctx(gm, self.graph, kept)
+        for node in list(gm.graph.nodes):
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            rule_for(node, gm).rewrite(node, ctx)
+        return PassResult(gm, modified=True, info={"tensors_sliced": n_tensors, "spaces_changed": len(kept)})

@@ -1,0 +1,165 @@
+"""Dependency groups: structure on purpose-built models, and the equivalence oracle on the zoo."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from fxprune.capture import capture
+from fxprune.passes.dependency_groups import DependencyGroupsAnalysis, match_dims
+from fxprune.passes.shape_prop import ShapePropPass
+from fxprune.testing.equivalence import check_equivalence, random_plan
+from fxprune.testing.zoo import TINY_MODELS, tiny_model
+
+
+def analyse(model, inputs, **kw):
+    cap = capture(model, inputs)
+    ShapePropPass(cap.inputs)(cap.gm)
+    return cap, DependencyGroupsAnalysis(**kw).run(cap.gm)
+
+
+def by_name(dg):
+    return {g.name: g for g in dg.groups}
+
+
+def test_match_dims():
+    assert match_dims((2, 12, 5), (2, 3, 4, 5)) == [([0], [0]), ([1], [1, 2]), ([2], [3])]
+    assert match_dims((2, 3, 4), (2, 12)) == [([0], [0]), ([1, 2], [1])]
+    assert match_dims((1, 8, 1), (8,)) == [([1], [0])]
+    assert match_dims((6, 4), (4, 6)) == [([0, 1], [0, 1])]
+
+
+def test_residual_add_ties_stem_and_block_output():
+    cap, dg = analyse(*tiny_model("residual"))
+    groups = by_name(dg)
+    assert set(groups) == {"stem", "c1"}
+    stem = groups["stem"]
+    # stem, its BN, c2 (producer of the add) and the head are one group
+    assert {"stem", "bn", "c2", "b2", "head", "c1"} <= set(stem.members)
+    assert stem.n == 16 and groups["c1"].n == 24
+    assert [f.name for f in dg.frozen] == ["head"]
+    assert "model output" in dg.frozen[0].reasons
+
+
+def test_concat_chunk_and_flatten():
+    cap, dg = analyse(*tiny_model("concat_split"))
+    groups = by_name(dg)
+    # a and b feed a concat: one group each, both consumed by c
+    assert groups["a"].n == 8 and groups["b"].n == 16
+    assert "c" in groups["a"].members and "c" in groups["b"].members
+    # c's output is split in halves by chunk: the first half feeds d, the second gates d's output
+    halves = [g for g in dg.groups if g.name == "c"]
+    assert sorted(g.n for g in halves) == [16, 16]
+    gated = [g for g in halves if "fc" in g.members][0]
+    assert set(gated.members) == {"c", "d", "fc"}
+    # flatten before fc: each channel owns 4*4 = 16 input features of fc
+    fc_space = [s for s in gated.spaces if dg.keys[s] == ("p", "fc.weight", 1)][0]
+    assert gated.spaces[fc_space].shape == (16, 16)
+    np.testing.assert_array_equal(gated.spaces[fc_space][1], np.arange(16, 32))
+
+
+def test_channel_shuffle_pairs_channels_across_the_concat():
+    cap, dg = analyse(*tiny_model("shuffle"))
+    # the passed-through half of c1 is interleaved with c3's outputs: channel i of each is one unit
+    paired = [g for g in dg.groups if set(g.members) == {"c1", "c3", "c4"}]
+    assert len(paired) == 1 and paired[0].n == 8
+    c4_in = [s for s in paired[0].spaces if dg.keys[s] == ("p", "c4.weight", 1)][0]
+    assert paired[0].spaces[c4_in].shape == (8, 2)
+    np.testing.assert_array_equal(paired[0].spaces[c4_in][3], [6, 7])  # shuffled positions 2i, 2i+1
+    dw = [g for g in dg.groups if set(g.members) == {"c1", "c2", "c3"}]
+    assert len(dw) == 1 and dw[0].n == 8
+
+
+def test_grouped_conv_blocks_groupnorm_and_depthwise_multiplier():
+    cap, dg = analyse(*tiny_model("grouped"))
+    groups = by_name(dg)
+    c1 = groups["c1"]
+    assert c1.block_count == 4 and np.bincount(c1.block_of).tolist() == [8, 8, 8, 8]
+    assert c1.exact  # c1 only feeds the grouped conv
+    c2 = groups["c2"]
+    assert c2.block_count == 4 and not c2.exact  # GroupNorm(4) after c2
+    c3 = groups["c3"]
+    dw_space = [s for s in c3.spaces if dg.keys[s][0] == "n" and dg.keys[s][1] == "dw"]
+    assert c3.n == 16
+    assert c3.spaces[dw_space[0]].shape == (16, 2)  # each input channel owns 2 depthwise outputs
+
+
+def test_squeeze_excite_ties_gate_to_channels():
+    cap, dg = analyse(*tiny_model("squeeze_excite"))
+    groups = by_name(dg)
+    assert "se2" in groups["c1"].members  # SE expansion is tied to the gated channels
+    assert groups["se1"].n == 8
+
+
+def test_layernorm_group_is_inexact_and_heads_are_units():
+    cap, dg = analyse(*tiny_model("convnextish"))
+    stream = by_name(dg)["stem"]
+    assert not stream.exact and stream.n == 16
+    assert by_name(dg)["pw1"].exact and by_name(dg)["pw1"].n == 64
+    cap, dg = analyse(*tiny_model("attention"))
+    heads = [g for g in dg.groups if g.kind == "heads"]
+    assert len(heads) == 1 and heads[0].n == 4
+    cap, dg = analyse(*tiny_model("manual_heads"))
+    heads = [g for g in dg.groups if g.kind == "heads"]
+    assert len(heads) == 1 and heads[0].n == 3
+    qkv = [s for s in heads[0].spaces if dg.keys[s] == ("p", "qkv.weight", 0)][0]
+    assert heads[0].spaces[qkv].shape == (3, 24)  # q, k and v rows of each head
+
+
+def mystery(x):
+    """An op fxprune has no rule for (kept opaque by torch.fx.wrap)."""
+    return x.flip(1) * 2
+
+
+torch.fx.wrap("mystery")
+
+
+def test_unknown_op_freezes_with_a_reason():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d(8, 8, 1)
+            self.c = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.c(self.b(mystery(self.a(x))))
+
+    cap, dg = analyse(M(), (torch.randn(1, 3, 4, 4),))
+    assert [g.name for g in dg.groups] == ["b"]
+    frozen = {f.name: f.reasons for f in dg.frozen}
+    assert any("no coupling rule" in r and "mystery" in r for r in frozen["a"])
+
+
+def test_ignore_freezes_module():
+    cap, dg = analyse(*tiny_model("residual"), ignore=("c1",))
+    assert "c1" not in by_name(dg)
+    assert any("ignore" in r for f in dg.frozen for r in f.reasons)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_equivalence_oracle_tiny(name):
+    model, inputs = tiny_model(name)
+    cap, dg = analyse(model, inputs)
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        check_equivalence(cap.gm, dg, random_plan(dg, rng), cap.inputs)
+
+
+ZOO = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "regnet_x_400mf", "googlenet",
+       "densenet121", "efficientnet_b0", "squeezenet1_1", "resnext50_32x4d", "mnasnet0_5"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_equivalence_oracle_torchvision(name):
+    """Random plans: physically pruned == original with the pruned channels zeroed in consumers."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.get_model(name, weights=None).eval()
+    size = 112 if name != "googlenet" else 96
+    cap, dg = analyse(model, (torch.randn(1, 3, size, size),))
+    assert dg.groups
+    rng = np.random.default_rng(0)
+    check_equivalence(cap.gm, dg, random_plan(dg, rng), cap.inputs, atol=1e-3)
