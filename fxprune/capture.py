@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import operator
 import sys
 import traceback
 import warnings
@@ -225,20 +226,58 @@ def _leaf_root_graph(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.Gr
     return torch.fx.GraphModule(root, graph, type(model).__name__)
 
 
+def _concrete_defaults(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """Forward parameters the caller does not supply, fixed to their defaults while tracing.
+
+    Without this, optional inputs such as ``attn_mask=None`` become graph inputs and the exported
+    model expects them.
+    """
+    import inspect
+
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    out: dict[str, Any] = {}
+    for i, (name, p) in enumerate(sig.parameters.items()):
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if i < len(args) or name in kwargs:
+            continue
+        out[name] = None if p.default is inspect.Parameter.empty else p.default
+    return out or None
+
+
+_GUARDS = {torch._assert, operator.eq, operator.is_, getattr(torch.fx._symbolic_trace, "_assert_is_none", None)}
+
+
+def _drop_specialized_inputs(graph: torch.fx.Graph, concrete: dict[str, Any]) -> None:
+    """fx keeps a placeholder plus an assert guard per concrete argument; remove both, so the
+    captured model takes exactly the inputs of the example."""
+    for node in list(graph.nodes):
+        if node.op != "placeholder" or node.target.rstrip("_0123456789") not in concrete:
+            continue
+        chain, frontier = [], [node]
+        while frontier:
+            n = frontier.pop()
+            chain.append(n)
+            frontier.extend(u for u in n.users if u not in chain)
+        if all(n is node or (n.op == "call_function" and n.target in _GUARDS) for n in chain):
+            for n in reversed(chain):
+                if n in graph.nodes and not n.users:
+                    graph.erase_node(n)
+            for n in reversed(chain):  # second sweep for nodes freed by the first
+                if n in graph.nodes and not n.users:
+                    graph.erase_node(n)
+
+
 def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence[type] = ()) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` (already a private copy)."""
     timm_leaves, timm_wraps = _timm_extras()
     tracer = _Tracer(tuple(leaf_modules) + timm_leaves, timm_wraps)
     if tracer.is_leaf_module(model, ""):
         return _leaf_root_graph(model, args, kwargs)
-    concrete = None
-    if kwargs:
-        import inspect
-
-        sig = inspect.signature(model.forward)
-        names = list(sig.parameters)
-        concrete = {n: None for n in names[len(args):] if n not in kwargs
-                    and sig.parameters[n].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+    concrete = _concrete_defaults(model, args, kwargs)
     try:
         graph = tracer.trace(model, concrete_args=concrete)
     except TraceError:
@@ -261,6 +300,8 @@ def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence
             module_path=where,
             construct=construct,
         ) from None
+    if concrete:
+        _drop_specialized_inputs(graph, concrete)
     name = type(model).__name__
     return torch.fx.GraphModule(tracer.root, graph, name)
 
@@ -382,6 +423,10 @@ def capture(
     work = _copy_model(model, share_weights)
     work.eval()
     _decompose_attention(work, notes)
+    if "timm" in sys.modules:  # timm attention through SDPA, LeViT attention substitutes
+        from fxprune.opset.timm_ops import prepare_model
+
+        prepare_model(work, notes)
     fx_error: TraceError | None = None
     if method in ("auto", "fx"):
         try:
@@ -401,7 +446,7 @@ def capture(
     from fxprune._export import capture_export
 
     try:
-        gm = capture_export(work, args, kwargs)
+        gm = capture_export(work, args, kwargs, notes)
     except TraceError as err:
         if fx_error is not None:
             raise TraceError(f"{fx_error}\nAlso tried torch.export: {err}", module_path=fx_error.module_path,
