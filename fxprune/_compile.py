@@ -32,7 +32,7 @@ from fxprune.policies.base import GroupSpec, PruningPlan, PruningProblem, Search
 from fxprune.policies.solver import Projection, allowed_keeps, project
 from fxprune.report import FrozenInfo, GroupDecision, Report, environment
 
-__all__ = ["compile", "CompileResult", "PruneSession", "get_policy", "POLICIES"]
+__all__ = ["compile", "compile_at_budget", "CompileResult", "PruneSession", "get_policy", "POLICIES"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,19 +117,33 @@ class PruneSession:
     scores: dict[int, np.ndarray]
     criterion: str
     timings: dict[str, float] = field(default_factory=dict)
+    data: Any = None
+    loss_fn: Any = None
+    seed: int = 0
+    _score_cache: dict[str, dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
     def gm(self) -> torch.fx.GraphModule:
         return self.captured.gm
 
-    def units(self, keep: np.ndarray) -> dict[int, np.ndarray]:
-        return {g.id: choose_units(g, self.scores.get(g.id), int(k))
+    def scores_for(self, criterion: str | None) -> dict[int, np.ndarray]:
+        """Per-unit importance under ``criterion`` (computed once per criterion)."""
+        if not criterion or criterion == self.criterion:
+            return self.scores
+        if criterion not in self._score_cache:
+            data = self.data if self.data is not None else [self.captured.inputs]
+            self._score_cache[criterion] = _importance(self.gm, self.graph, criterion, data, self.loss_fn, self.seed)
+        return self._score_cache[criterion]
+
+    def units(self, keep: np.ndarray, criterion: str | None = None) -> dict[int, np.ndarray]:
+        scores = self.scores_for(criterion)
+        return {g.id: choose_units(g, scores.get(g.id), int(k))
                 for g, k in zip(self.graph.groups, keep) if int(k) < g.n}
 
-    def materialize(self, keep: np.ndarray) -> tuple[torch.fx.GraphModule, int]:
+    def materialize(self, keep: np.ndarray, criterion: str | None = None) -> tuple[torch.fx.GraphModule, int]:
         """Build the pruned model for ``keep`` (a copy; the session's graph is untouched)."""
         gm = copy.deepcopy(self.gm)
-        units = self.units(keep)
+        units = self.units(keep, criterion)
         if units:
             PruneChannelsPass(self.graph, units)(gm, AnalysisManager(gm))
             gm.graph.lint()
@@ -161,10 +175,11 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
     cost = PlanCost(terms, graph.forms(), sizes, len(graph.groups))
     base = int(cost(np.array([g.n for g in graph.groups], dtype=np.int64))[0]) if graph.groups else \
         MacCostModel().count(cap.gm).total
-    scores = _importance(cap.gm, graph, importance, calibration_data, loss_fn, seed)
+    scores = _importance(cap.gm, graph, importance,
+                         calibration_data if calibration_data is not None else [cap.inputs], loss_fn, seed)
     t4 = time.perf_counter()
     timings = {"capture": t1 - t0, "shape_prop": t2 - t1, "analysis": t3 - t2, "importance": t4 - t3}
-    return PruneSession(cap, graph, terms, base, cost, scores, importance, timings)
+    return PruneSession(cap, graph, terms, base, cost, scores, importance, timings, calibration_data, loss_fn, seed)
 
 
 def _ignore_spec(ignore: Any, gm: torch.fx.GraphModule) -> tuple[tuple[str, ...], Callable[[str], bool] | None]:
@@ -365,29 +380,50 @@ def compile(  # noqa: A001 - the product's name for the operation
                     f"{note.split(':')[0]}; the budget {format_macs(budget)} is below the original "
                     f"{format_macs(session.base_macs)}", min_macs=session.base_macs, budget=budget)
             return _result(session, session.gm, session.base_macs, report, {}, start)
-        problem = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio)
-        report.lower_macs = problem.lower
-        pol = get_policy(policy, policy_options)
-        ctx = _search_context(session, problem, model, evaluate, calibration_data, seed, report, policy_options)
-        t0 = time.perf_counter()
-        plan = pol.select(problem, ctx)
-        proj = project(problem, problem.dense(plan.keep).astype(np.float64))
-        report.timings["policy"] = time.perf_counter() - t0
-        report.solver_notes += proj.notes
-        if plan.rationale:
-            report.notes.append(f"policy: {plan.rationale}")
-        t0 = time.perf_counter()
-        pruned, macs = session.materialize(proj.keep)
-        report.timings["rewrite"] = time.perf_counter() - t0
-        if verify:
-            _verify(problem, proj, macs)
-        report.estimated_macs = proj.macs
-        keep = {g.id: int(k) for g, k in zip(problem.groups, proj.keep)}
-        report.groups = [
-            GroupDecision(g.id, g.name, g.kind, g.bucket, g.size, int(k), g.unit, g.mac_share, g.exact, g.members)
-            for g, k in zip(problem.groups, proj.keep)
-        ]
-        return _result(session, pruned, macs, report, keep, start)
+        return compile_at_budget(model, session, budget, start, report=report, tolerance=tolerance, policy=policy,
+                                 channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio,
+                                 importance=importance, evaluate=evaluate, calibration_data=calibration_data,
+                                 seed=seed, verify=verify, policy_options=policy_options)
+
+
+def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, start: float, *,
+                      report: Report | None = None, tolerance: float, policy: Any, channel_multiple: int,
+                      min_keep_ratio: float, importance: str, evaluate: Callable[[nn.Module], float] | None,
+                      calibration_data: Any, seed: int, verify: bool,
+                      policy_options: dict[str, Any] | None) -> CompileResult:
+    """Plan, project, rewrite and verify at an absolute MAC ``budget`` below the original's.
+
+    The session (capture, analyses, importance) is reused, so the latency search can build
+    candidates at many budgets for the price of one capture. ``report`` defaults to a new one.
+    """
+    if report is None:
+        report = _new_report(model, session, policy, importance, budget, budget, tolerance, channel_multiple, seed)
+    problem = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio)
+    report.lower_macs = problem.lower
+    pol = get_policy(policy, policy_options)
+    ctx = _search_context(session, problem, model, evaluate, calibration_data, seed, report,
+                          {"criterion": importance, "model_name": type(model).__name__, **(policy_options or {})})
+    t0 = time.perf_counter()
+    plan = pol.select(problem, ctx)
+    proj = project(problem, problem.dense(plan.keep).astype(np.float64))
+    report.timings["policy"] = time.perf_counter() - t0
+    report.solver_notes += proj.notes
+    if plan.rationale:
+        report.notes.append(f"policy: {plan.rationale}")
+    t0 = time.perf_counter()
+    pruned, macs = session.materialize(proj.keep, plan.criterion or None)
+    if plan.criterion and plan.criterion != importance:
+        report.criterion = plan.criterion
+    report.timings["rewrite"] = time.perf_counter() - t0
+    if verify:
+        _verify(problem, proj, macs)
+    report.estimated_macs = proj.macs
+    keep = {g.id: int(k) for g, k in zip(problem.groups, proj.keep)}
+    report.groups = [
+        GroupDecision(g.id, g.name, g.kind, g.bucket, g.size, int(k), g.unit, g.mac_share, g.exact, g.members)
+        for g, k in zip(problem.groups, proj.keep)
+    ]
+    return _result(session, pruned, macs, report, keep, start)
 
 
 def _verify(problem: PruningProblem, proj: Projection, macs: int) -> None:
@@ -440,8 +476,9 @@ def _search_context(session, problem, model, evaluate, calibration_data, seed, r
     def quality(plan: PruningPlan) -> float:
         keep = problem.dense(plan.keep)
         key = keep.tobytes()
+        key += (plan.criterion or "").encode()
         if key not in cache:
-            cand, _ = session.materialize(keep)
+            cand, _ = session.materialize(keep, plan.criterion or None)
             if evaluate is not None:
                 cache[key] = float(evaluate(cand))
             else:
