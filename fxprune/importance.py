@@ -742,13 +742,17 @@ def _check_criterion(criterion: str, allowed: Sequence[str]) -> str:
     return criterion
 
 
-def _per_unit(values: torch.Tensor, s: ParamSlice) -> np.ndarray:
-    """Sum ``values`` over every dim but ``s.dim``, gather each unit's ``k`` indices and sum them."""
+def _per_index(values: torch.Tensor, dim: int) -> np.ndarray:
+    """Sum ``values`` over every dim but ``dim`` (float64 numpy vector along ``dim``)."""
     v = values.detach()
     if v.dim() == 0:
         v = v.reshape(1)
-    per_index = v.movedim(s.dim, 0).reshape(v.shape[s.dim], -1).double().sum(dim=1).cpu().numpy()
-    return per_index[s.index].sum(axis=1)
+    return v.movedim(dim, 0).reshape(v.shape[dim], -1).double().sum(dim=1).cpu().numpy()
+
+
+def _per_unit(values: torch.Tensor, s: ParamSlice) -> np.ndarray:
+    """Sum ``values`` over every dim but ``s.dim``, gather each unit's ``k`` indices and sum them."""
+    return _per_index(values, s.dim)[s.index].sum(axis=1)
 
 
 def _normalised_mean(vectors: Iterable[np.ndarray]) -> np.ndarray | None:
@@ -764,30 +768,41 @@ def _normalised_mean(vectors: Iterable[np.ndarray]) -> np.ndarray | None:
 
 
 def _magnitude(
-    group: UnitGroup, table: Mapping[str, _Tensor], power: int, roles: Sequence[str]
+    group: UnitGroup, table: Mapping[str, _Tensor], power: int, roles: Sequence[str],
+    cache: dict[tuple[str, int, int], np.ndarray] | None = None,
 ) -> np.ndarray | None:
-    vectors = [
-        _per_unit(table[s.param].tensor.detach().abs().pow(power), s)
-        for s in group.slices
-        if s.role in roles and table[s.param].is_param
-    ]
+    """Normalised mean of per-unit |w|^power over the group's slices with the given roles.
+
+    ``cache`` memoises the per-index reduction of each (tensor, dim, power): in concat-heavy
+    models (DenseNet) one layer's input is sliced by dozens of groups.
+    """
+    cache = {} if cache is None else cache
+    vectors = []
+    for s in group.slices:
+        if s.role not in roles or not table[s.param].is_param:
+            continue
+        key = (table[s.param].canonical, s.dim, power)
+        if key not in cache:
+            cache[key] = _per_index(table[s.param].tensor.detach().abs().pow(power), s.dim)
+        vectors.append(cache[key][s.index].sum(axis=1))
     return _normalised_mean(vectors) if vectors else None
 
 
 def _magnitude_scores(
-    group: UnitGroup, table: Mapping[str, _Tensor], criterion: str, notes: dict[int, str]
+    group: UnitGroup, table: Mapping[str, _Tensor], criterion: str, notes: dict[int, str],
+    cache: dict | None = None,
 ) -> np.ndarray:
     """l1 / l2 / bn_scale for one group, with the fallbacks described in the module doc."""
     if criterion == "bn_scale":
-        scores = _magnitude(group, table, 1, ("norm",))
+        scores = _magnitude(group, table, 1, ("norm",), cache)
         if scores is not None:
             return scores
         notes[group.id] = "no norm slice with a non-zero scale: scored with l1"
         criterion = "l1"
     power = 1 if criterion == "l1" else 2
-    scores = _magnitude(group, table, power, ("producer", "consumer"))
+    scores = _magnitude(group, table, power, ("producer", "consumer"), cache)
     if scores is None:
-        scores = _magnitude(group, table, power, ("norm", "other"))
+        scores = _magnitude(group, table, power, ("norm", "other"), cache)
         if scores is not None:
             notes[group.id] = (
                 f"no producer/consumer weight with non-zero {criterion}: scored on its other parameters"
@@ -853,7 +868,8 @@ def group_importance(
     if criterion == "random":
         scores = {g.id: np.random.default_rng([seed, g.id]).random(g.n_units) for g in groups}
     elif criterion in ("l1", "l2", "bn_scale"):
-        scores = {g.id: _magnitude_scores(g, table, criterion, notes) for g in groups}
+        cache: dict = {}
+        scores = {g.id: _magnitude_scores(g, table, criterion, notes, cache) for g in groups}
     elif criterion == "taylor":
         scores = _taylor_scores(model, groups, table, data, loss_fn, max_batches)
     else:

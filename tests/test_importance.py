@@ -226,7 +226,7 @@ def test_snip_matches_explicit_autograd():
     np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-10)
 
 
-def test_taylor_sums_before_abs_on_known_loss():
+def test_taylor_squares_per_batch_sums_on_known_loss():
     model = nn.Linear(2, 2, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[1.0, -1.0], [2.0, 1.0]]))
@@ -235,12 +235,41 @@ def test_taylor_sums_before_abs_on_known_loss():
     group = UnitGroup(0, 2, (ParamSlice("weight", 0, units(2), "producer"),))
     taylor = group_importance(model, [group], "taylor", data=batches, loss_fn=loss)[0]
     snip = group_importance(model, [group], "snip", data=batches, loss_fn=loss)[0]
-    np.testing.assert_allclose(taylor, [0.0, 3.0])  # |1 - 1|, |2 + 1|
+    # per batch the unit's contribution is sum_j W[u, j] * 1 = (1 - 1, 2 + 1); Taylor averages its square
+    np.testing.assert_allclose(taylor, [0.0, 9.0])
     np.testing.assert_allclose(snip, [2.0, 3.0])
     torch.testing.assert_close(
         weight_saliency(model, "taylor", data=batches, loss_fn=loss)["weight"],
         torch.tensor([[1.0, -1.0], [2.0, 1.0]], dtype=torch.float64),
     )
+
+
+def test_taylor_does_not_vanish_when_the_mean_gradient_does():
+    """At a minimum the batch gradients cancel; per-batch squares keep the signal (Molchanov 2019)."""
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0], [0.5, 0.0]]))
+    batches = [torch.tensor([[1.0, 1.0]]), torch.tensor([[-1.0, -1.0]])]  # gradients +1 and -1
+    group = UnitGroup(0, 2, (ParamSlice("weight", 0, units(2), "producer"),))
+    taylor = group_importance(model, [group], "taylor", data=batches, loss_fn=lambda out: out.sum())[0]
+    np.testing.assert_allclose(taylor, [9.0, 0.25])
+
+
+def test_taylor_uses_consumer_slices():
+    """Removing a unit removes it from the layers that read it: only consumer slices count."""
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        model[1].weight.copy_(torch.tensor([[3.0, 0.5]]))
+    x = torch.tensor([[1.0, 1.0]])
+    both = UnitGroup(0, 2, (ParamSlice("0.weight", 0, units(2), "producer"),
+                            ParamSlice("1.weight", 1, units(2), "consumer")))
+    consumer_only = UnitGroup(0, 2, (ParamSlice("1.weight", 1, units(2), "consumer"),))
+    loss = lambda out: out.sum()  # noqa: E731
+    a = group_importance(model, [both], "taylor", data=[x], loss_fn=loss)[0]
+    b = group_importance(model, [consumer_only], "taylor", data=[x], loss_fn=loss)[0]
+    np.testing.assert_allclose(a, b)
+    np.testing.assert_allclose(a, [9.0, 0.25])  # (w2 * h)^2 with h = [1, 1]
 
 
 def test_grasp_matches_explicit_hessian_vector_product():
