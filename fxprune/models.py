@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from fxprune.errors import ModelSpecError
 
-__all__ = ["ResolvedModel", "resolve_model", "parse_shape"]
+__all__ = ["ResolvedModel", "resolve_model", "parse_shape", "torchvision_model", "minilm_path"]
 
 _FORMS = "torchvision:NAME, timm:NAME, hf:NAME_OR_PATH or path/to/file.py:factory"
 
@@ -79,11 +79,25 @@ def _torchvision(name, shape, pretrained):
         close = [n for n in names if name.lower() in n][:5]
         raise ModelSpecError(f"torchvision has no classification model {name!r}"
                              + (f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"))
-    weights = get_model_weights(name).DEFAULT
-    size = getattr(weights.transforms(), "crop_size", [224])[0]
-    model = get_model(name, weights=weights if pretrained else None).eval()
+    model, size = torchvision_model(name, pretrained=pretrained)
     inputs, used = _inputs(shape, (1, 3, size, size))
     return ResolvedModel(model, inputs, f"torchvision:{name}", shape is None)
+
+
+def torchvision_model(name: str, *, pretrained: bool = False) -> tuple[nn.Module, int]:
+    """A torchvision classification model (eval mode) and the input size of its default weights.
+
+    ``weights=None`` builds ViT-H/14 for 224 px although its default weights (and torchvision's
+    published MACs) are at 518 px, so ViTs get ``image_size`` to match the weights.
+    """
+    from torchvision.models import get_model, get_model_weights
+
+    weights = get_model_weights(name).DEFAULT
+    size = getattr(weights.transforms(), "crop_size", [224])[0]
+    if pretrained:
+        return get_model(name, weights=weights).eval(), size
+    kwargs = {"image_size": size} if name.startswith("vit_") else {}
+    return get_model(name, weights=None, **kwargs).eval(), size
 
 
 def _timm(name, shape, pretrained):

@@ -30,12 +30,13 @@ def run_one(name: str, budget: str, policy: str, onnx: bool, tolerance: float) -
     from torchvision.models import get_model, get_model_weights
 
     import fxprune
+    from fxprune.models import torchvision_model
 
     torch.manual_seed(0)
     rec: dict = {"model": name}
     weights = get_model_weights(name).DEFAULT
     size = getattr(weights.transforms(), "crop_size", [224])[0]
-    model = get_model(name, weights=None).eval()
+    model, _ = torchvision_model(name)
     x = torch.randn(1, 3, size, size)
     t = time.perf_counter()
     res = fxprune.compile(model, (x,), mac_budget=budget, policy=policy, tolerance=tolerance)
