@@ -45,10 +45,11 @@ class _Recorder(torch.fx.Interpreter):
         try:
             result = super().run_node(n)
         except Exception as err:
+            what = (str(err).strip().splitlines() or [""])[0][:300]
+            where = f"module '{n.target}'" if n.op == "call_module" else f"node '{n.name}'"
             raise PreconditionError(
-                f"shape propagation failed at node '{n.name}' ({n.format_node()}): "
-                f"{type(err).__name__}: {err}. Check that example_inputs match what the model expects "
-                "(shape, dtype, keyword names)."
+                f"running the model on the example inputs failed at {where}: {type(err).__name__}: {what}. "
+                "Check that example_inputs match what the model expects (shape, dtype, keyword names)."
             ) from err
         info = describe(result)
         n.meta[META_SHAPE] = info
