@@ -28,7 +28,7 @@ from fxprune.ir import TensorInfo, node_module_path, shape_of, tensor_info
 from fxprune.opset import op_label, rule_for
 from fxprune.opset._base import norm_dim
 
-__all__ = ["MacTerm", "MacCount", "MacCostModel", "PlanCost", "SpaceForm"]
+__all__ = ["MacTerm", "MacCount", "MacCostModel", "MacCountAnalysis", "PlanCost", "SpaceForm"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,14 @@ class MacCostModel:
         for u in uncounted:
             logger.warning("MACs of %s are not counted (no cost rule)", u)
         return MacCount(total, dict(per_node_int), dict(per_module), terms, uncounted)
+
+
+@dataclass(frozen=True)
+class MacCountAnalysis:
+    """The MAC count of a shape-annotated graph as a cached analysis (``am.get(MacCountAnalysis())``)."""
+
+    def run(self, gm: torch.fx.GraphModule, am: Any = None) -> MacCount:
+        return MacCostModel().count(gm)
 
 
 def _shape_lookup(gm: torch.fx.GraphModule) -> dict[tuple[str, int], int]:

@@ -22,9 +22,9 @@ import torch.nn as nn
 
 from fxprune.budget import format_macs, parse_mac_budget
 from fxprune.capture import Captured, capture
-from fxprune.cost_models.mac import MacCostModel, MacTerm, PlanCost
+from fxprune.cost_models.mac import MacCountAnalysis, MacTerm, PlanCost
 from fxprune.errors import FxpruneError, InvalidBudgetError, PolicyError, PostconditionError
-from fxprune.passes._infra import AnalysisManager, TimingInstrument
+from fxprune.passes._infra import AnalysisManager, PassManager, TimingInstrument
 from fxprune.passes.dependency_groups import DependencyGraph, DependencyGroupsAnalysis, Group
 from fxprune.passes.prune_channels import PruneChannelsPass
 from fxprune.passes.shape_prop import ShapePropPass
@@ -121,6 +121,7 @@ class PruneSession:
     loss_fn: Any = None
     seed: int = 0
     _score_cache: dict[str, dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
+    last_passes: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     @property
     def gm(self) -> torch.fx.GraphModule:
@@ -144,12 +145,12 @@ class PruneSession:
         """Build the pruned model for ``keep`` (a copy; the session's graph is untouched)."""
         gm = copy.deepcopy(self.gm)
         units = self.units(keep, criterion)
-        if units:
-            PruneChannelsPass(self.graph, units)(gm, AnalysisManager(gm))
-            gm.graph.lint()
-            gm.recompile()
-        ShapePropPass(self.captured.inputs)(gm)
-        macs = MacCostModel().count(gm).total
+        timing = TimingInstrument()
+        am = AnalysisManager(gm)
+        passes = ([PruneChannelsPass(self.graph, units)] if units else []) + [ShapePropPass(self.captured.inputs)]
+        PassManager(passes, instruments=[timing]).run(gm, am)
+        macs = am.get(MacCountAnalysis()).total
+        self.last_passes = timing.records
         gm.eval()
         return gm, macs
 
@@ -160,11 +161,13 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
     t0 = time.perf_counter()
     cap = capture(model, example_inputs, method=capture_method, leaf_modules=leaf_modules)
     t1 = time.perf_counter()
-    ShapePropPass(cap.inputs)(cap.gm)
+    am = AnalysisManager(cap.gm)
+    PassManager([ShapePropPass(cap.inputs)]).run(cap.gm, am)
     t2 = time.perf_counter()
     ignore_names, ignore_fn = _ignore_spec(ignore, cap.gm)
-    graph = DependencyGroupsAnalysis(ignore=ignore_names, ignore_fn=ignore_fn).run(cap.gm)
-    terms, _uncounted = MacCostModel().terms(cap.gm)
+    graph = am.get(DependencyGroupsAnalysis(ignore=ignore_names, ignore_fn=ignore_fn))
+    count = am.get(MacCountAnalysis())
+    terms = count.terms
     t3 = time.perf_counter()
     sizes = {}
     for n in cap.gm.graph.nodes:
@@ -173,8 +176,10 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
             for d, s in enumerate(info.shape):
                 sizes[(n.name, d)] = s
     cost = PlanCost(terms, graph.forms(), sizes, len(graph.groups))
-    base = int(cost(np.array([g.n for g in graph.groups], dtype=np.int64))[0]) if graph.groups else \
-        MacCostModel().count(cap.gm).total
+    base = count.total
+    if graph.groups and int(cost(np.array([g.n for g in graph.groups], dtype=np.int64))[0]) != base:
+        raise PostconditionError("the plan cost model disagrees with the MAC count of the unpruned graph; "
+                                 "this is a bug in fxprune (please report it with the model)")
     scores = _importance(cap.gm, graph, importance,
                          calibration_data if calibration_data is not None else [cap.inputs], loss_fn, seed)
     t4 = time.perf_counter()

@@ -37,6 +37,32 @@ class MacProfile:
             out[key] = out.get(key, 0) + v
         return out
 
+    def annotated_graph(self, groups: bool = True) -> str:
+        """The captured graph, one line per node, with MACs and the dependency groups it touches."""
+        from fxprune.ir import format_graph
+
+        gm = self.captured.gm
+        node_groups: dict[str, list[int]] = {}
+        if groups:
+            from fxprune.passes.dependency_groups import DependencyGroupsAnalysis
+
+            dg = DependencyGroupsAnalysis().run(gm)
+            for g in dg.groups:
+                for s in g.spaces:
+                    key = dg.keys[s]
+                    if key[0] == "n":
+                        node_groups.setdefault(key[1], []).append(g.id)
+
+        def annotate(node) -> str:
+            parts = []
+            if self.per_node.get(node.name):
+                parts.append(f"{self.per_node[node.name]:,} MACs")
+            if node_groups.get(node.name):
+                parts.append("groups " + ",".join(f"g{i}" for i in sorted(set(node_groups[node.name]))))
+            return "; ".join(parts)
+
+        return format_graph(gm, annotate)
+
     def to_json(self) -> dict[str, Any]:
         return {"macs": self.total, "params": self.params, "per_module": self.per_module,
                 "uncounted": self.uncounted}

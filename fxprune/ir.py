@@ -139,8 +139,6 @@ def _fmt_arg(a: Any) -> str:
 def format_graph(
     gm: torch.fx.GraphModule,
     annotate: Callable[[torch.fx.Node], str] | None = None,
-    *,
-    include_params: bool = False,
 ) -> str:
     """Print ``gm`` deterministically, one line per node.
 
@@ -149,9 +147,6 @@ def format_graph(
     """
     lines = []
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and not include_params:
-            # parameters show up as arguments; listing each get_attr adds noise
-            pass
         args = ", ".join([_fmt_arg(a) for a in node.args] + [f"{k}={_fmt_arg(v)}" for k, v in node.kwargs.items()])
         info = node.meta.get(META_SHAPE)
         if isinstance(info, TensorInfo):

@@ -17,6 +17,8 @@ def register(sub) -> None:
     p.add_argument("--top", type=int, default=20, help="how many modules to list (default 20)")
     p.add_argument("--depth", type=int, default=0, help="aggregate modules by the first N path components")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--graph", action="store_true",
+                   help="print the captured graph, one line per node, with MACs and dependency groups")
     p.set_defaults(func=run)
 
 
@@ -38,6 +40,9 @@ def run(args) -> int:
         json.dump(out, sys.stdout, indent=2)
         print()
         return 0
+    if args.graph:
+        print(prof.annotated_graph())
+        print()
     shapes = _shapes(spec.example_inputs)
     print(f"{spec.label}  input {shapes}")
     print(f"MACs   {format_macs(prof.total)}MAC  ({prof.total:,})   FLOPs ~ {format_macs(2 * prof.total)}")
