@@ -320,7 +320,54 @@ def _build_spec(model: nn.Module, example_inputs: Any, dynamic_batch: bool,
     leaves = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
     spec = _ExportSpec(inputs, input_names, _output_names(outputs))
     spec.dynamic_axes = _dynamic_axes(spec, leaves, dynamic_batch, dynamic_axes)
+    if dynamic_axes is None:
+        for name, axes in _captured_dynamic_axes(model, spec, leaves).items():
+            spec.dynamic_axes.setdefault(name, {}).update(axes)
     return spec
+
+
+def _captured_dynamic_axes(model: nn.Module, spec: _ExportSpec,
+                           outputs: list[torch.Tensor]) -> dict[str, dict[int, str]]:
+    """Non-batch dynamic axes of a graph captured with dynamic dims (``capture='export'``).
+
+    The inputs' dynamic dims come from the capture (``gm.meta``). Output axes are found by running
+    the model once more with those input dims one shorter: the output dims that follow are dynamic.
+    Dims of the same example size share one name (``sequence`` for the first size).
+    """
+    from fxprune._export import dynamic_dims
+
+    if not isinstance(model, torch.fx.GraphModule):
+        return {}
+    dims = {n: [d for d in ds if d > 0] for n, ds in dynamic_dims(model).items()}
+    dims = {n: ds for n, ds in dims.items() if ds and n in spec.input_names}
+    if not dims:
+        return {}
+    sizes: dict[int, str] = {}
+    axes: dict[str, dict[int, str]] = {}
+    shorter = list(spec.inputs)
+    for i, name in enumerate(spec.input_names):
+        x = spec.inputs[i]
+        for d in dims.get(name, []):
+            if d >= x.dim() or x.shape[d] < 3:
+                continue
+            size = int(x.shape[d])
+            label = sizes.setdefault(size, "sequence" if not sizes else f"dyn{len(sizes)}")
+            axes.setdefault(name, {})[d] = label
+            shorter[i] = shorter[i].narrow(d, 0, shorter[i].shape[d] - 1)
+    if not axes:
+        return {}
+    try:
+        with torch.no_grad():
+            out2 = [t for t in tree_leaves(model(*shorter)) if isinstance(t, torch.Tensor)]
+    except Exception:  # the graph does not take the shorter inputs: leave the outputs static
+        return axes
+    if len(out2) != len(outputs):
+        return axes
+    for name, a, b in zip(spec.output_names, outputs, out2):
+        for d in range(1, min(a.dim(), b.dim())):
+            if a.shape[d] == b.shape[d] + 1 and int(a.shape[d]) in sizes:
+                axes.setdefault(name, {})[d] = sizes[int(a.shape[d])]
+    return axes
 
 
 def export_onnx(
@@ -345,6 +392,9 @@ def export_onnx(
             ``{"input_ids": {0: "batch", 1: "sequence"}}`` (a list of axes is accepted too).
             Input names are the graph's placeholder names; outputs are ``output`` (one output),
             ``output_0``, ``output_1``, ... or the keys of a dict output.
+            When ``None`` and the model was captured with dynamic dims (``capture="export"``, e.g.
+            Hugging Face models with a dynamic sequence), those dims are made dynamic too, on the
+            inputs and on the outputs that follow them.
         opset: ONNX opset version; ``None`` takes the exporter's default.
         check: run ``onnx.checker.check_model`` on the result.
         exporter: ``"auto"`` (TorchScript exporter, then the dynamo exporter if it fails),

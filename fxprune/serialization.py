@@ -634,12 +634,55 @@ def _decode_codegen(data: dict) -> torch.fx.graph.CodeGen:
     if kind == "pytree":
         from torch.utils._pytree import treespec_loads
 
+        for spec in (data["in_spec"], data["out_spec"]):
+            _import_spec_types(spec)
         in_spec = treespec_loads(data["in_spec"]) if data["in_spec"] is not None else None
         out_spec = treespec_loads(data["out_spec"]) if data["out_spec"] is not None else None
         orig_args = [_check_identifier(a, "a pytree graph input name", stars=True) for a in data["orig_args"]]
         info = torch.fx.graph._PyTreeInfo(orig_args, in_spec, out_spec)
         return torch.fx.graph._PyTreeCodeGen(info)
     raise ValueError(f"unknown code generator {kind!r}")
+
+
+# Output containers of these libraries register their pytree type when their module is imported
+# (transformers' ModelOutput subclasses, for example). A spec that names such a type is loadable
+# once that module is imported; modules outside these installed libraries are never imported.
+_SPEC_TYPE_LIBRARIES = ("transformers.", "timm.", "torchvision.")
+
+
+def _import_spec_types(spec: str | None) -> None:
+    """Import the (allow-listed) modules whose pytree types a serialized spec names."""
+    if spec is None:
+        return
+    import importlib.util
+
+    from torch.utils._pytree import SERIALIZED_TYPE_TO_PYTHON_TYPE
+
+    names: set[str] = set()
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, dict):
+            if isinstance(obj.get("type"), str):
+                names.add(obj["type"])
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    try:
+        walk(json.loads(spec))
+    except ValueError:
+        return  # treespec_loads reports the corrupt spec
+    for name in sorted(names - set(SERIALIZED_TYPE_TO_PYTHON_TYPE)):
+        module = name.rpartition(".")[0]
+        if not module.startswith(_SPEC_TYPE_LIBRARIES) or not all(map(_is_identifier, module.split("."))):
+            continue
+        try:
+            if importlib.util.find_spec(module.split(".")[0]) is not None:
+                importlib.import_module(module)
+        except ImportError:
+            continue  # treespec_loads then says which type is not registered
 
 
 # torch.fx pastes placeholder/method/keyword names and attribute paths into the Python source it

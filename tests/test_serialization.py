@@ -533,3 +533,18 @@ def test_file_layout(small_file):
     assert manifest["root"]["kind"] == "graph_module" and manifest["root"]["class_name"] == "TinyUserNet"
     ops = {n["op"] for n in manifest["root"]["graph"]["nodes"]}
     assert {"placeholder", "call_module", "call_function", "get_attr", "output"} <= ops
+
+
+def test_spec_types_import_only_allow_listed_libraries(tmp_path, monkeypatch):
+    """A saved output spec may name a type; only transformers/timm/torchvision modules get imported."""
+    import json as _json
+
+    from fxprune.serialization import _import_spec_types
+
+    marker = tmp_path / "imported"
+    (tmp_path / "fxprune_probe_mod.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = _json.dumps([1, {"type": "fxprune_probe_mod.Thing", "context": "null", "children_spec": []}])
+    _import_spec_types(spec)
+    assert not marker.exists()
+    _import_spec_types("{not json")  # a corrupt spec is left to treespec_loads to report

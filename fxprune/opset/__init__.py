@@ -7,6 +7,7 @@ with :func:`register` and an :class:`OpRule` subclass.
 from __future__ import annotations
 
 from fxprune.opset import attention, layers, structural  # noqa: F401  (registration)
+from fxprune.opset import aten  # noqa: F401,E402  (ATen overloads: graphs captured by torch.export)
 from fxprune.opset._base import (
     UNKNOWN,
     OpRule,
