@@ -6,8 +6,11 @@ with :func:`register` and an :class:`OpRule` subclass.
 
 from __future__ import annotations
 
+import sys
+
 from fxprune.opset import attention, layers, structural  # noqa: F401  (registration)
 from fxprune.opset import aten  # noqa: F401,E402  (ATen overloads: graphs captured by torch.export)
+from fxprune.opset import timm_ops  # noqa: F401,E402  (timm helpers; registered lazily, timm optional)
 from fxprune.opset._base import (
     UNKNOWN,
     OpRule,
@@ -18,6 +21,9 @@ from fxprune.opset._base import (
     register_module,
     rule_for,
 )
+
+if "timm" in sys.modules:
+    timm_ops.install()
 
 __all__ = [
     "OpRule",

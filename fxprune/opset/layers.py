@@ -48,7 +48,10 @@ class _Weights:
             for n, pos in zip(names, positions):
                 a = arg(node, pos, n)
                 if isinstance(a, torch.fx.Node):
-                    self.refs[n] = a
+                    # a get_attr of a parameter/buffer is referred to by name, so that roles
+                    # (producer/consumer) land on the parameter, as for modules (F.linear in timm's Linear)
+                    by_name = a.op == "get_attr" and _is_tensor_attr(gm, str(a.target))
+                    self.refs[n] = str(a.target) if by_name else a
 
     def has(self, n):
         return n in self.refs
@@ -80,6 +83,15 @@ def _is_param(gm, name):
     mod_path, _, attr = name.rpartition(".")
     mod = gm.get_submodule(mod_path) if mod_path else gm
     return attr in mod._parameters
+
+
+def _is_tensor_attr(gm, name):
+    mod_path, _, attr = name.rpartition(".")
+    try:
+        mod = gm.get_submodule(mod_path) if mod_path else gm
+    except AttributeError:
+        return False
+    return attr in mod._parameters or attr in mod._buffers
 
 
 def _get_tensor(gm, target):
