@@ -129,6 +129,19 @@ class Report:
             lines.append(f"... {len(self.groups) - limit} more groups")
         return "\n".join(lines)
 
+    def latency_line(self) -> str:
+        """One line on the measured latency (``fxprune.latency/1`` record in ``self.latency``)."""
+        lat = self.latency or {}
+        line = (f"latency (ONNX Runtime {lat.get('provider')}, batch {lat.get('batch')}, {lat.get('threads')} "
+                f"thread(s), opt {lat.get('opt_level')}): original {lat['original_median_ms']:.3f} ms, pruned "
+                f"{lat['pruned_median_ms']:.3f} ms median -> {lat['speedup']:.2f}x faster for "
+                f"{lat['mac_reduction']:.2f}x fewer MACs")
+        budget = lat.get("budget")
+        if budget:
+            line += (f"; budget {budget['spec']} = {budget['budget_ms']:.3f} ms "
+                     f"{'met' if budget['met'] else 'MISSED'} (calibration cache {budget['cache']})")
+        return line
+
     def __str__(self) -> str:
         parts = [
             f"fxprune compile: {self.model} | policy {self.policy}"
@@ -140,6 +153,8 @@ class Report:
         if self.frozen:
             parts.append(f"frozen: {len(self.frozen)} group(s), e.g. "
                          + "; ".join(f"{f.name} ({f.reasons[0] if f.reasons else '?'})" for f in self.frozen[:3]))
+        if self.latency:
+            parts.append(self.latency_line())
         if self.timings:
             parts.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
         for w in self.warnings:

@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+from fxprune.bench import OPT_LEVELS
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -30,6 +32,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrained", action="store_true", help="load the source's pretrained weights (may download)")
     p.add_argument("--groups", action="store_true", help="also print the per-group table")
+    p.add_argument("--threads", type=int, default=None,
+                   help="with --latency-budget: ONNX Runtime intra-op threads (default: physical cores)")
+    p.add_argument("--opt-level", choices=OPT_LEVELS, default="all",
+                   help="with --latency-budget: ONNX Runtime graph optimisation level (default all)")
     p.set_defaults(func=run)
 
 
@@ -45,6 +51,7 @@ def run(args) -> int:
         mac_budget=args.mac_budget, latency_budget=args.latency_budget, tolerance=args.tolerance,
         policy=args.policy, channel_multiple=args.channel_multiple, min_keep_ratio=args.min_keep_ratio,
         importance=args.importance, ignore=args.ignore or None, seed=args.seed,
+        latency_options={"threads": args.threads, "opt_level": args.opt_level} if args.latency_budget else None,
     )
     result.report.model = spec.label
     export_s = None
