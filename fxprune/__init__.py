@@ -6,6 +6,7 @@ from fxprune.errors import (
     BandUnreachableError,
     BenchmarkError,
     BudgetUnreachableError,
+    ConfigError,
     DataError,
     ExportError,
     FxpruneError,
@@ -39,11 +40,9 @@ def load(path, **kwargs):
     return _load(path, **kwargs)
 
 
-def finetune(model, train_data, **kwargs):
-    """Recovery fine-tune after pruning (optionally distilling from a teacher); see ``fxprune.finetune``."""
-    from fxprune.finetune import finetune as _finetune
-
-    return _finetune(model, train_data, **kwargs)
+# Imported eagerly, not wrapped: importing the submodule ``fxprune.finetune`` sets the package
+# attribute of the same name to the module, which would shadow a lazy wrapper after first use.
+from fxprune.finetune import FinetuneResult, finetune  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -56,6 +55,7 @@ __all__ = [
     "save",
     "load",
     "finetune",
+    "FinetuneResult",
     "FxpruneError",
     "TraceError",
     "InvalidBudgetError",
@@ -65,6 +65,7 @@ __all__ = [
     "PolicyError",
     "ExportError",
     "BenchmarkError",
+    "ConfigError",
     "DataError",
     "LLMError",
     "ModelSpecError",

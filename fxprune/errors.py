@@ -104,6 +104,10 @@ class BenchmarkError(FxpruneError):
     """A latency benchmark could not run (missing file, bad model, unavailable provider, ...)."""
 
 
+class ConfigError(FxpruneError, ValueError):
+    """An option value fxprune does not understand (unknown criterion, metric, epochs < 1, ...)."""
+
+
 class DataError(FxpruneError, ValueError):
     """Calibration or training data that does not fit the model."""
 

@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, TensorDataset
 from tqdm import tqdm
 
-from fxprune.errors import DataError, FxpruneError
+from fxprune.errors import ConfigError, DataError, FxpruneError
 from fxprune.importance import (
     LossFn,
     compute_loss,
@@ -241,7 +241,7 @@ def _make_optimizer(
 ) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(
+        raise ConfigError(
             "finetune: the model has no trainable parameters (requires_grad is False everywhere)"
         )
     if callable(optimizer):
@@ -312,17 +312,17 @@ def _check_args(
     epochs: int, max_steps: int | None, optimizer: Any, schedule: str, kd_alpha: float, kd_temperature: float
 ) -> None:
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+        raise ConfigError(f"epochs must be >= 1, got {epochs}")
     if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
+        raise ConfigError(f"max_steps must be >= 1 or None, got {max_steps}")
     if not callable(optimizer) and optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a callable(params), got {optimizer!r}")
+        raise ConfigError(f"optimizer must be one of {OPTIMIZERS} or a callable(params), got {optimizer!r}")
     if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if not 0.0 <= kd_alpha <= 1.0:
-        raise ValueError(f"kd_alpha must be in [0, 1], got {kd_alpha}")
+        raise ConfigError(f"kd_alpha must be in [0, 1], got {kd_alpha}")
     if kd_temperature <= 0:
-        raise ValueError(f"kd_temperature must be > 0, got {kd_temperature}")
+        raise ConfigError(f"kd_temperature must be > 0, got {kd_temperature}")
 
 
 def finetune(

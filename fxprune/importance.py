@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fxprune.errors import DataError, FxpruneError
+from fxprune.errors import ConfigError, DataError, FxpruneError
 
 __all__ = [
     "CRITERIA",
@@ -738,7 +738,7 @@ def _synflow(model: nn.Module, data: Any) -> dict[str, torch.Tensor]:
 
 def _check_criterion(criterion: str, allowed: Sequence[str]) -> str:
     if criterion not in allowed:
-        raise ValueError(f"unknown criterion {criterion!r}; expected one of {tuple(allowed)}")
+        raise ConfigError(f"unknown criterion {criterion!r}; expected one of {tuple(allowed)}")
     return criterion
 
 

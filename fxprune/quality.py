@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxprune.errors import DataError, FxpruneError
+from fxprune.errors import ConfigError, DataError, FxpruneError
 from fxprune.importance import (
     Batch,
     collect_batches,
@@ -57,7 +57,7 @@ def _outputs(model: nn.Module, batches: list[Batch], output_key: str | None) -> 
 
 def _resolve_metric(metric: str, out: torch.Tensor) -> str:
     if metric not in METRICS:
-        raise ValueError(f"unknown fidelity metric {metric!r}; expected one of {METRICS}")
+        raise ConfigError(f"unknown fidelity metric {metric!r}; expected one of {METRICS}")
     if metric != "auto":
         return metric
     return "kl" if out.dim() == 2 and out.shape[1] > 1 else "cosine"
@@ -66,7 +66,7 @@ def _resolve_metric(metric: str, out: torch.Tensor) -> str:
 def _kl_sum(ref: torch.Tensor, cand: torch.Tensor) -> tuple[float, int]:
     """Sum over samples (and positions) of KL(softmax(ref) || softmax(cand)) along dim 1, and the count."""
     if ref.dim() < 2:
-        raise ValueError(
+        raise DataError(
             f"metric 'kl' needs outputs with a class dim (at least 2-D), got shape {list(ref.shape)}"
         )
     log_p = F.log_softmax(ref.double(), dim=1)

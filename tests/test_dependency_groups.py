@@ -163,3 +163,26 @@ def test_equivalence_oracle_torchvision(name):
     assert dg.groups
     rng = np.random.default_rng(0)
     check_equivalence(cap.gm, dg, random_plan(dg, rng), cap.inputs, atol=1e-3)
+
+
+class _GQA(nn.Module):
+    """4 query heads sharing 2 key/value heads through ``enable_gqa`` (keyword-only in torch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv, self.o = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 8).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, 2, 16).transpose(1, 2).chunk(2, dim=-1)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.o(a.transpose(1, 2).reshape(b, t, 32))
+
+
+def test_grouped_query_sdpa_is_frozen_not_mis_tied():
+    """With fewer kv heads than query heads, heads cannot be tied 1:1 across q, k and v."""
+    cap, dg = analyse(_GQA().eval(), (torch.randn(2, 5, 32),))
+    frozen = {f.name for f in dg.frozen}
+    assert {"q", "kv"} <= frozen, dg.frozen
+    assert not any("q" in g.members or "kv" in g.members for g in dg.groups)

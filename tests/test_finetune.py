@@ -191,3 +191,18 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert ranks[0]["steps"] == ranks[1]["steps"] == 2 * 3  # 48 examples / 2 ranks / batch 8, 2 epochs
     for name, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][name]), name
+
+
+def test_package_level_finetune_stays_callable_after_submodule_import(digits):
+    """``fxprune.finetune`` is the function, before and after ``import fxprune.finetune``."""
+    import importlib
+
+    import fxprune
+
+    importlib.import_module("fxprune.finetune")
+    assert callable(fxprune.finetune) and fxprune.finetune is finetune
+    x, y = digits
+    loader = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
+    for _ in range(2):  # the second call used to hit the module object
+        res = fxprune.finetune(small_cnn(), loader, epochs=1, lr=0.05)
+        assert isinstance(res, fxprune.FinetuneResult) and res.steps == 2

@@ -7,6 +7,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+
+import fxprune
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
@@ -458,7 +460,7 @@ def test_data_errors_for_synflow():
 
 def test_invalid_groups_and_criterion():
     model = ConvNet()
-    with pytest.raises(ValueError, match="unknown criterion"):
+    with pytest.raises(fxprune.ConfigError, match="unknown criterion"):
         group_importance(model, [conv_group()], "hessian")
     with pytest.raises(ValueError, match="neither a parameter nor a buffer"):
         group_importance(model, [UnitGroup(0, 3, (ParamSlice("nope.weight", 0, units(3)),))])

@@ -147,7 +147,7 @@ class SDPARule(OpRule):
         sq, sk, sv, so = ishape(q), ishape(k), ishape(v), ishape(node)
         nb = len(so) - 2
         _tie_batch(b, [(node, nb), (q, len(sq) - 2), (k, len(sk) - 2), (v, len(sv) - 2)])
-        if bool(const(arg(node, 6, "enable_gqa", False))) and sq[-3] != sk[-3]:
+        if bool(const(arg(node, 7, "enable_gqa", False))) and sq[-3] != sk[-3]:
             b.freeze_node(node, f"grouped-query attention ({node.name})")
             return
         b.tie(b.space(q, len(sq) - 2), b.space(node, nb))  # L
