@@ -83,7 +83,8 @@ COMPILE_MODELS = ["regnetx_016", "ghostnet_100", "deit_tiny_patch16_224", "swin_
 def test_compile_half_budget(name):
     """50%: in the band, recount == result, runs at batch 2; ONNX parity for the attention models."""
     model, x = oracle_model(name)
-    res = fxprune.compile(model, x, mac_budget="50%")
+    # uniform on the attention models so that heads are certainly cut (global may keep 3 of 3 heads)
+    res = fxprune.compile(model, x, mac_budget="50%", policy="uniform" if name in HEAD_GROUPS else "global")
     r = res.report
     assert r.lower_macs <= res.macs <= r.budget_macs
     assert fxprune.count_macs(res.model, x) == res.macs

@@ -2,11 +2,18 @@
 
 ``uniform``     every group keeps the same fraction of its units.
 ``global``      greedy across groups: repeatedly remove the step (``channel_multiple`` units of one
-                group) that loses the least importance per MAC saved. Importance is normalised to
-                mean 1 inside each group, so groups compete on relative importance and cost.
+                group) with the least *relative* importance lost per MAC saved: the importance
+                the step removes over the importance the group keeps after it. Summed over steps
+                that is log(total / kept) per group, a barrier that makes each further cut of a
+                thinning group dearer, so no group is drained just because its channels are
+                expensive (the stem of a ResNet, the heads of a BERT layer), while unimportant
+                units inside a group still go first. ``mac_weight`` (default 1) is the exponent of
+                the MACs saved in the ratio; ``relative=False`` restores the plain removed-importance
+                loss.
 ``isomorphic``  like ``global``, but importance is normalised within isomorphic buckets (groups
-                with the same structure, widths and resolution) instead of within each group, so
-                structurally identical blocks compete on raw importance (Isomorphic Pruning).
+                with the same structure, widths and resolution) and the barrier is over the
+                bucket's kept importance, so structurally identical blocks compete on raw
+                importance (Isomorphic Pruning).
 
 All three end with the budget solver, so every plan is in the band.
 """
@@ -59,8 +66,16 @@ def _importance(problem: PruningProblem, by_bucket: bool) -> list[np.ndarray]:
     return [np.sort(r) for r in raw]
 
 
-def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weight: float = 1.0) -> np.ndarray:
-    """Remove, one step at a time, the step with the least importance lost per MAC saved."""
+def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weight: float = 1.0,
+                relative: bool = True, pools: list[int] | None = None) -> np.ndarray:
+    """Remove, one step at a time, the step with the least importance lost per MAC saved.
+
+    ``relative``: the loss of a step is the importance it removes divided by the importance its
+    pool keeps after it (summed over steps: log(total / kept), a barrier that grows as the pool
+    thins out, so no group is drained because its channels are expensive). ``pools`` gives each
+    group's pool (default: every group its own pool; ``isomorphic`` pools each bucket).
+    Otherwise the loss is the removed importance itself.
+    """
     G = len(problem.groups)
     allowed = [np.asarray(g.allowed) for g in problem.groups]
     cum = [np.concatenate([[0.0], np.cumsum(s)]) for s in sorted_imp]
@@ -68,6 +83,7 @@ def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weigh
     keep = sizes.copy()
     cost = int(problem.cost(keep[None, :])[0])
     unit_cost = max(problem.base_macs / max(int(sizes.sum()), 1), 1.0)
+    pool = np.arange(G) if pools is None else np.asarray(pools)
     while cost > problem.budget:
         gs, ks = [], []
         for g in range(G):
@@ -82,6 +98,11 @@ def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weigh
         costs = problem.cost(K)
         saved = np.maximum(cost - costs, 1)
         lost = np.array([cum[g][sizes[g] - k] - cum[g][sizes[g] - keep[g]] for g, k in zip(gs, ks)])
+        if relative:
+            kept = np.array([cum[g][-1] - cum[g][sizes[g] - keep[g]] for g in range(G)])
+            pool_kept = np.bincount(pool, weights=kept, minlength=int(pool.max()) + 1)
+            left = pool_kept[pool[gs]] - lost
+            lost = lost / np.maximum(left, 1e-12 * np.maximum(lost, 1e-300))
         score = lost / (saved / unit_cost) ** mac_weight
         # remove several steps per round while far above the budget (same ranking, fewer evals)
         order = np.argsort(score, kind="stable")
@@ -106,12 +127,19 @@ class GlobalPolicy:
     name = "global"
     by_bucket = False
 
-    def __init__(self, mac_weight: float = 0.5):
+    def __init__(self, mac_weight: float = 1.0):
         self.mac_weight = mac_weight
 
     def select(self, problem: PruningProblem, ctx: SearchContext) -> PruningPlan:
         imp = _importance(problem, self.by_bucket)
-        keep = greedy_keep(problem, imp, float(ctx.options.get("mac_weight", self.mac_weight)))
+        pools = None
+        if self.by_bucket:
+            pools = [0] * len(problem.groups)
+            for b, ids in enumerate(problem.buckets().values()):
+                for i in ids:
+                    pools[i] = b
+        keep = greedy_keep(problem, imp, float(ctx.options.get("mac_weight", self.mac_weight)),
+                           relative=bool(ctx.options.get("relative", True)), pools=pools)
         sizes = problem.sizes
 
         def priority(k):  # give back the step whose best removed unit is most important per MAC
