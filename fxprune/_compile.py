@@ -462,6 +462,14 @@ def _new_report(model, session, policy, importance, spec, budget, tolerance, cha
     r.frozen = [FrozenInfo(f.name, f.n, f.reasons) for f in session.graph.frozen]
     r.notes += session.captured.notes
     r.timings.update(session.timings)
+    from fxprune.importance import DATA_CRITERIA
+
+    crit = str(session.criterion)
+    if session.data is None and any(c in crit for c in DATA_CRITERIA):
+        note = (f"importance {crit!r} was computed on the example inputs alone (no calibration_data): "
+                "pass a few real batches with calibration_data=... for a meaningful ranking")
+        logger.warning(note)
+        r.notes.append(note)
     return r
 
 

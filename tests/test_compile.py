@@ -234,3 +234,20 @@ def test_fuzz_random_architectures(plan, width, budget, multiple):
         assert res.macs >= res.report.budget_macs * 0.95
     with torch.no_grad():
         assert res.model(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+
+
+def test_data_criterion_without_calibration_data_is_noted(caplog):
+    """Taylor on the example input alone works but says so (report note and a warning)."""
+    import logging
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    x = torch.randn(2, 3, 12, 12)
+    model(x)
+    with caplog.at_level(logging.WARNING, logger="fxprune"):
+        res = fxprune.compile(model, (x,), mac_budget="60%", importance="taylor", policy="uniform", tolerance=0.05)
+    assert any("calibration_data" in n for n in res.report.notes)
+    assert any("calibration_data" in r.getMessage() for r in caplog.records)
+    res = fxprune.compile(model, (x,), mac_budget="60%", importance="taylor", policy="uniform", tolerance=0.05,
+                          calibration_data=[torch.randn(4, 3, 12, 12)])
+    assert not any("calibration_data" in n for n in res.report.notes)
