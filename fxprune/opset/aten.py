@@ -35,6 +35,7 @@ from fxprune.opset.layers import (
     LinearRule,
 )
 from fxprune.opset.structural import (
+    couple_slice,
     CatRule,
     ElementwiseRule,
     ExpandRule,
@@ -299,14 +300,7 @@ class AtenSliceRule(OpRule):
             b.freeze(b.space(x, dim), f"slice with computed bounds ({node.name})")
             b.freeze(b.space(node, dim), f"slice with computed bounds ({node.name})")
             return
-        rng = range(*slice(start, end, step).indices(xs[dim]))
-        if len(rng) == xs[dim]:
-            b.tie(b.space(x, dim), b.space(node, dim))
-        elif (step or 1) == 1 and len(rng):
-            b.tie_map(b.space(node, dim), np.arange(len(rng)), b.space(x, dim), np.asarray(rng))
-        else:
-            b.freeze(b.space(x, dim), f"strided slice ({node.name})")
-            b.freeze(b.space(node, dim), f"strided slice ({node.name})")
+        couple_slice(b, node, x, dim, dim, start, end, step)
 
     def rewrite(self, node, r):
         x, dim, start, end, step = self._parts(node)

@@ -590,6 +590,20 @@ register_function(torch.split, torch.chunk, torch.tensor_split, torch.unbind)(Sp
 register_method("split", "chunk", "tensor_split", "unbind", "split_with_sizes")(SplitRule)
 
 
+
+def couple_slice(b, node, x, d: int, o: int, start, stop, step) -> None:
+    """``node`` dim ``o`` is ``x[start:stop:step]`` along dim ``d`` (constant bounds): a whole-dim
+    slice ties the two spaces, a contiguous part maps its channels onto x's, a strided one freezes."""
+    rng = range(*slice(start, stop, step).indices(ishape(x)[d]))
+    if len(rng) == ishape(x)[d]:
+        b.tie(b.space(x, d), b.space(node, o))
+    elif (step or 1) == 1 and len(rng):
+        b.tie_map(b.space(node, o), np.arange(len(rng)), b.space(x, d), np.asarray(rng))
+    else:
+        b.freeze(b.space(x, d), f"strided slice ({node.name})")
+        b.freeze(b.space(node, o), f"strided slice ({node.name})")
+
+
 class GetItemRule(OpRule):
     """Indexing ``x[...]``: slices map ranges, ints remove (and freeze) a dim, tensors gather."""
 
@@ -638,13 +652,7 @@ class GetItemRule(OpRule):
                     b.freeze(b.space(x, d), f"slice with computed bounds ({node.name})")
                     o += 1
                     continue
-                rng = range(*slice(start, stop, step).indices(xs[d]))
-                if len(rng) == xs[d]:
-                    b.tie(b.space(x, d), b.space(node, o))
-                elif (step or 1) == 1 and len(rng):
-                    b.tie_map(b.space(node, o), np.arange(len(rng)), b.space(x, d), np.asarray(rng))
-                else:
-                    b.freeze(b.space(x, d), f"strided slice ({node.name})")
+                couple_slice(b, node, x, d, o, start, stop, step)
                 o += 1
             elif isinstance(it, torch.fx.Node) and isinstance(tensor_info(it), TensorInfo):
                 b.freeze(b.space(x, d), f"gathered by a tensor index ({node.name})")
