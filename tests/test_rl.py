@@ -134,7 +134,10 @@ def test_policy_learns_towards_the_known_optimum(known_optimum, seed):
     assert start > 1.0  # the global plan is far from it ...
     assert learned < 0.5 * start  # ... and the policy itself got much closer
     assert summary["updates"] >= 10 and q.calls <= 80
-    assert summary["best_quality"] > attempts[0]["quality"] + 0.3  # far better than the global seed
+    # the reward is <= 0 and peaks (near 0) at OPTIMUM: the best plan closes most of the global seed's gap
+    seed_quality = attempts[0]["quality"]
+    assert attempts[0]["phase"] == "baseline:global" and seed_quality < -0.1
+    assert summary["best_quality"] > 0.25 * seed_quality
 
 
 def test_failed_evaluations_never_win(known_optimum):
@@ -152,14 +155,26 @@ def test_failed_evaluations_never_win(known_optimum):
 
 
 def test_proxy_pretraining_without_quality_signal():
-    """No quality signal: the zero-cost proxy is the reward throughout and improves under training."""
+    """No quality signal: the zero-cost proxy is the reward throughout; pre-training from a uniform prior
+    closes most of the gap to the global plan (which the log-mass proxy rates near its optimum), and
+    from the global prior it never hands on a worse mean than it started from."""
     p = chain_problem(budget_frac=0.35, seed=1)
-    plan, attempts, summary = run(p, None, proxy_episodes=256, episodes=24)
-    assert in_band(p, plan.keep) and summary["evaluations"] == 0
-    assert summary["proxy"]["after"] > summary["proxy"]["before"]
-    assert all(a["reward"] == "proxy:log_mass" for a in attempts)
     proxy = ImportanceProxy(p)
+    global_score = None
+    for prior in ("uniform", "global"):
+        plan, attempts, summary = run(p, None, proxy_episodes=256, episodes=24, prior=prior)
+        before, after = summary["proxy"]["before"], summary["proxy"]["after"]
+        baseline = [a for a in attempts if a["phase"] == "baseline:global"]
+        global_score = baseline[0]["quality"]
+        if prior == "uniform":
+            assert before < global_score - 0.005  # a real gap to close
+            assert after - before > 0.75 * (global_score - before)
+        else:
+            assert after >= before
+        assert in_band(p, plan.keep) and summary["evaluations"] == 0
+    assert all(a["reward"] == "proxy:log_mass" for a in attempts)
     best = max(a["quality"] for a in attempts)
+    assert best >= global_score
     assert np.isclose(proxy.score(p.dense(plan.keep)[None])[0], best)
 
 

@@ -480,12 +480,23 @@ class RLPolicy:
 
         # ---- 1. proxy pre-training (zero cost)
         proxy_before = float(proxy(prune_of(mean_z())[None])[0])
+        initial_state = {k: v.clone() for k, v in net.state_dict().items()}
         n_proxy = max(0, int(opt["proxy_episodes"])) // proxy_batch * proxy_batch
+        # the mean allocation is checkpointed on the proxy: pre-training hands the real phase the best
+        # mean it saw (never worse than the prior; PPO noise can drift away from a prior that is
+        # already near the proxy's optimum, as the ``global`` plan often is)
+        proxy_best, proxy_state = proxy_before, initial_state
         for _ in range(n_proxy // proxy_batch):
             u, lp, floor = sample(proxy_batch)
             rew = proxy(prune_of(u.double().numpy()))
             if rew.std() > 1e-12:
                 update(u, lp, floor, rew, float(rew.std()), learn_std=True)
+                now = float(proxy(prune_of(mean_z())[None])[0])
+                if now > proxy_best:
+                    proxy_best, proxy_state = now, {k: v.clone() for k, v in net.state_dict().items()}
+        proxy_last = float(proxy(prune_of(mean_z())[None])[0])
+        if proxy_last < proxy_best:
+            net.load_state_dict(proxy_state)
         proxy_after = float(proxy(prune_of(mean_z())[None])[0])
 
         # ---- 2. real episodes
