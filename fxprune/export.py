@@ -533,7 +533,12 @@ def _compare(name: str, batch: int, got: np.ndarray, want: np.ndarray, atol: flo
     both_nan = np.isnan(got64) & np.isnan(want64)
     diff = np.where(both_nan, 0.0, np.where(np.isnan(diff), np.inf, diff))
     ref = np.abs(np.where(both_nan, 0.0, want64))
-    ok = bool(np.all(diff <= atol + rtol * ref))
+    # float32 rounding grows with the magnitudes the network computes, not with each element: an
+    # output of scale 1000 (deep random-weight nets) carries ~1e-4 of error even where an element is
+    # near 0, so atol applies to outputs of scale <= 1 and grows with the output's largest value
+    finite = ref[np.isfinite(ref)]
+    scale = max(1.0, float(finite.max())) if finite.size else 1.0
+    ok = bool(np.all(diff <= atol * scale + rtol * ref))
     max_abs = float(diff.max()) if diff.size else 0.0
     max_rel = float((diff / np.maximum(ref, atol)).max()) if diff.size else 0.0
     return OutputParity(name, batch, tuple(want.shape), max_abs, max_rel, ok)
@@ -583,7 +588,8 @@ def onnx_parity(
         example_inputs: inputs as given to :func:`export_onnx`.
         onnx_model_or_path: the exported ``onnx.ModelProto`` or a path to the ``.onnx`` file.
         batch_sizes: batch sizes to try; include one other than the example's to exercise a dynamic batch.
-        atol: absolute tolerance; rtol: relative tolerance (elementwise ``|a-b| <= atol + rtol*|b|``).
+        atol: absolute tolerance, for outputs whose largest magnitude is at most 1 and scaled by it
+            above; rtol: relative tolerance (elementwise ``|a-b| <= atol * max(1, max|b|) + rtol*|b|``).
         seed: seed of the random inputs.
 
     Returns:
