@@ -23,7 +23,7 @@ import torch.nn as nn
 from fxprune.budget import format_macs, parse_mac_budget
 from fxprune.capture import Captured, capture
 from fxprune.cost_models.mac import MacCountAnalysis, MacTerm, PlanCost
-from fxprune.errors import FxpruneError, InvalidBudgetError, PolicyError, PostconditionError
+from fxprune.errors import FxpruneError, InvalidBudgetError, PolicyError, PostconditionError, PreconditionError
 from fxprune.passes._infra import AnalysisManager, PassManager, TimingInstrument
 from fxprune.passes.dependency_groups import DependencyGraph, DependencyGroupsAnalysis, Group
 from fxprune.passes.prune_channels import PruneChannelsPass
@@ -148,7 +148,18 @@ class PruneSession:
         timing = TimingInstrument()
         am = AnalysisManager(gm)
         passes = ([PruneChannelsPass(self.graph, units)] if units else []) + [ShapePropPass(self.captured.inputs)]
-        PassManager(passes, instruments=[timing]).run(gm, am)
+        try:
+            PassManager(passes, instruments=[timing]).run(gm, am)
+        except PreconditionError as err:
+            if not units:
+                raise
+            # the inputs ran through the original graph already: what fails now is the rewrite
+            raise PostconditionError(
+                f"the pruned model no longer runs: {str(err).split('. Check that example_inputs')[0]}. An op "
+                "was rewritten inconsistently with the channels removed around it. This is a bug in "
+                "fxprune: please report it with the model, and meanwhile pass ignore=[...] with the "
+                "module(s) around the failing node to leave them unpruned."
+            ) from err
         macs = am.get(MacCountAnalysis()).total
         self.last_passes = timing.records
         gm.eval()

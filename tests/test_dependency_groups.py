@@ -186,3 +186,54 @@ def test_grouped_query_sdpa_is_frozen_not_mis_tied():
     frozen = {f.name for f in dg.frozen}
     assert {"q", "kv"} <= frozen, dg.frozen
     assert not any("q" in g.members or "kv" in g.members for g in dg.groups)
+
+
+class _ShapeBackAttention(nn.Module):
+    """MaxViT's pattern: heads are reshaped back to ``x.shape[-1]`` of the block *input*, a
+    dependency group of its own (the residual stream), not the heads group of the tensor reshaped."""
+
+    def __init__(self, dim=32, heads=4, head_dim=8):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim)
+        self.merge = nn.Linear(heads * head_dim, dim)
+        self.fc = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.fc(x)
+        b, p, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, p, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+        return self.out(x + self.merge(out.transpose(1, 2).reshape(b, p, d)))
+
+
+def test_size_read_off_another_tensor_follows_its_own_group():
+    """Pruning the residual stream but not the heads (or the reverse) must not leave a stale
+    ``x.shape[-1]`` in the reshape; every random plan stays equivalent."""
+    torch.manual_seed(0)
+    cap, dg = analyse(_ShapeBackAttention().eval(), (torch.randn(2, 5, 32),))
+    assert len(dg.groups) >= 2
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        check_equivalence(cap.gm, dg, random_plan(dg, rng), cap.inputs)
+    for g in dg.groups:  # each group alone, so the two groups surely disagree
+        check_equivalence(cap.gm, dg, {g.id: np.arange(g.n)[: max(1, g.n // 2)] if g.block_count == 1
+                                       else random_plan(dg, rng).get(g.id, np.arange(g.n))}, cap.inputs)
+
+
+def test_equivalence_oracle_maxvit():
+    """Heads and MLP groups of MaxViT's window and grid attention (the residual stream is inexact:
+    the partition LayerNorm normalises over it, so compile tests cover it in test_zoo_compile)."""
+    pytest.importorskip("torchvision")
+    from torchvision.models.maxvit import MaxVit
+
+    torch.manual_seed(0)
+    model = MaxVit(input_size=(64, 64), stem_channels=16, partition_size=4, block_channels=[32, 64],
+                   block_layers=[1, 1], head_dim=16, stochastic_depth_prob=0.0, num_classes=10).eval()
+    cap, dg = analyse(model, (torch.randn(1, 3, 64, 64),))
+    assert dg.groups
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        check_equivalence(cap.gm, dg, random_plan(dg, rng), cap.inputs, atol=1e-3)

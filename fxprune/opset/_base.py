@@ -46,6 +46,8 @@ __all__ = [
     "set_arg",
     "tensor_args",
     "norm_dim",
+    "shape_source",
+    "rewritten_sizes",
     "CouplingBuilder",
     "MacBuilder",
     "RewriteContext",
@@ -233,4 +235,62 @@ def ishape(a: Any) -> tuple[int, ...] | None:
     return shape_of(a)
 
 
-_ = (operator, np)
+def shape_source(s: Any) -> tuple[torch.fx.Node, int] | None:
+    """``(tensor, dim)`` when the size ``s`` is read straight off a tensor's shape.
+
+    Recognises ``t.shape[k]``, ``t.size()[k]``, ``t.size(k)``, ``torch.ops.aten.sym_size.int(t, k)``
+    (and ``a, b, c = t.shape``, which traces to the same getitem). Anything else (arithmetic on
+    sizes, a literal) gives None.
+    """
+    if not isinstance(s, torch.fx.Node):
+        return None
+    t = k = None
+    if s.op == "call_function" and s.target is operator.getitem and isinstance(s.args[0], torch.fx.Node):
+        p, idx = s.args[0], s.args[1]
+        if not isinstance(idx, int):
+            return None
+        if p.op == "call_function" and p.target is getattr and len(p.args) > 1 and p.args[1] == "shape":
+            t, k = p.args[0], idx
+        elif p.op == "call_method" and p.target == "size" and len(p.args) == 1 and not p.kwargs:
+            t, k = p.args[0], idx
+    elif s.op == "call_method" and s.target == "size":
+        d = arg(s, 1, "dim")
+        if isinstance(d, int):
+            t, k = s.args[0], d
+    elif s.op == "call_function" and getattr(s.target, "__name__", "") in ("sym_size.int", "sym_size"):
+        d = arg(s, 1, "dim")
+        if isinstance(d, int):
+            t, k = s.args[0], d
+    if not isinstance(t, torch.fx.Node):
+        return None
+    shape = shape_of(t)
+    if shape is None or not -len(shape) <= k < len(shape):
+        return None
+    return t, norm_dim(k, len(shape))
+
+
+def rewritten_sizes(node: torch.fx.Node, sizes: Sequence[Any], r: RewriteContext) -> list[Any] | None:
+    """The size arguments of a view/reshape/expand after the rewrite, or None if none changes.
+
+    A dim whose size changes gets the new literal size (channel dims are static after pruning).
+    A size read off another tensor's shape (``x.shape[-1]``) is kept symbolic only while that
+    tensor's dim has the same new size as this output dim: MaxViT's attention reshapes its heads
+    back to ``x.shape[-1]`` of the block input, which is a different dependency group, so pruning
+    the block's channels but not its heads (or the reverse) would otherwise leave a stale size.
+    ``-1`` stays ``-1``.
+    """
+    out = shape_of(node)
+    new, changed = list(sizes), False
+    for d, s in enumerate(sizes):
+        if isinstance(s, int) and s < 0:
+            continue
+        n = r.new_size(node, d)
+        src = shape_source(s)
+        stale = src is not None and r.new_size(*src) != n
+        if n != out[d] or stale:
+            new[d] = n
+            changed = True
+    return new if changed else None
+
+
+_ = np

@@ -23,6 +23,7 @@ from fxprune.opset._base import (
     ishape,
     norm_dim,
     register_function,
+    rewritten_sizes,
     set_arg,
 )
 from fxprune.opset.attention import EinsumRule, MatmulRule, SDPARule
@@ -170,14 +171,8 @@ class AtenReshapeRule(OpRule):
             sizes = node.args[1] if len(node.args) > 1 else None
             if not isinstance(sizes, (list, tuple)):
                 return
-            out = ishape(node)
-            new, changed = list(sizes), False
-            for d, s in enumerate(sizes):
-                n = r.new_size(node, d)
-                if n != out[d] and not (isinstance(s, int) and s < 0):
-                    new[d] = n
-                    changed = True
-            if changed:
+            new = rewritten_sizes(node, sizes, r)
+            if new is not None:
                 _set_sizes_pos(node, new)
         elif name == "unflatten":
             dim = norm_dim(int(const(node.args[1])), len(ishape(node.args[0])))

@@ -21,6 +21,7 @@ from fxprune.opset._base import (
     register_function,
     register_method,
     register_module,
+    rewritten_sizes,
     set_arg,
     tensor_args,
 )
@@ -391,15 +392,8 @@ class ReshapeRule(OpRule):
         sizes, form = _size_args(node)
         if sizes is None:
             return
-        out = ishape(node)
-        new = list(sizes)
-        changed = False
-        for d, s in enumerate(sizes):
-            n = r.new_size(node, d)
-            if n != out[d] and not (isinstance(s, int) and s < 0):
-                new[d] = n
-                changed = True
-        if changed:
+        new = rewritten_sizes(node, sizes, r)
+        if new is not None:
             _set_size_args(node, new, form)
 
     def _rewrite_unflatten(self, node, r):
@@ -431,15 +425,8 @@ class ExpandRule(OpRule):
         if node.target != "expand":
             return
         sizes, form = _size_args(node)
-        out = ishape(node)
-        new = list(sizes)
-        changed = False
-        for d, s in enumerate(sizes):
-            n = r.new_size(node, d)
-            if n != out[d] and not (isinstance(s, int) and s < 0):
-                new[d] = n
-                changed = True
-        if changed:
+        new = rewritten_sizes(node, sizes, r) if sizes is not None else None
+        if new is not None:
             _set_size_args(node, new, form)
 
 
