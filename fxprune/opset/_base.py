@@ -269,7 +269,7 @@ def shape_source(s: Any) -> tuple[torch.fx.Node, int] | None:
     return t, norm_dim(k, len(shape))
 
 
-def rewritten_sizes(node: torch.fx.Node, sizes: Sequence[Any], r: RewriteContext) -> list[Any] | None:
+def rewritten_sizes(node: torch.fx.Node, sizes: Sequence[Any], r: RewriteContext, offset: int = 0) -> list[Any] | None:
     """The size arguments of a view/reshape/expand after the rewrite, or None if none changes.
 
     A dim whose size changes gets the new literal size (channel dims are static after pruning).
@@ -277,14 +277,14 @@ def rewritten_sizes(node: torch.fx.Node, sizes: Sequence[Any], r: RewriteContext
     tensor's dim has the same new size as this output dim: MaxViT's attention reshapes its heads
     back to ``x.shape[-1]`` of the block input, which is a different dependency group, so pruning
     the block's channels but not its heads (or the reverse) would otherwise leave a stale size.
-    ``-1`` stays ``-1``.
+    ``-1`` stays ``-1``. ``offset``: output dims before the first size (``expand`` may add leading dims).
     """
-    out = shape_of(node)
+    out = shape_of(node)[offset:]
     new, changed = list(sizes), False
     for d, s in enumerate(sizes):
         if isinstance(s, int) and s < 0:
             continue
-        n = r.new_size(node, d)
+        n = r.new_size(node, d + offset)
         src = shape_source(s)
         stale = src is not None and r.new_size(*src) != n
         if n != out[d] or stale:

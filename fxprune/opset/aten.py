@@ -203,15 +203,8 @@ class AtenExpandRule(ExpandRule):
         sizes = node.args[1] if len(node.args) > 1 else None
         if not isinstance(sizes, (list, tuple)):
             return
-        out = ishape(node)
-        off = len(out) - len(sizes)
-        new, changed = list(sizes), False
-        for d, s in enumerate(sizes):
-            n = r.new_size(node, d + off)
-            if n != out[d + off] and not (isinstance(s, int) and s < 0):
-                new[d] = n
-                changed = True
-        if changed:
+        new = rewritten_sizes(node, sizes, r, offset=len(ishape(node)) - len(sizes))
+        if new is not None:
             _set_sizes_pos(node, new)
 
 
