@@ -155,7 +155,7 @@ class PruneSession:
                 raise
             # the inputs ran through the original graph already: what fails now is the rewrite
             raise PostconditionError(
-                f"the pruned model no longer runs: {str(err).split('. Check that example_inputs')[0]}. An op "
+                f"the pruned model no longer runs, at {getattr(err, 'failed_at', err)}. An op "
                 "was rewritten inconsistently with the channels removed around it. This is a bug in "
                 "fxprune: please report it with the model, and meanwhile pass ignore=[...] with the "
                 "module(s) around the failing node to leave them unpruned."

@@ -47,10 +47,12 @@ class _Recorder(torch.fx.Interpreter):
         except Exception as err:
             what = (str(err).strip().splitlines() or [""])[0][:300]
             where = f"module '{n.target}'" if n.op == "call_module" else f"node '{n.name}'"
-            raise PreconditionError(
+            failure = PreconditionError(
                 f"running the model on the example inputs failed at {where}: {type(err).__name__}: {what}. "
                 "Check that example_inputs match what the model expects (shape, dtype, keyword names)."
-            ) from err
+            )
+            failure.failed_at = f"{where}: {type(err).__name__}: {what}"
+            raise failure from err
         info = describe(result)
         n.meta[META_SHAPE] = info
         if info is None:

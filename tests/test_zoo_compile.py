@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import fxprune
+from fxprune.errors import PostconditionError
 from fxprune.export import onnx_parity
 
 tvm = pytest.importorskip("torchvision.models")
@@ -80,3 +81,15 @@ def test_compile_at_half_the_macs(name, tmp_path):
     proto = res.export_onnx(str(tmp_path / f"{name}.onnx"))
     par = onnx_parity(res.model, (x,), proto, batch_sizes=(1, 2))
     assert par.ok, par
+
+
+def test_an_inconsistent_rewrite_is_a_postcondition_error_naming_the_node(monkeypatch):
+    """Without tracking sizes read off other tensors, MaxViT's rewrite goes stale: the error must
+    blame the rewrite at the failing node, not the user's example inputs."""
+    import fxprune.opset._base as base
+
+    monkeypatch.setattr(base, "shape_source", lambda s: None)
+    torch.manual_seed(0)
+    with pytest.raises(PostconditionError, match=r"no longer runs, at node 'reshape_\d+'") as info:
+        fxprune.compile(_maxvit().eval(), (torch.randn(1, 3, 64, 64),), mac_budget="50%")
+    assert "example_inputs" not in str(info.value) and "ignore=" in str(info.value)

@@ -238,9 +238,9 @@ def ishape(a: Any) -> tuple[int, ...] | None:
 def shape_source(s: Any) -> tuple[torch.fx.Node, int] | None:
     """``(tensor, dim)`` when the size ``s`` is read straight off a tensor's shape.
 
-    Recognises ``t.shape[k]``, ``t.size()[k]``, ``t.size(k)``, ``torch.ops.aten.sym_size.int(t, k)``
-    (and ``a, b, c = t.shape``, which traces to the same getitem). Anything else (arithmetic on
-    sizes, a literal) gives None.
+    Recognises ``t.shape[k]``, ``t.size()[k]`` and ``t.size(k)`` (``a, b, c = t.shape`` traces to the
+    same getitem; torch.export's ``aten.sym_size.int`` is turned into ``t.size(k)`` at capture).
+    Anything else (arithmetic on sizes, a literal) gives None.
     """
     if not isinstance(s, torch.fx.Node):
         return None
@@ -254,10 +254,6 @@ def shape_source(s: Any) -> tuple[torch.fx.Node, int] | None:
         elif p.op == "call_method" and p.target == "size" and len(p.args) == 1 and not p.kwargs:
             t, k = p.args[0], idx
     elif s.op == "call_method" and s.target == "size":
-        d = arg(s, 1, "dim")
-        if isinstance(d, int):
-            t, k = s.args[0], d
-    elif s.op == "call_function" and getattr(s.target, "__name__", "") in ("sym_size.int", "sym_size"):
         d = arg(s, 1, "dim")
         if isinstance(d, int):
             t, k = s.args[0], d
@@ -292,5 +288,3 @@ def rewritten_sizes(node: torch.fx.Node, sizes: Sequence[Any], r: RewriteContext
             changed = True
     return new if changed else None
 
-
-_ = np
