@@ -9,6 +9,13 @@ and evaluates thousands of candidate plans per call with numpy.
 
 Unit: one MAC is one multiply-accumulate. FLOPs = 2 x MACs. Bias additions, norms,
 activations, pooling and elementwise ops are not MACs.
+
+No MAC goes uncounted: :func:`calibrate` compares every node's analytical MACs with the
+independent measurement of ``cost_models.measured`` (``torch.utils.flop_counter`` formulas on fake
+tensors). A node without a rule (an opaque leaf module, an op fxprune does not know) or whose rule
+disagrees is counted at its measured MACs as a fixed cost, and the dependency analysis freezes its
+channels (with the reason), so the fixed cost stays true for every plan. What neither side can
+count makes the count inexact, and says so.
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ import scipy.sparse as sp
 import torch
 import torch.fx
 
-from fxprune.ir import TensorInfo, node_module_path, shape_of, tensor_info
+from fxprune.ir import MeasuredMacs, TensorInfo, measured_macs, node_module_path, set_measured_macs, shape_of, tensor_info
 from fxprune.opset import op_label, rule_for
 from fxprune.opset._base import norm_dim
 
-__all__ = ["MacTerm", "MacCount", "MacCostModel", "MacCountAnalysis", "PlanCost", "SpaceForm"]
+__all__ = ["MacTerm", "MacCount", "MacCostModel", "MacCountAnalysis", "PlanCost", "SpaceForm", "MacCalibration",
+           "calibrate", "calibration_of", "META_CALIBRATION"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +59,8 @@ class MacCount:
     per_module: dict[str, int]
     terms: list[MacTerm] = field(repr=False, default_factory=list)
     uncounted: list[str] = field(default_factory=list)
+    measured: dict[str, int] = field(default_factory=dict)  # nodes counted at their measured MACs
+    exact: bool = True
 
     def top_modules(self, n: int = 20) -> list[tuple[str, int]]:
         return sorted(self.per_module.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
@@ -89,6 +99,11 @@ class MacCostModel:
                 continue
             rule = rule_for(node, gm)
             c.current = node
+            fixed = measured_macs(node)
+            if fixed is not None:  # calibrated: the measured MACs replace a missing or wrong rule
+                if fixed.macs:
+                    c.terms.append(MacTerm(node.name, float(fixed.macs), ()))
+                continue
             if not rule.known():
                 if _may_have_macs(node, gm):
                     uncounted.append(op_label(node, gm))
@@ -96,7 +111,7 @@ class MacCostModel:
             rule.macs(node, c)
         return c.terms, uncounted
 
-    def count(self, gm: torch.fx.GraphModule) -> MacCount:
+    def count(self, gm: torch.fx.GraphModule, *, warn: bool = True) -> MacCount:
         terms, uncounted = self.terms(gm)
         sizes = _shape_lookup(gm)
         per_node: dict[str, float] = defaultdict(float)
@@ -108,9 +123,15 @@ class MacCostModel:
         for name, v in per_node_int.items():
             per_module[node_module_path(nodes[name]) or name] += v
         total = int(round(sum(per_node.values())))
-        for u in uncounted:
-            logger.warning("MACs of %s are not counted (no cost rule)", u)
-        return MacCount(total, dict(per_node_int), dict(per_module), terms, uncounted)
+        cal = calibration_of(gm)
+        measured = {n.name: m.macs for n in gm.graph.nodes if (m := measured_macs(n)) is not None}
+        if cal is not None:
+            uncounted, exact = list(cal.uncounted), cal.exact
+        else:
+            exact = not uncounted
+            for u in uncounted if warn else ():
+                logger.warning("MACs of %s are not counted (no cost rule)", u)
+        return MacCount(total, dict(per_node_int), dict(per_module), terms, uncounted, measured, exact)
 
 
 @dataclass(frozen=True)
@@ -119,6 +140,92 @@ class MacCountAnalysis:
 
     def run(self, gm: torch.fx.GraphModule, am: Any = None) -> MacCount:
         return MacCostModel().count(gm)
+
+
+META_CALIBRATION = "fxprune.mac_calibration"
+
+
+@dataclass(frozen=True)
+class MacCalibration:
+    """How the analytical count of a graph compares with the measured one (see :func:`calibrate`).
+
+    Attributes:
+        exact: every MAC of the graph is counted (by a rule or by measurement).
+        measured_total: the independent count of the graph.
+        measured: node -> MACs used instead of a missing or disagreeing rule (channels frozen).
+        unverified: nodes whose rule is trusted although the counter cannot see their op.
+        uncounted: ops that multiply-accumulate that neither a rule nor the counter can count.
+        failed: why the graph could not be measured ("" when it was).
+    """
+
+    exact: bool
+    measured_total: int
+    measured: tuple[tuple[str, int, str], ...] = ()
+    unverified: tuple[str, ...] = ()
+    uncounted: tuple[str, ...] = ()
+    failed: str = ""
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.measured:
+            shown = ", ".join(f"{n} ({m:,})" for n, m, _ in self.measured[:4])
+            more = f" and {len(self.measured) - 4} more" if len(self.measured) > 4 else ""
+            out.append(f"MACs of {len(self.measured)} node(s) measured (no exact rule; their channels are kept): "
+                       f"{shown}{more}")
+        if self.uncounted:
+            out.append("MACs NOT counted (no rule, no FLOP formula): " + "; ".join(self.uncounted[:4]))
+        if self.failed:
+            out.append(f"the MAC count could not be checked by measurement ({self.failed})")
+        return out
+
+
+def calibration_of(gm: torch.fx.GraphModule) -> MacCalibration | None:
+    return getattr(gm, "meta", {}).get(META_CALIBRATION)
+
+
+def calibrate(gm: torch.fx.GraphModule, inputs: tuple) -> MacCalibration:
+    """Reconcile the analytical count of a shape-annotated ``gm`` with the measured one, node by node.
+
+    A node whose rule is missing or disagrees with the measurement is marked
+    (``fxprune.measured_macs``) to be counted at its measured MACs; the dependency analysis freezes
+    such nodes. The result is stored on ``gm.meta`` (deep copies keep it) and returned.
+    """
+    from fxprune.cost_models.measured import measure_graph
+
+    for n in gm.graph.nodes:
+        set_measured_macs(n, None)
+    gm.meta.pop(META_CALIBRATION, None)
+    analytic = MacCostModel().count(gm, warn=False)
+    meas = measure_graph(gm, inputs)
+    if not meas.ok:
+        cal = MacCalibration(False, 0, uncounted=tuple(analytic.uncounted), failed=meas.failed)
+        gm.meta[META_CALIBRATION] = cal
+        return cal
+    measured, unverified, uncounted = [], [], []
+    for n in gm.graph.nodes:
+        if n.op not in ("call_module", "call_function", "call_method"):
+            continue
+        a = analytic.per_node.get(n.name, 0)
+        m = meas.per_node.get(n.name, 0)
+        ops = meas.unmeasured.get(n.name)
+        rule = rule_for(n, gm)
+        if ops:
+            if rule.known() and a > 0:
+                unverified.append(n.name)
+            else:
+                uncounted.append(f"{op_label(n, gm)} runs {', '.join(ops)}")
+            continue
+        if a != m:
+            reason = (f"no MAC rule for {op_label(n, gm)}" if not rule.known()
+                      else f"the {rule.name} rule counts {a:,} MACs at {op_label(n, gm)}, measured {m:,}")
+            set_measured_macs(n, MeasuredMacs(int(m), reason))
+            measured.append((n.name, int(m), reason))
+            logger.info("MACs of %s measured: %s", n.name, reason)
+    for u in uncounted:
+        logger.warning("MACs of %s are not counted", u)
+    cal = MacCalibration(not uncounted, meas.total, tuple(measured), tuple(unverified), tuple(uncounted))
+    gm.meta[META_CALIBRATION] = cal
+    return cal
 
 
 def _shape_lookup(gm: torch.fx.GraphModule) -> dict[tuple[str, int], int]:

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from fxprune.budget import format_macs, parse_mac_budget
 from fxprune.capture import Captured, capture
-from fxprune.cost_models.mac import MacCountAnalysis, MacTerm, PlanCost
+from fxprune.cost_models.mac import MacCalibration, MacCountAnalysis, MacTerm, PlanCost, calibrate
 from fxprune.errors import FxpruneError, InvalidBudgetError, PolicyError, PostconditionError, PreconditionError
 from fxprune.passes._infra import AnalysisManager, PassManager, TimingInstrument
 from fxprune.passes.dependency_groups import DependencyGraph, DependencyGroupsAnalysis, Group
@@ -122,6 +122,22 @@ class PruneSession:
     seed: int = 0
     _score_cache: dict[str, dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
     last_passes: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    calibration: MacCalibration | None = None
+    healed: dict[int, Any] = field(default_factory=dict)  # group id -> fxprune.heal.HealedGroup
+
+    def node_estimates(self, keep: np.ndarray) -> dict[str, int]:
+        """The cost model's MACs per node for ``keep`` (to find where a count and an estimate part)."""
+        forms = self.graph.forms()
+        sizes = _space_sizes(self.gm)
+        k = np.asarray(keep, dtype=np.int64)
+        out: dict[str, float] = {}
+        for t in self.terms:
+            v = t.coef
+            for key in t.spaces:
+                f = forms.get(key)
+                v *= sizes[key] if f is None else f.fixed + sum(m * int(k[g]) for g, m in f.mult.items())
+            out[t.node] = out.get(t.node, 0.0) + v
+        return {n: int(round(v)) for n, v in out.items() if round(v)}
 
     @property
     def gm(self) -> torch.fx.GraphModule:
@@ -174,18 +190,14 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
     t1 = time.perf_counter()
     am = AnalysisManager(cap.gm)
     PassManager([ShapePropPass(cap.inputs)]).run(cap.gm, am)
+    cal = calibrate(cap.gm, cap.inputs)  # measured MACs where a rule is missing or wrong (channels frozen)
     t2 = time.perf_counter()
     ignore_names, ignore_fn = _ignore_spec(ignore, cap.gm)
     graph = am.get(DependencyGroupsAnalysis(ignore=ignore_names, ignore_fn=ignore_fn))
     count = am.get(MacCountAnalysis())
     terms = count.terms
     t3 = time.perf_counter()
-    sizes = {}
-    for n in cap.gm.graph.nodes:
-        info = n.meta.get("fxprune.shape")
-        if hasattr(info, "shape"):
-            for d, s in enumerate(info.shape):
-                sizes[(n.name, d)] = s
+    sizes = _space_sizes(cap.gm)
     cost = PlanCost(terms, graph.forms(), sizes, len(graph.groups))
     base = count.total
     if graph.groups and int(cost(np.array([g.n for g in graph.groups], dtype=np.int64))[0]) != base:
@@ -195,7 +207,18 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
                          calibration_data if calibration_data is not None else [cap.inputs], loss_fn, seed)
     t4 = time.perf_counter()
     timings = {"capture": t1 - t0, "shape_prop": t2 - t1, "analysis": t3 - t2, "importance": t4 - t3}
-    return PruneSession(cap, graph, terms, base, cost, scores, importance, timings, calibration_data, loss_fn, seed)
+    return PruneSession(cap, graph, terms, base, cost, scores, importance, timings, calibration_data, loss_fn, seed,
+                        calibration=cal)
+
+
+def _space_sizes(gm: torch.fx.GraphModule) -> dict[tuple[str, int], int]:
+    sizes = {}
+    for n in gm.graph.nodes:
+        info = n.meta.get("fxprune.shape")
+        if hasattr(info, "shape"):
+            for d, s in enumerate(info.shape):
+                sizes[(n.name, d)] = s
+    return sizes
 
 
 def _ignore_spec(ignore: Any, gm: torch.fx.GraphModule) -> tuple[tuple[str, ...], Callable[[str], bool] | None]:
@@ -245,6 +268,8 @@ def build_problem(session: PruneSession, budget: int, tolerance: float, channel_
     for g, share in zip(groups, shares):
         allowed = allowed_keeps(g.n, blocks=g.block_count, multiple=channel_multiple, unit=g.unit,
                                 heads=g.kind == "heads", min_keep_ratio=min_keep_ratio)
+        if g.id in session.healed:  # frozen by the self-healing compile: kept whole
+            allowed = (g.n,)
         raw = session.scores.get(g.id)
         scale = float(np.mean(raw)) if raw is not None and len(raw) else 1.0
         imp = tuple((raw / scale).tolist()) if raw is not None and scale > 0 else None
@@ -253,7 +278,8 @@ def build_problem(session: PruneSession, budget: int, tolerance: float, channel_
     mins = np.array([s.allowed[0] for s in specs], dtype=np.int64)
     min_macs = int(session.cost(mins[None, :])[0]) if G else session.base_macs
     fixed = int(session.cost(np.zeros((1, G), dtype=np.int64))[0]) if G else session.base_macs
-    frozen = tuple(f"{f.name} ({f.n}): {'; '.join(f.reasons[:2])}" for f in session.graph.frozen)
+    frozen = tuple(f"{f.name} ({f.n}): {'; '.join(f.reasons[:2])}" for f in session.graph.frozen) + tuple(
+        f"{h.name} ({h.size}): self-healing: {h.stage} at {h.node or 'bisection'}" for h in session.healed.values())
     lower = int(math.ceil(budget * (1.0 - tolerance)))
     return PruningProblem(tuple(specs), session.base_macs, int(budget), lower, min_macs, fixed, session.cost, frozen)
 
@@ -414,32 +440,68 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
     """
     if report is None:
         report = _new_report(model, session, policy, importance, budget, budget, tolerance, channel_multiple, seed)
+    from fxprune.heal import CandidateFailure, Healer, build_candidate
+
     problem = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio)
+    solved_with = len(session.healed)
     report.lower_macs = problem.lower
     pol = get_policy(policy, policy_options)
     ctx = _search_context(session, problem, model, evaluate, calibration_data, seed, report,
                           {"criterion": importance, "model_name": type(model).__name__, **(policy_options or {})})
     t0 = time.perf_counter()
     plan = pol.select(problem, ctx)
-    proj = project(problem, problem.dense(plan.keep).astype(np.float64))
     report.timings["policy"] = time.perf_counter() - t0
-    report.solver_notes += proj.notes
     if plan.rationale:
         report.notes.append(f"policy: {plan.rationale}")
+    crit = plan.criterion or None
     t0 = time.perf_counter()
-    pruned, macs = session.materialize(proj.keep, plan.criterion or None)
+    # self-healing: a candidate that fails to build, run or verify has its groups frozen, and the
+    # plan is solved again (cheap policies choose again; search policies' plans are re-projected)
+    healer = Healer(session, verify=verify)
+    while True:
+        if len(session.healed) != solved_with:
+            problem = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio)
+            if isinstance(policy, str) and policy in _CHEAP_POLICIES:
+                plan = pol.select(problem, ctx)
+            solved_with = len(session.healed)
+        proj = _project_healed(session, problem, healer.clamp(problem.dense(plan.keep)).astype(np.float64))
+        try:
+            cand = build_candidate(session, proj.keep, crit, estimate=proj.macs, verify=verify)
+            break
+        except CandidateFailure as failure:
+            healer.freeze(failure, proj.keep, crit)
+    pruned, macs = cand.gm, cand.macs
+    report.solver_notes += proj.notes
     if plan.criterion and plan.criterion != importance:
         report.criterion = plan.criterion
     report.timings["rewrite"] = time.perf_counter() - t0
     if verify:
         _verify(problem, proj, macs)
     report.estimated_macs = proj.macs
+    report.measured_macs = cand.measured
+    report.healed = [h.to_json() for h in session.healed.values()]
     keep = {g.id: int(k) for g, k in zip(problem.groups, proj.keep)}
     report.groups = [
         GroupDecision(g.id, g.name, g.kind, g.bucket, g.size, int(k), g.unit, g.mac_share, g.exact, g.members)
         for g, k in zip(problem.groups, proj.keep)
     ]
     return _result(session, pruned, macs, report, keep, start)
+
+
+_CHEAP_POLICIES = ("uniform", "global", "isomorphic")
+
+
+def _project_healed(session: PruneSession, problem: PruningProblem, target: np.ndarray) -> Projection:
+    from fxprune.errors import BudgetUnreachableError
+
+    try:
+        return project(problem, target)
+    except BudgetUnreachableError as err:
+        if not session.healed:
+            raise
+        frozen = "; ".join(str(h) for h in list(session.healed.values())[:3])
+        raise BudgetUnreachableError(f"{err} (after the self-healing compile froze {len(session.healed)} "
+                                     f"group(s): {frozen})", min_macs=err.min_macs, budget=err.budget) from err
 
 
 def _verify(problem: PruningProblem, proj: Projection, macs: int) -> None:
@@ -472,6 +534,13 @@ def _new_report(model, session, policy, importance, spec, budget, tolerance, cha
     )
     r.frozen = [FrozenInfo(f.name, f.n, f.reasons) for f in session.graph.frozen]
     r.notes += session.captured.notes
+    cal = session.calibration
+    if cal is not None:
+        r.macs_exact = cal.exact
+        r.macs_measured = [{"node": n, "macs": m, "reason": why} for n, m, why in cal.measured]
+        r.macs_uncounted = list(cal.uncounted)
+        if cal.failed:
+            r.macs_uncounted.append(f"could not be measured: {cal.failed}")
     r.timings.update(session.timings)
     from fxprune.importance import DATA_CRITERIA
 
@@ -494,15 +563,23 @@ def _result(session: PruneSession, pruned, macs, report: Report, keep, start) ->
 
 
 def _search_context(session, problem, model, evaluate, calibration_data, seed, report, options) -> SearchContext:
-    """The quality signal for search policies: the user's evaluate, else label-free fidelity."""
+    """The quality signal for search policies: the user's evaluate, else label-free fidelity.
+
+    Candidates are built by a healer: one that fails to build or run has the failing groups frozen
+    (``session.healed``) and is scored with them kept whole; the compile then re-solves.
+    """
+    from fxprune.heal import Healer
+
     cache: dict[bytes, float] = {}
+    healer = Healer(session, verify=False)
 
     def quality(plan: PruningPlan) -> float:
         keep = problem.dense(plan.keep)
         key = keep.tobytes()
         key += (plan.criterion or "").encode()
         if key not in cache:
-            cand, _ = session.materialize(keep, plan.criterion or None)
+            built, _ = healer.build(keep, plan.criterion or None)
+            cand = built.gm
             if evaluate is not None:
                 cache[key] = float(evaluate(cand))
             else:

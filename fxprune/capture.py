@@ -173,9 +173,13 @@ def _decompose_attention(model: nn.Module, notes: list[str]) -> None:
 class _Tracer(torch.fx.Tracer):
     """torch.fx tracer that remembers which module it was in when something failed."""
 
-    def __init__(self, leaf_types: Sequence[type] = (), autowrap_functions: Sequence[Any] = ()):
+    def __init__(self, leaf_types: Sequence[type] = (), autowrap_functions: Sequence[Any] = (),
+                 optional_leaf_types: Sequence[type] = (), forced_leaves: Sequence[str] = ()):
         super().__init__(autowrap_functions=tuple(autowrap_functions))
         self.leaf_types = tuple(leaf_types)
+        self.optional_leaf_types = tuple(optional_leaf_types)
+        self.forced_leaves = set(forced_leaves)
+        self.inlined: set[str] = set()
         self.stack: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -183,6 +187,11 @@ class _Tracer(torch.fx.Tracer):
             return False
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
+        if self.optional_leaf_types and isinstance(m, self.optional_leaf_types):
+            if qualname in self.forced_leaves:
+                return True
+            self.inlined.add(qualname)
+            return False
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
@@ -271,10 +280,44 @@ def _drop_specialized_inputs(graph: torch.fx.Graph, concrete: dict[str, Any]) ->
                     graph.erase_node(n)
 
 
-def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence[type] = ()) -> torch.fx.GraphModule:
-    """Symbolically trace ``model`` (already a private copy)."""
+def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence[type] = (),
+             notes: list[str] | None = None) -> torch.fx.GraphModule:
+    """Symbolically trace ``model`` (already a private copy).
+
+    timm marks some modules as not traceable (``register_notrace_module``): an opaque leaf would hide
+    its channels and MACs from fxprune. Such modules are traced through where torch.fx can, and kept
+    as leaves where it cannot: a trace that fails inside one of them is retried with that instance
+    as a leaf; a graph with traced-through modules must reproduce the model's outputs on the example
+    inputs, else everything timm marks is kept opaque.
+    """
     timm_leaves, timm_wraps = _timm_extras()
-    tracer = _Tracer(tuple(leaf_modules) + timm_leaves, timm_wraps)
+    user_leaves = tuple(leaf_modules)
+    optional = tuple(t for t in timm_leaves if not (user_leaves and issubclass(t, user_leaves)))
+    if optional and not (user_leaves and isinstance(model, user_leaves)) and not isinstance(model, optional):
+        forced: list[str] = []
+        for _ in range(8):
+            tracer = _Tracer(user_leaves, timm_wraps, optional, forced)
+            try:
+                graph = tracer.trace(model, concrete_args=_concrete_defaults(model, args, kwargs))
+            except Exception:
+                failing = _failing_optional_leaf(tracer, model, optional)
+                if failing is None or failing in forced:
+                    break
+                forced.append(failing)
+                continue
+            concrete = _concrete_defaults(model, args, kwargs)
+            if concrete:
+                _drop_specialized_inputs(graph, concrete)
+            gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+            inlined = sorted(tracer.inlined)
+            if not inlined or _same_outputs(model, gm, args, kwargs):
+                if inlined and notes is not None:
+                    kinds = sorted({type(model.get_submodule(q)).__name__ for q in inlined})
+                    notes.append(f"timm: traced through {len(inlined)} module(s) timm marks as not traceable "
+                                 f"({', '.join(kinds)})" + (f"; kept opaque: {', '.join(forced)}" if forced else ""))
+                return gm
+            break
+    tracer = _Tracer(user_leaves + timm_leaves, timm_wraps)
     if tracer.is_leaf_module(model, ""):
         return _leaf_root_graph(model, args, kwargs)
     concrete = _concrete_defaults(model, args, kwargs)
@@ -304,6 +347,47 @@ def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence
         _drop_specialized_inputs(graph, concrete)
     name = type(model).__name__
     return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _failing_optional_leaf(tracer: _Tracer, model: nn.Module, optional: tuple[type, ...]) -> str | None:
+    """The innermost module timm marks as not traceable on the stack of a failed trace."""
+    for path in reversed(tracer.stack):
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        if isinstance(mod, optional):
+            return path
+    return None
+
+
+def _same_outputs(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> bool:
+    """True when ``gm`` reproduces ``model``'s outputs on the example inputs (eval mode)."""
+    from torch.utils._pytree import tree_leaves
+
+    try:
+        with torch.no_grad():
+            ref = tree_leaves(model(*args, **kwargs))
+            out = tree_leaves(gm(*args, **kwargs))
+    except Exception:
+        return False
+    if len(ref) != len(out):
+        return False
+    for a, b in zip(ref, out):
+        if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+            return False
+        if isinstance(a, torch.Tensor):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                return False
+            if a.is_floating_point():
+                scale = float(a.abs().max()) if a.numel() else 0.0
+                if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, scale), equal_nan=True):
+                    return False
+            elif not torch.equal(a, b):
+                return False
+        elif a != b:
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------ graph fixes
@@ -430,7 +514,7 @@ def capture(
     fx_error: TraceError | None = None
     if method in ("auto", "fx"):
         try:
-            gm = trace_fx(work, args, kwargs, leaf_modules)
+            gm = trace_fx(work, args, kwargs, leaf_modules, notes)
         except TraceError as err:
             if method == "fx":
                 raise

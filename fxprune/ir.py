@@ -9,6 +9,9 @@ Keys:
                           for tuple outputs; written by ``ShapePropPass``.
     ``fxprune.value``  -- the concrete Python value of a non-tensor node (ints from ``x.size()``,
                           tuples of ints); written by ``ShapePropPass``.
+    ``fxprune.measured_macs`` -- :class:`MeasuredMacs`: the node's MACs as measured on fake tensors,
+                          used instead of an op rule that is missing or disagrees; written by
+                          ``cost_models.mac.calibrate`` (the node's channels are then frozen).
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ import torch.fx
 __all__ = [
     "META_SHAPE",
     "META_VALUE",
+    "META_MEASURED",
+    "MeasuredMacs",
+    "measured_macs",
+    "set_measured_macs",
     "TensorInfo",
     "tensor_info",
     "set_tensor_info",
@@ -36,6 +43,7 @@ __all__ = [
 
 META_SHAPE = "fxprune.shape"
 META_VALUE = "fxprune.value"
+META_MEASURED = "fxprune.measured_macs"
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,25 @@ def concrete_value(node: Any) -> Any:
 
 def set_concrete_value(node: torch.fx.Node, value: Any) -> None:
     node.meta[META_VALUE] = value
+
+
+@dataclass(frozen=True)
+class MeasuredMacs:
+    """MACs of one node measured at its recorded shapes, and why the op rule was not used."""
+
+    macs: int
+    reason: str
+
+
+def measured_macs(node: torch.fx.Node) -> MeasuredMacs | None:
+    return node.meta.get(META_MEASURED)
+
+
+def set_measured_macs(node: torch.fx.Node, value: MeasuredMacs | None) -> None:
+    if value is None:
+        node.meta.pop(META_MEASURED, None)
+    else:
+        node.meta[META_MEASURED] = value
 
 
 def iter_tensor_infos(info: Any) -> Iterable[TensorInfo]:

@@ -54,6 +54,11 @@ class Report:
     base_macs: int = 0
     macs: int = 0
     estimated_macs: int = 0
+    measured_macs: int | None = None  # independent count of the pruned model (flop counter, fake tensors)
+    macs_exact: bool = True  # every MAC of the model is counted (by a rule or measured)
+    macs_measured: list[dict[str, Any]] = field(default_factory=list)  # nodes counted by measurement
+    macs_uncounted: list[str] = field(default_factory=list)
+    healed: list[dict[str, Any]] = field(default_factory=list)  # groups frozen by the self-healing compile
     base_params: int = 0
     params: int = 0
     seed: int = 0
@@ -153,6 +158,18 @@ class Report:
         if self.frozen:
             parts.append(f"frozen: {len(self.frozen)} group(s), e.g. "
                          + "; ".join(f"{f.name} ({f.reasons[0] if f.reasons else '?'})" for f in self.frozen[:3]))
+        for h in self.healed:
+            where = f" at {h['node']}" if h.get("node") else " (found by bisection)"
+            parts.append(f"self-healed: froze group {h['group']} ({h['name']}, {h['size']}) after a {h['stage']} "
+                         f"failure{where}: {h['reason']}")
+        if self.macs_measured:
+            parts.append(f"MACs of {len(self.macs_measured)} op(s) without an exact rule were measured "
+                         "(torch.utils.flop_counter) and their channels kept: "
+                         + ", ".join(f"{m['node']} ({format_macs(m['macs'])})" for m in self.macs_measured[:4])
+                         + (" ..." if len(self.macs_measured) > 4 else ""))
+        if not self.macs_exact:
+            parts.append("warning: the MAC count is NOT exact: "
+                         + ("; ".join(self.macs_uncounted[:4]) or "it could not be checked by measurement"))
         if self.latency:
             parts.append(self.latency_line())
         if self.timings:

@@ -43,7 +43,7 @@ import torch.fx
 
 from fxprune.cost_models.mac import SpaceForm
 from fxprune.importance import ParamSlice, UnitGroup
-from fxprune.ir import TensorInfo, node_module_path, shape_of, tensor_info
+from fxprune.ir import TensorInfo, measured_macs, node_module_path, shape_of, tensor_info
 from fxprune.opset import op_label, rule_for
 from fxprune.opset._base import norm_dim
 from fxprune.passes._infra import AnalysisManager
@@ -338,7 +338,11 @@ def _resolve_reshape(b: _Builder, node: torch.fx.Node, src: torch.fx.Node, flexi
         out_sp = [b.space(node, d) for d in gb]
         carriers = [k for k, s in enumerate(in_sp) if dsu.origin[dsu.find(s)] and not dsu.frozen[dsu.find(s)]]
         if not carriers:
-            continue  # merged/split dims carry no channels: they stay positional
+            # merged/split dims carry no channels: they stay positional, so nothing that reaches them
+            # can be pruned (MLP-Mixer's token MLP produces the dim the patch grid was flattened into)
+            for s in in_sp + out_sp:
+                b.freeze(s, f"reshape {a}->{o} merges/splits positional dims ({node.name})")
+            continue
         if len(ga) > 1 and len(gb) > 1:
             for s in in_sp + out_sp:
                 b.freeze(s, f"reshape {a}->{o} regroups channel dims ({node.name})")
@@ -408,6 +412,9 @@ class DependencyGroupsAnalysis:
                     pass
             if node.op == "call_module" and self._ignored(str(node.target)):
                 b.freeze_node(node, f"'{node.target}' is in ignore")
+            fixed = measured_macs(node)
+            if fixed is not None:  # counted at its measured MACs: valid only at the recorded shapes
+                b.freeze_node(node, f"{fixed.reason} (counted as measured, channels kept)")
         for node, src, flexible in b.reshapes:
             try:
                 _resolve_reshape(b, node, src, flexible)

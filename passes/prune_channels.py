@@ -79,11 +79,17 @@ def slice_parameters(gm: torch.fx.GraphModule, graph: DependencyGraph, kept: dic
         if id(t) in done:
             continue
         done.add(id(t))
-        with torch.no_grad():
-            new = t.detach()
-            for dim, idx in sorted(cuts):
-                new = new.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=new.device))
-            new = new.contiguous()
+        try:
+            with torch.no_grad():
+                new = t.detach()
+                for dim, idx in sorted(cuts):
+                    new = new.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=new.device))
+                new = new.contiguous()
+        except Exception as cause:
+            err = PostconditionError(f"could not slice parameter '{name}' {tuple(t.shape)} along "
+                                     f"{[d for d, _ in sorted(cuts)]}: {type(cause).__name__}: {cause}")
+            err.params = (name,)
+            raise err from cause
         names = aliases.get(id(t), [name])
         is_param = isinstance(t, nn.Parameter)
         replacement = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
@@ -113,19 +119,38 @@ class PruneChannelsPass(Pass):
             if units is None:
                 continue
             if len(units) == 0:
-                raise PostconditionError(f"group {g.id} ({g.name}) would keep no channel")
+                err = PostconditionError(f"group {g.id} ({g.name}) would keep no channel")
+                err.groups = (g.id,)
+                raise err
             if g.block_count > 1:
                 per_block = np.bincount(g.block_of[np.asarray(units)], minlength=g.block_count)
                 if len(set(per_block.tolist())) != 1:
-                    raise PostconditionError(
+                    err = PostconditionError(
                         f"group {g.id} ({g.name}) keeps {per_block.tolist()} units per conv group; "
                         "grouped convolutions need the same number in every group"
                     )
+                    err.groups = (g.id,)
+                    raise err
         kept = self.graph.kept_indices(self.keep_units)
         n_tensors = slice_parameters(gm, self.graph, kept)
         ctx = _Ctx(gm, self.graph, kept)
+        rewritten_modules: set[str] = set()
         for node in list(gm.graph.nodes):
             if node.op in ("placeholder", "output", "get_attr"):
                 continue
-            rule_for(node, gm).rewrite(node, ctx)
+            if node.op == "call_module":
+                # a module called several times (CoaT's shared ConvPosEnc) is rewritten once: its
+                # attributes and weights are shared by every call, and the shared weights tie the
+                # calls' channels into the same groups
+                if node.target in rewritten_modules:
+                    continue
+                rewritten_modules.add(node.target)
+            rule = rule_for(node, gm)
+            try:
+                rule.rewrite(node, ctx)
+            except Exception as cause:  # name the node: the self-healing compile freezes what reaches it
+                err = PostconditionError(f"the {rule.name} rule could not rewrite node '{node.name}': "
+                                         f"{type(cause).__name__}: {cause}")
+                err.node = node.name
+                raise err from cause
         return PassResult(gm, modified=True, info={"tensors_sliced": n_tensors, "spaces_changed": len(kept)})

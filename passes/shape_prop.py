@@ -52,6 +52,7 @@ class _Recorder(torch.fx.Interpreter):
                 "Check that example_inputs match what the model expects (shape, dtype, keyword names)."
             )
             failure.failed_at = f"{where}: {type(err).__name__}: {what}"
+            failure.node = n.name  # for the self-healing compile (fxprune.heal)
             raise failure from err
         info = describe(result)
         n.meta[META_SHAPE] = info

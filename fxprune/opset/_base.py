@@ -48,6 +48,7 @@ __all__ = [
     "norm_dim",
     "shape_source",
     "rewritten_sizes",
+    "size_after_rewrite",
     "CouplingBuilder",
     "MacBuilder",
     "RewriteContext",
@@ -281,10 +282,44 @@ def rewritten_sizes(node: torch.fx.Node, sizes: Sequence[Any], r: RewriteContext
         if isinstance(s, int) and s < 0:
             continue
         n = r.new_size(node, d + offset)
-        src = shape_source(s)
-        stale = src is not None and r.new_size(*src) != n
+        after = size_after_rewrite(s, r)
+        stale = after is not None and after != n
         if n != out[d] or stale:
             new[d] = n
             changed = True
     return new if changed else None
+
+
+_SIZE_ARITH = {
+    operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
+    operator.floordiv: operator.floordiv, operator.mod: operator.mod, operator.neg: operator.neg,
+}
+
+
+def size_after_rewrite(s: Any, r: RewriteContext, _depth: int = 0) -> int | None:
+    """The value a symbolic size (an fx node computing an int from tensor shapes) takes once the
+    channels are pruned, or None when it cannot be told.
+
+    ``x.shape[k]`` becomes the new size of that dim; integer arithmetic on such sizes is
+    re-evaluated (CoaT's ``C // num_heads`` changes when ``C`` is pruned although the head dim does
+    not). Literals are themselves.
+    """
+    if isinstance(s, bool):
+        return None
+    if isinstance(s, int):
+        return s
+    if not isinstance(s, torch.fx.Node) or _depth > 16:
+        return None
+    src = shape_source(s)
+    if src is not None:
+        return r.new_size(*src)
+    if s.op == "call_function" and s.target in _SIZE_ARITH and not s.kwargs:
+        vals = [size_after_rewrite(a, r, _depth + 1) for a in s.args]
+        if any(v is None for v in vals):
+            return None
+        try:
+            return int(_SIZE_ARITH[s.target](*vals))
+        except Exception:
+            return None
+    return None
 

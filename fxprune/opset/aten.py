@@ -31,6 +31,7 @@ from fxprune.opset.layers import (
     BatchNormRule,
     ChannelPassRule,
     ConvRule,
+    ConvTransposeRule,
     GroupNormRule,
     LayerNormRule,
     LinearRule,
@@ -125,6 +126,7 @@ register_function(*_ops("matmul", "bmm", "mm"))(MatmulRule)
 register_function(*_ops("linear"))(LinearRule)
 register_function(*_ops("scaled_dot_product_attention"))(SDPARule)
 register_function(*_ops("conv1d", "conv2d", "conv3d"))(ConvRule)
+register_function(*_ops("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"))(ConvTransposeRule)
 register_function(*_ops("layer_norm", "rms_norm"))(LayerNormRule)
 register_function(*_ops("group_norm"))(GroupNormRule)
 register_function(*_ops("batch_norm", "instance_norm"))(BatchNormRule)

@@ -136,6 +136,45 @@ class EinsumRule(OpRule):
 register_function(torch.einsum, torch.functional.einsum)(EinsumRule)
 
 
+class TensordotRule(OpRule):
+    """``torch.tensordot(a, b, dims)``: channels are frozen (the contraction may merge several
+    dims); MACs are ``prod(out.shape) * prod(contracted dims of a)``."""
+
+    name = "tensordot"
+
+    @staticmethod
+    def contracted(node) -> list[int] | None:
+        a = node.args[0]
+        sa = ishape(a)
+        dims = const(node.args[2]) if len(node.args) > 2 else const(node.kwargs.get("dims", 2))
+        if sa is None:
+            return None
+        if isinstance(dims, int):
+            return list(range(len(sa) - dims, len(sa)))
+        if isinstance(dims, (list, tuple)) and len(dims) == 2:
+            da = dims[0]
+            da = [da] if isinstance(da, int) else list(da)
+            return [norm_dim(int(d), len(sa)) for d in da]
+        return None
+
+    def couple(self, node, b):
+        b.freeze_node(node, f"tensordot contraction ({node.name})")
+
+    def macs(self, node, m):
+        dims = self.contracted(node)
+        so = ishape(node)
+        if dims is None or so is None:
+            return
+        a = node.args[0]
+        m.term(1, [(node, d) for d in range(len(so))] + [(a, d) for d in dims])
+
+
+register_function(torch.tensordot, torch.functional.tensordot)(TensordotRule)
+_aten_tensordot = getattr(torch.ops.aten, "tensordot", None)
+if _aten_tensordot is not None:
+    register_function(_aten_tensordot)(TensordotRule)
+
+
 class SDPARule(OpRule):
     """``F.scaled_dot_product_attention``: heads (batch dims) are tied across q, k, v and output;
     the head dims and the key axis are frozen (heads are pruned whole)."""

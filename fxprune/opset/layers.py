@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from fxprune.opset._base import (
     OpRule,
+    op_label,
     arg,
     const,
     ishape,
@@ -176,8 +177,11 @@ class ConvRule(OpRule):
             j = np.arange(cout)
             b.tie_map(out_c, j, in_c, j // mult)
         else:
-            b.blocks(in_c, g, f"grouped conv '{node.name}' (groups={g})")
             b.blocks(out_c, g, f"grouped conv '{node.name}' (groups={g})")
+            if isinstance(w.refs["weight"], str):
+                b.blocks(in_c, g, f"grouped conv '{node.name}' (groups={g})")
+            else:  # the rewrite regroups a parameter; a computed weight (NF-Net's standardised one) cannot be
+                b.freeze(in_c, f"grouped conv '{node.name}' on a computed weight: its input channels are kept")
 
     def macs(self, node, m):
         w, g, x, xs, os_, c, wshape = self._info(node, m.gm)
@@ -201,7 +205,7 @@ class ConvRule(OpRule):
             new_groups = new_cin
         elif kind == "grouped":
             kept_in = r.kept(x, c)
-            if kept_in is not None:
+            if kept_in is not None and isinstance(w.refs["weight"], str):
                 weight = w.tensor("weight")  # rows already sliced to the kept outputs
                 per_in = cin_old // g
                 new_rows = weight.shape[0] // g
@@ -225,49 +229,60 @@ register_function(F.conv1d, F.conv2d, F.conv3d)(ConvRule)
 
 
 class ConvTransposeRule(OpRule):
-    """ConvTranspose modules (dense only; grouped transposed convs are frozen)."""
+    """ConvTranspose modules and ``F.conv_transpose{1,2,3}d`` (dense; grouped ones are frozen).
+
+    The weight is ``[C_in, C_out / groups, *kernel]``: input channels are consumed by weight dim 0,
+    output channels produced by weight dim 1. MACs: ``N * prod(in_spatial) * prod(kernel) * C_in *
+    C_out / groups`` (every input element meets every weight of its group once).
+    """
 
     name = "conv_transpose"
 
-    def couple(self, node, b):
-        mod = b.module(node)
+    def _info(self, node, gm):
+        w = _Weights(node, gm)
+        groups = gm.get_submodule(node.target).groups if node.op == "call_module" else int(
+            const(arg(node, 6, "groups", 1)))
         x = node.args[0]
         xs, os_ = ishape(x), ishape(node)
-        c = len(os_) - mod.weight.dim() + 1
+        wshape = w.shape("weight")
+        c = len(os_) - len(wshape) + 1  # 1 when batched, 0 when not
+        return w, groups, x, xs, os_, c, wshape
+
+    def couple(self, node, b):
+        w, groups, x, xs, os_, c, wshape = self._info(node, b.gm)
         for d in range(c):
             b.tie(b.space(x, d), b.space(node, d))
         in_c, out_c = b.space(x, c), b.space(node, c)
-        w0, w1 = b.pspace(f"{node.target}.weight", 0), b.pspace(f"{node.target}.weight", 1)
+        w0, w1 = w.space(b, "weight", 0), w.space(b, "weight", 1)
         b.tie(in_c, w0)
         b.role(w0, "consumer")
-        if mod.groups != 1:
-            b.freeze(out_c, f"grouped transposed conv '{node.target}'")
-            b.freeze(in_c, f"grouped transposed conv '{node.target}'")
+        if groups != 1:
+            b.freeze(out_c, f"grouped transposed conv '{node.name}'")
+            b.freeze(in_c, f"grouped transposed conv '{node.name}'")
             return
         b.tie(out_c, w1)
         b.role(w1, "producer")
         b.origin(out_c)
-        if mod.bias is not None:
-            bs = b.pspace(f"{node.target}.bias", 0)
+        if w.has("bias"):
+            bs = w.space(b, "bias", 0)
             b.tie(out_c, bs)
             b.role(bs, "other")
 
     def macs(self, node, m):
-        mod = m.module(node)
-        x = node.args[0]
-        xs, os_ = ishape(x), ishape(node)
-        c = len(os_) - mod.weight.dim() + 1
-        k = math.prod(mod.weight.shape[2:])
+        w, groups, x, xs, os_, c, wshape = self._info(node, m.gm)
+        k = math.prod(wshape[2:])
         spatial = [(x, d) for d in range(len(xs)) if d != c]
-        m.term(k / mod.groups, spatial + [(x, c), (node, c)])
+        m.term(k / groups, spatial + [(x, c), (node, c)])
 
     def rewrite(self, node, r):
-        mod = r.module(node)
-        mod.in_channels = mod.weight.shape[0]
-        mod.out_channels = mod.weight.shape[1] * mod.groups
+        if node.op == "call_module":
+            mod = r.module(node)
+            mod.in_channels = mod.weight.shape[0]
+            mod.out_channels = mod.weight.shape[1] * mod.groups
 
 
 register_module(*_CONVT_MODULES)(ConvTransposeRule)
+register_function(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)(ConvTransposeRule)
 
 
 # ------------------------------------------------------------------------------------- linear
@@ -320,6 +335,42 @@ class BilinearFreeze(OpRule):
 
 
 register_module(nn.Bilinear)(BilinearFreeze)
+
+
+class RecurrentRule(OpRule):
+    """``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (opaque): channels kept; exact MACs.
+
+    Per step, layer and direction: ``gates * hidden * (input + recurrent)`` with gates 1 (RNN),
+    3 (GRU), 4 (LSTM), ``recurrent = proj_size or hidden``, plus ``hidden * proj_size`` for an
+    LSTM projection; ``input`` is ``input_size`` for the first layer and
+    ``directions * (proj_size or hidden)`` after it. Steps = every element of the input but the
+    feature dim (``T * B``); packed sequences are not counted (the node is then measured).
+    """
+
+    name = "recurrent"
+
+    def couple(self, node, b):
+        b.freeze_node(node, f"recurrent layer {op_label(node, b.gm)} (its hidden size is not pruned)")
+
+    def macs(self, node, m):
+        mod = m.module(node)
+        x = node.args[0]
+        xs = ishape(x)
+        if xs is None:
+            return
+        gates = {"LSTM": 4, "GRU": 3}.get(getattr(mod, "mode", ""), 1)
+        h = mod.hidden_size
+        p = getattr(mod, "proj_size", 0) or 0
+        r = p or h
+        dirs = 2 if mod.bidirectional else 1
+        per_step = 0
+        for layer in range(mod.num_layers):
+            inp = mod.input_size if layer == 0 else dirs * r
+            per_step += dirs * (gates * h * (inp + r) + (h * p if p else 0))
+        m.term(per_step, [(x, d) for d in range(len(xs) - 1)])
+
+
+register_module(nn.RNN, nn.GRU, nn.LSTM)(RecurrentRule)
 
 
 # ------------------------------------------------------------------------------ normalisation

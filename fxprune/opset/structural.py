@@ -510,11 +510,21 @@ register_function(torch.stack)(StackRule)
 
 
 def _tuple_users(node):
-    """getitem users of a tuple-producing node: [(index, user)] or None if used otherwise."""
+    """getitem users of a tuple-producing node: [(index, user)] or None if used otherwise.
+
+    Negative indices (``spx[-1]`` in Res2Net and EdgeNeXt) are made non-negative.
+    """
     users = []
+    infos = tensor_info(node)
+    n = len(infos) if isinstance(infos, (tuple, list)) else None
     for u in node.users:
         if u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int):
-            users.append((u.args[1], u))
+            idx = u.args[1]
+            if idx < 0:
+                if n is None or idx < -n:
+                    return None
+                idx += n
+            users.append((idx, u))
         else:
             return None
     return users

@@ -1,0 +1,290 @@
+"""Measured MACs: ``torch.utils.flop_counter``'s formulas, run on fake tensors, per fx node.
+
+This is fxprune's *independent* MAC count. It knows nothing of the op rules in
+``fxprune.opset``: it runs the graph (or any module) on ``FakeTensorMode`` tensors, so no real
+arithmetic happens and the cost follows the graph, not the FLOPs, and reads every ATen op that
+dispatches through the formulas of ``torch.utils.flop_counter`` (conv, mm/bmm/addmm/baddbmm,
+fused attention...), plus the formulas that module lacks on CPU:
+
+* ``_scaled_dot_product_flash_attention_for_cpu`` (the CPU SDPA kernel; torch counts it as 0,
+  which is why ``FlopCounterMode`` undercounts transformers on CPU): QK^T + AV, as the math path;
+* ``mkldnn_rnn_layer`` (LSTM on CPU): ``T*B*(W_ih + W_hh)`` per layer and direction;
+* ``mv``/``addmv``/``dot``/``vdot`` and ``_trilinear`` (``nn.Bilinear``).
+
+An ATen op whose name says it multiplies matrices (conv, mm, attention, rnn...) but that has no
+formula is recorded per node as *unmeasured*: the count then cannot vouch for that node.
+
+One MAC is half of the counter's FLOPs (``2 * M * N * K`` for a matmul).
+
+Two entry points:
+
+``measure_graph(gm, inputs)``
+    MACs per fx node of a ``GraphModule`` (a leaf module's node carries everything inside it).
+    A node that cannot run on fake tensors (``.item()``, ``nonzero``...) is run once on real
+    tensors of the recorded shapes, and the interpretation continues on fake ones.
+``measure_model(model, inputs)``
+    MACs of one forward of any module (the pruned model, the user's original).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+__all__ = ["GraphMeasure", "measure_graph", "measure_model", "MacMeter", "FORMULAS"]
+
+logger = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+
+
+def _shapes(f: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a formula over shapes into one over tensors (as ``flop_counter.shape_wrapper``)."""
+
+    def get(x):
+        return tuple(x.shape) if isinstance(x, torch.Tensor) else x
+
+    def nf(*args, out_val=None, **kwargs):
+        args, kwargs, out_shape = tree_map(get, (args, kwargs, out_val))
+        return f(*args, out_shape=out_shape, **kwargs)
+
+    return nf
+
+
+def _sdpa_cpu(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(q, k, v)
+
+
+def _mkldnn_rnn_layer(inp, w_ih, w_hh, *args, out_shape=None, **kwargs) -> int:
+    steps = math.prod(inp) // inp[-1]  # T * B whatever the layout
+    return 2 * steps * (math.prod(w_ih) + math.prod(w_hh))
+
+
+def _mv(a, b, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(a)
+
+
+def _addmv(bias, a, b, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(a)
+
+
+def _dot(a, b, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(a)
+
+
+def _trilinear(i1, i2, i3, expand1, expand2, expand3, sumdim, unroll_dim=1, *args, out_shape=None, **kwargs) -> int:
+    # nn.Bilinear: _trilinear(x1[N,1,I1,1], W[1,O,I1,I2], x2[N,1,1,I2], sumdim=[2,3]): one MAC per
+    # element of the broadcast product over the summed dims (the kernel contracts it as a bmm)
+    dims = [max(a, b, c) for a, b, c in zip(_expand(i1, expand1), _expand(i2, expand2), _expand(i3, expand3))]
+    return 2 * math.prod(dims)
+
+
+def _expand(shape, dims):
+    s = list(shape)
+    for d in sorted(dims):
+        s.insert(d, 1)
+    return s
+
+
+def _formulas() -> dict[Any, Callable[..., int]]:
+    from torch.utils.flop_counter import flop_registry
+
+    table: dict[Any, Callable[..., int]] = dict(flop_registry)
+    extra = {
+        "_scaled_dot_product_flash_attention_for_cpu": _sdpa_cpu,
+        "mkldnn_rnn_layer": _mkldnn_rnn_layer,
+        "mv": _mv,
+        "addmv": _addmv,
+        "dot": _dot,
+        "vdot": _dot,
+        "_trilinear": _trilinear,
+    }
+    for name, f in extra.items():
+        packet = getattr(aten, name, None)
+        if packet is not None and packet not in table:
+            table[packet] = _shapes(f)
+    return table
+
+
+FORMULAS = _formulas()
+
+# ATen ops that multiply-accumulate but have no formula: a node running one is "unmeasured".
+_MAC_NAME = re.compile(r"conv|(^|_)(mm|bmm|mv|addmv|dot|vdot|matmul|linear|einsum|tensordot|cdist)($|_)|"
+                       r"attention|rnn|lstm|gru|bilinear|trilinear")
+_NOT_MAC = re.compile(r"^_?upsample|grid_sampler|affine_grid|_backward$|^_thnn_fused_(lstm|gru)_cell$|"
+                      r"^_?(lstm|gru|rnn)_cell$|im2col|col2im|_cudnn_rnn_flatten_weight")
+
+
+def _unmeasured(packet) -> bool:
+    name = getattr(packet, "__name__", str(packet)).split(".")[-1]
+    return bool(_MAC_NAME.search(name)) and not _NOT_MAC.search(name)
+
+
+class MacMeter(TorchDispatchMode):
+    """A dispatch mode that adds up FLOPs of every ATen op with a formula (``flops``) and remembers
+    the MAC-like ops without one (``unmeasured``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+        self.unmeasured: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = getattr(func, "_overloadpacket", func)
+        f = FORMULAS.get(packet)
+        if f is not None:
+            self.flops += int(f(*args, **kwargs, out_val=out))
+        elif _unmeasured(packet):
+            name = str(packet)
+            if name not in self.unmeasured:
+                self.unmeasured.append(name)
+        return out
+
+    @property
+    def macs(self) -> int:
+        return self.flops // 2
+
+
+@dataclass
+class GraphMeasure:
+    """Measured MACs of a graph: ``total``, ``per_node`` and the nodes the counter cannot vouch for.
+
+    Attributes:
+        unmeasured: node name -> ATen ops that multiply-accumulate but have no FLOP formula.
+        real_nodes: nodes that could not run on fake tensors and were run on real ones.
+        failed: why the graph could not be measured at all ("" when it was).
+    """
+
+    total: int = 0
+    per_node: dict[str, int] = field(default_factory=dict)
+    unmeasured: dict[str, list[str]] = field(default_factory=dict)
+    real_nodes: list[str] = field(default_factory=list)
+    failed: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def _real_like(x: Any) -> Any:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(x, FakeTensor):
+        with torch._subclasses.fake_tensor.unset_fake_temporarily():
+            if x.is_floating_point() or x.is_complex():
+                return torch.randn(x.shape, dtype=x.dtype)
+            if x.dtype == torch.bool:
+                return torch.zeros(x.shape, dtype=torch.bool)
+            return torch.zeros(x.shape, dtype=x.dtype)
+    return x
+
+
+class _Meter(torch.fx.Interpreter):
+    def __init__(self, gm, meter: MacMeter, mode, result: GraphMeasure):
+        super().__init__(gm, garbage_collect_values=True)
+        self.meter = meter
+        self.mode = mode
+        self.result = result
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        flops, seen = self.meter.flops, len(self.meter.unmeasured)
+        try:
+            out = super().run_node(n)
+        except Exception as err:  # data-dependent op: run this one node on real tensors
+            if n.op not in ("call_function", "call_method", "call_module"):
+                raise
+            out = self._run_real(n, err)
+        macs = (self.meter.flops - flops) // 2
+        if macs:
+            self.result.per_node[n.name] = macs
+        if len(self.meter.unmeasured) > seen:
+            self.result.unmeasured[n.name] = self.meter.unmeasured[seen:]
+            del self.meter.unmeasured[seen:]
+        return out
+
+    def _run_real(self, n: torch.fx.Node, err: Exception) -> Any:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        args, kwargs = tree_map(_real_like, (args, kwargs))
+        logger.debug("measured MACs: node %s runs on real tensors (%s: %s)", n.name, type(err).__name__, err)
+        with unset_fake_temporarily(), torch.no_grad():  # the meter stays active: it counts this node
+            out = getattr(self, n.op)(n.target, args, kwargs)
+        self.result.real_nodes.append(n.name)
+        return tree_map(lambda t: self.mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, out)
+
+
+def _fake_inputs(mode, inputs) -> tuple:
+    return tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
+
+
+def measure_graph(gm: torch.fx.GraphModule, inputs: tuple) -> GraphMeasure:
+    """Measured MACs per node of ``gm`` on ``inputs`` (placeholder order); never raises."""
+    result = GraphMeasure()
+    was_training = gm.training
+    gm.eval()
+    try:
+        mode = _fake_mode()
+        meter = MacMeter()
+        with mode, torch.enable_grad():
+            fake = _fake_inputs(mode, inputs)
+            with meter:
+                _Meter(gm, meter, mode, result).run(*fake)
+        result.total = sum(result.per_node.values())
+    except Exception as err:  # never let the independent count break a compile: say why instead
+        result.failed = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+        logger.debug("measuring MACs failed: %s", result.failed)
+    finally:
+        gm.train(was_training)
+    return result
+
+
+def measure_model(model: torch.nn.Module, inputs: Any) -> tuple[int, list[str]]:
+    """MACs of one forward of ``model`` (eval mode) and the unmeasured MAC-like ops it ran.
+
+    Fake tensors first; a model that cannot run on them (data-dependent ops) runs on real tensors.
+    ``inputs``: a tensor, a tuple of tensors or a dict of keyword tensors.
+    """
+    if isinstance(inputs, torch.Tensor):
+        args, kwargs = (inputs,), {}
+    elif isinstance(inputs, dict):
+        args, kwargs = (), dict(inputs)
+    else:
+        args, kwargs = tuple(inputs), {}
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            mode = _fake_mode()
+            meter = MacMeter()
+            with mode, torch.enable_grad():
+                fargs = _fake_inputs(mode, args)
+                fkw = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+                with meter:
+                    model(*fargs, **fkw)
+        except Exception as err:
+            logger.debug("measure_model: fake tensors failed (%s); running on real tensors", err)
+            meter = MacMeter()
+            with torch.no_grad(), meter:
+                model(*args, **kwargs)
+    finally:
+        model.train(was_training)
+    return meter.macs, list(meter.unmeasured)
