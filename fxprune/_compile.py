@@ -492,16 +492,19 @@ _CHEAP_POLICIES = ("uniform", "global", "isomorphic")
 
 
 def _project_healed(session: PruneSession, problem: PruningProblem, target: np.ndarray) -> Projection:
-    from fxprune.errors import BudgetUnreachableError
+    from fxprune.errors import BandUnreachableError, BudgetUnreachableError
 
     try:
         return project(problem, target)
-    except BudgetUnreachableError as err:
+    except (BudgetUnreachableError, BandUnreachableError) as err:
         if not session.healed:
             raise
         frozen = "; ".join(str(h) for h in list(session.healed.values())[:3])
-        raise BudgetUnreachableError(f"{err} (after the self-healing compile froze {len(session.healed)} "
-                                     f"group(s): {frozen})", min_macs=err.min_macs, budget=err.budget) from err
+        more = f" (after the self-healing compile froze {len(session.healed)} group(s): {frozen})"
+        if isinstance(err, BudgetUnreachableError):
+            raise BudgetUnreachableError(f"{err}{more}", min_macs=err.min_macs, budget=err.budget) from err
+        raise BandUnreachableError(f"{err}{more}", best_macs=err.best_macs, budget=err.budget,
+                                   lower=err.lower) from err
 
 
 def _verify(problem: PruningProblem, proj: Projection, macs: int) -> None:

@@ -227,6 +227,7 @@ def culprit_groups(session, failure: CandidateFailure, keep: np.ndarray) -> list
             continue
         names.add(n.name)
         names.update(a.name for a in n.all_input_nodes)
+        names.update(t.name for t in _shape_reads(n))
         if n.op == "call_module":
             modules.add(str(n.target))
         names.update(a.name for a in n.all_input_nodes if a.op == "get_attr")
@@ -247,6 +248,25 @@ def culprit_groups(session, failure: CandidateFailure, keep: np.ndarray) -> list
                 out.add(g.id)
                 break
     return sorted(g for g in out if keep[g] < graph.groups[g].n)
+
+
+def _shape_reads(node: torch.fx.Node, limit: int = 64) -> list[torch.fx.Node]:
+    """Tensors whose shapes ``node``'s non-tensor arguments are computed from (``x.shape[-1] // 4``)."""
+    from fxprune.ir import TensorInfo, tensor_info
+
+    out, seen = [], set()
+    stack = [a for a in node.all_input_nodes if not isinstance(tensor_info(a), TensorInfo)]
+    while stack and len(seen) < limit:
+        a = stack.pop()
+        if a in seen:
+            continue
+        seen.add(a)
+        for b in a.all_input_nodes:
+            if isinstance(tensor_info(b), TensorInfo):
+                out.append(b)
+            else:
+                stack.append(b)
+    return out
 
 
 def bisect_groups(fails: Callable[[np.ndarray], bool], keep: np.ndarray, full: np.ndarray) -> int | None:

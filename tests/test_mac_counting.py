@@ -176,3 +176,131 @@ def test_torchvision_oracle(name):
     ref = w.meta["_ops"]
     assert abs(got - ref) / ref < 0.005 or round(got, 3) == ref, (got, ref)
     _ = torchvision, math
+
+
+# ------------------------------------------------------------- no uncounted MACs (issue 13 item 9)
+
+def _flop_counter(model, *inputs):
+    """torch.utils.flop_counter.FlopCounterMode on real tensors, autograd on, halved."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.enable_grad(), FlopCounterMode(display=False) as fc:
+        model(*inputs)
+    return fc.get_total_flops() // 2
+
+
+class _FunctionalConvT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 4, 3, 3))
+        self.b = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return F.conv_transpose2d(x, self.w, self.b, stride=2, padding=1)
+
+
+class _Tensordot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 4, 6))
+
+    def forward(self, x):
+        return torch.tensordot(x, self.w, dims=([1, 2], [0, 1]))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cls, **kw):
+        super().__init__()
+        self.rnn = cls(8, 16, num_layers=2, batch_first=True, **kw)
+        self.head = nn.Linear(16 * (2 if kw.get("bidirectional") else 1) if not kw.get("proj_size") else
+                              kw["proj_size"] * (2 if kw.get("bidirectional") else 1), 4)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+
+def test_functional_conv_transpose_is_counted():
+    m, x = _FunctionalConvT(), torch.randn(1, 8, 6, 6)
+    n = macs(m, x)
+    # every input element meets every weight of its group: 36 positions * 8 in * 4 out * 9 taps
+    assert n == 6 * 6 * 8 * 4 * 9 == _flop_counter(m, x) and n.exact
+
+
+def test_conv_transpose_on_the_export_path_is_counted():
+    from fxprune.capture import capture
+    from fxprune.counting import _count
+
+    m, x = nn.Sequential(nn.ConvTranspose2d(8, 4, 3, stride=2), nn.ReLU()), torch.randn(1, 8, 6, 6)
+    cap = capture(m, x, method="export")
+    assert _count(cap).total == _flop_counter(m, x) == 6 * 6 * 8 * 4 * 9
+
+
+def test_tensordot_is_counted():
+    m, x = _Tensordot(), torch.randn(10, 8, 4)
+    n = macs(m, x)
+    assert n == 10 * 6 * 8 * 4 == _flop_counter(m, x) and n.exact and not n.measured  # an exact rule
+
+
+@pytest.mark.parametrize("cls,kw", [(nn.GRU, {}), (nn.LSTM, {}), (nn.RNN, {}),
+                                    (nn.LSTM, {"proj_size": 4, "bidirectional": True}),
+                                    (nn.GRU, {"bidirectional": True})])
+def test_recurrent_layers_are_counted_exactly(cls, kw):
+    from fxprune.cost_models.measured import measure_model
+
+    m, x = _Recurrent(cls, **kw), torch.randn(2, 12, 8)
+    gates = {nn.GRU: 3, nn.LSTM: 4, nn.RNN: 1}[cls]
+    h, p, dirs = 16, kw.get("proj_size", 0), 2 if kw.get("bidirectional") else 1
+    r = p or h
+    per_step = sum(dirs * (gates * h * ((8 if layer == 0 else dirs * r) + r) + h * p) for layer in range(2))
+    head = 24 * m.head.in_features * 4
+    n = macs(m, x)
+    assert n == 24 * per_step + head and n.exact and not n.measured
+    assert measure_model(m, x)[0] == n  # the independent count agrees (LSTM runs mkldnn_rnn_layer on CPU)
+    if cls is not nn.LSTM:  # torch's FlopCounterMode has no formula for the CPU LSTM kernel
+        assert n == _flop_counter(m, x)
+
+
+class _Opaque(nn.Module):
+    """A module fxprune keeps opaque (passed as a leaf): its MACs must be measured, not dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + self.fc(y.mean((2, 3)))[:, :, None, None]
+
+
+class _WithOpaque(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = _Opaque()
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.block(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_opaque_leaf_module_is_measured_and_frozen():
+    m, x = _WithOpaque(), torch.randn(1, 3, 16, 16)
+    n = fxprune.count_macs(m, x, leaf_modules=[_Opaque])
+    assert n == _flop_counter(m, x) == fxprune.count_macs(m, x)
+    assert n.exact and n.measured == {"block": 16 * 16 * 8 * 8 * 9 + 64}
+    prof = fxprune.profile_macs(m, x, leaf_modules=[_Opaque])
+    assert prof.exact and prof.to_json()["measured"] == {"block": 16 * 16 * 8 * 8 * 9 + 64}
+
+
+class _Cdist(nn.Module):
+    def forward(self, a, b):
+        return torch.cdist(a, b)
+
+
+def test_a_count_that_is_not_exact_says_so():
+    """cdist multiplies matrices inside one ATen kernel without a FLOP formula: not countable."""
+    n = fxprune.count_macs(_Cdist(), (torch.randn(1, 16, 8), torch.randn(1, 12, 8)))
+    assert isinstance(n, int) and not n.exact
+    assert any("cdist" in u for u in n.uncounted), n.uncounted
+    assert "cdist" in " ".join(fxprune.profile_macs(_Cdist(), (torch.randn(1, 16, 8), torch.randn(1, 12, 8))).uncounted)
