@@ -1,17 +1,29 @@
-"""Compile timm classification models to a MAC budget and check the result.
+"""Compile timm models to a MAC budget and check every result; up to every architecture timm has.
 
-For each model (random weights, ``pretrained_cfg["input_size"]``), in its own subprocess:
-  reference MACs (``torch.utils.flop_counter`` with autograd on, halved; timm's fused attention
-  switched off for that run because the fused CPU kernel counts as 0 -- the ``fusedref`` column is
-  the same counter with timm's default attention) -> compile at the budget ->
-  band check -> count_macs(pruned) == result.macs -> forward at batch size 2 -> ONNX export with a
-  dynamic batch -> onnxruntime parity. ``--oracle`` also runs the equivalence oracle (random plans
-  over the exact groups) at the model's smallest convenient input size.
-Prints one table row per model and a summary; ``--json`` writes all records.
+Each model runs in its own subprocess (random weights, ``pretrained_cfg["input_size"]``) through
+``fxprune.testing.timm_cases.check_case``:
 
-    python tools/sweep_timm.py                              # the default list at 50%
+  eligibility on the meta device (skipped over 100 M parameters or 30 GMACs) -> count_macs equals
+  the independent count (torch.utils.flop_counter on fake tensors) and is exact -> compile at the
+  budget -> the band holds by the independent count of the pruned model, which equals result.macs
+  (a miss the report calls in band is a *silent miss*) -> the pruned model runs at batch size 2 ->
+  and at another input size (+32 px) where the original accepts one -> ONNX export with a dynamic
+  batch matches onnxruntime at batch sizes 1 and 2. ``--oracle`` also runs the equivalence oracle.
+
+A case passes when every check does. Outcomes: pass, fail (by first failing stage: count,
+compile, verify, batch, size, onnx), crash (fxprune raised something that is not an FxpruneError,
+or the subprocess died), timeout, skipped (over the limits, or timm cannot build it).
+
+    python tools/sweep_timm.py                                   # the default 11-model list at 50%
     python tools/sweep_timm.py deit_tiny_patch16_224 --budget 0.62e9
     python tools/sweep_timm.py resnet50d swin_tiny_patch4_window7_224 --no-onnx --oracle
+    python tools/sweep_timm.py --all --results timm_all.jsonl --jobs 1 --timeout 900   # resumable
+    python tools/sweep_timm.py --all --sample 80 --seed 1 --results sample1.jsonl
+    python tools/sweep_timm.py --summary timm_all.jsonl          # the table of a results file
+    python tools/sweep_timm.py --ci-sample 40 --seed 0           # the CI sample (eligible models)
+
+``--results FILE`` appends one JSON line per model and skips models already in it (re-run the same
+command to resume; ``--fresh`` starts over). ``--json FILE`` writes this run's records (overwrites).
 """
 
 from __future__ import annotations
@@ -19,12 +31,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+STAGES = ("count", "compile", "verify", "batch", "size", "onnx", "oracle")
 
+
+# ------------------------------------------------------------------------------ one model (child)
 
 def oracle(name: str, plans: int = 2) -> float:
     """Equivalence oracle on random plans over the exact groups (small input, non-constant weights)."""
@@ -47,131 +65,255 @@ def oracle(name: str, plans: int = 2) -> float:
     return worst
 
 
-def run_one(name: str, budget: str, policy: str, onnx: bool, tolerance: float, with_oracle: bool) -> dict:
+def run_one(name: str, budget: str, policy: str, onnx: bool, tolerance: float, with_oracle: bool,
+            check_limits: bool, small: int | None) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
-    import timm
-    import torch
+    import logging
 
-    import fxprune
-    from fxprune.testing.timm_cases import PUBLISHED_GMACS, reference_macs
+    logging.disable(logging.WARNING)
+    from fxprune import progress
+    from fxprune.testing.timm_cases import check_case, eligibility
 
-    torch.manual_seed(0)
-    rec: dict = {"model": name}
-    model = timm.create_model(name, pretrained=False).eval()
-    shape = tuple(model.pretrained_cfg["input_size"])
-    x = torch.randn(1, *shape)
-    rec["input"] = list(shape)
-    rec["count_macs"] = fxprune.count_macs(model, x)
-    rec["ref_macs"] = reference_macs(name, x)
-    rec["ref_fused_macs"] = reference_macs(name, x, fused_attn=True)
-    rec["ref_err_pct"] = round(100 * (rec["count_macs"] - rec["ref_macs"]) / rec["ref_macs"], 3)
-    rec["published_gmacs"] = PUBLISHED_GMACS.get(name)
+    progress.set_enabled(False)
     t = time.perf_counter()
-    res = fxprune.compile(model, (x,), mac_budget=budget, policy=policy, tolerance=tolerance)
-    rec["seconds"] = round(time.perf_counter() - t, 2)
-    r = res.report
-    rec.update(base_macs=res.base_macs, macs=res.macs, budget=r.budget_macs, lower=r.lower_macs,
-               err_pct=round(100 * r.mac_error, 3), in_band=r.in_band, groups=len(r.groups),
-               head_groups=sum(1 for g in r.groups if g.kind == "heads"), frozen=len(r.frozen),
-               frozen_reasons=[f"{f.name} ({f.size}): {'; '.join(f.reasons[:1])}" for f in r.frozen],
-               params=res.params, base_params=res.base_params)
-    rec["ref_ok"] = abs(rec["ref_err_pct"]) <= 0.5
-    rec["recount_ok"] = fxprune.count_macs(res.model, x) == res.macs
-    with torch.no_grad():
-        y = res.model(torch.randn(2, *shape))
-    rec["batch2_ok"] = tuple(y.shape)[0] == 2 and bool(torch.isfinite(y).all())
-    if onnx:
-        from fxprune.export import onnx_parity
-
-        t = time.perf_counter()
-        proto = res.export_onnx()
-        par = onnx_parity(res.model, (x,), proto, batch_sizes=(1, 2))
-        rec["onnx_ok"] = bool(par.ok)
-        rec["onnx_max_abs"] = max(par.max_abs_err.values()) if par.max_abs_err else 0.0
-        rec["onnx_seconds"] = round(time.perf_counter() - t, 2)
-    if with_oracle:
-        t = time.perf_counter()
+    if check_limits:
+        try:
+            elig = eligibility(name)
+        except Exception as err:
+            return {"model": name, "status": "skipped", "stage": "create",
+                    "reason": f"cannot be created: {type(err).__name__}: {str(err)[:300]}"}
+        if not elig["eligible"]:
+            return {"model": name, "status": "skipped", "stage": "limits", "reason": elig["reason"], **elig}
+    rec = check_case(name, budget=budget, policy=policy, tolerance=tolerance, onnx=onnx, small=small)
+    if check_limits:
+        rec["eligibility"] = elig
+    if with_oracle and rec["status"] != "skipped":
+        t1 = time.perf_counter()
         try:
             rec["oracle_max_abs"] = oracle(name)
-            rec["oracle_ok"] = True
         except AssertionError as err:
-            rec["oracle_ok"] = False
-            rec["oracle_error"] = str(err)[:200]
-        rec["oracle_seconds"] = round(time.perf_counter() - t, 2)
+            rec["failed"].append("oracle")
+            rec.setdefault("errors", {})["oracle"] = str(err)[:300]
+            if rec["status"] == "pass":
+                rec.update(status="fail", stage="oracle")
+        rec["oracle_seconds"] = round(time.perf_counter() - t1, 2)
+    rec["wall_seconds"] = round(time.perf_counter() - t, 2)
     return rec
 
 
-CHECKS = ("ref_ok", "recount_ok", "batch2_ok", "onnx_ok", "oracle_ok")
+# ------------------------------------------------------------------------------ driver
+
+def _child_cmd(name: str, args) -> list[str]:
+    cmd = [sys.executable, __file__, "--one", name, "--budget", args.budget, "--policy", args.policy,
+           "--tolerance", str(args.tolerance)]
+    cmd += ["--no-onnx"] if args.no_onnx else []
+    cmd += ["--oracle"] if args.oracle else []
+    cmd += ["--no-limits"] if args.no_limits else []
+    cmd += ["--small", str(args.small)] if args.small else []
+    return cmd
+
+
+def _run_child(name: str, args) -> dict:
+    t = time.perf_counter()
+    env = dict(os.environ, FXPRUNE_PROGRESS="0", OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
+    try:
+        p = subprocess.run(_child_cmd(name, args), capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "status": "timeout", "stage": "", "reason": f"timeout after {args.timeout}s",
+                "wall_seconds": args.timeout}
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if line:
+        return json.loads(line[-1][7:])
+    tail = (p.stderr or p.stdout or "no output").strip()[-600:]
+    return {"model": name, "status": "crash", "stage": "process", "reason": f"exit code {p.returncode}: {tail}",
+            "wall_seconds": round(time.perf_counter() - t, 1)}
+
+
+def _row(rec: dict) -> str:
+    name = rec["model"][:38]
+    st = rec.get("status")
+    if st in ("skipped", "timeout") or "base_macs" not in rec:
+        why = rec.get("reason") or "; ".join(f"{k}: {v}" for k, v in (rec.get("errors") or {}).items())
+        return f"{name:38s} {st.upper():8s} {rec.get('stage', '')}: {why[:160]}"
+    healed = len(rec.get("healed") or [])
+    status = "ok" if st == "pass" else f"{st.upper()} {','.join(rec.get('failed', []))}"
+    return (f"{name:38s} {rec['base_macs'] / 1e9:8.3f} {rec['macs'] / 1e9:8.3f} {rec['err_pct']:7.3f} "
+            f"{rec.get('groups', 0):6d} {rec.get('frozen', 0):6d} {healed:6d} {rec.get('measured_nodes', 0):5d} "
+            f"{rec.get('seconds', 0):7.1f}  {status}")
+
+
+HEADER = (f"{'model':38s} {'GMACs':>8s} {'pruned':>8s} {'err %':>7s} {'groups':>6s} {'frozen':>6s} "
+          f"{'healed':>6s} {'meas.':>5s} {'time s':>7s}  checks")
+
+
+def summarize(recs: list[dict], *, onnx: bool = True) -> str:
+    """The summary table: pass / fail by stage / crash / timeout / skipped, silent misses, size-only fails."""
+    n = len(recs)
+    by = Counter(r.get("status") for r in recs)
+    ran = [r for r in recs if r.get("status") not in ("skipped",)]
+    fail_stage = Counter(r.get("stage") for r in recs if r.get("status") == "fail")
+    crash_stage = Counter(r.get("stage") for r in recs if r.get("status") == "crash")
+    skipped = Counter(r.get("stage") for r in recs if r.get("status") == "skipped")
+    silent = [r["model"] for r in recs if r.get("silent_miss")]
+    only_size = [r["model"] for r in recs if r.get("only_size")]
+    healed = [r["model"] for r in recs if r.get("healed")]
+    measured = [r["model"] for r in recs if r.get("measured_nodes")]
+    inexact = [r["model"] for r in recs if r.get("macs_exact") is False]
+    errs = [abs(r["err_pct"]) for r in recs if "err_pct" in r]
+    lines = [f"models: {n}; ran {len(ran)}; skipped {by.get('skipped', 0)} "
+             f"(over the limits {skipped.get('limits', 0)}, cannot be created {skipped.get('create', 0)})"]
+    pct = 100 * by.get("pass", 0) / len(ran) if ran else 0.0
+    lines.append(f"pass {by.get('pass', 0)}/{len(ran)} ({pct:.1f}%)")
+    lines.append("fail by stage: " + (", ".join(f"{s} {fail_stage[s]}" for s in STAGES if fail_stage.get(s))
+                                        or "none"))
+    lines.append(f"crashes: {by.get('crash', 0)}" + (f" ({', '.join(f'{s} {c}' for s, c in crash_stage.items())})"
+                                                     if crash_stage else "") + f"; timeouts: {by.get('timeout', 0)}")
+    lines.append(f"silent budget misses (reported in band, not by the independent count): {len(silent)}"
+                 + (f" {silent[:10]}" if silent else ""))
+    lines.append(f"fail only the other-input-size check: {len(only_size)}" + (f" {only_size[:10]}" if only_size else ""))
+    lines.append(f"self-healed (groups frozen after a failed candidate): {len(healed)} model(s)"
+                 + (f" {healed[:10]}" if healed else ""))
+    lines.append(f"ops counted by measurement (no exact rule): {len(measured)} model(s); MAC count not exact: "
+                 f"{len(inexact)}" + (f" {inexact[:10]}" if inexact else ""))
+    if errs:
+        lines.append(f"|MAC error| vs budget: mean {sum(errs) / len(errs):.3f}%, max {max(errs):.3f}%")
+    return "\n".join(lines)
+
+
+def _load(path: str) -> list[dict]:
+    recs = []
+    if path and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        recs.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass
+    return recs
+
+
+def ci_sample(n: int, seed: int, *, timeout: int = 120) -> list[str]:
+    """``n`` eligible architectures drawn by ``seed`` from ``timm.list_models()`` (eligibility of each
+    candidate checked on the meta device in a subprocess, in the draw order)."""
+    import timm
+
+    names = sorted(timm.list_models())
+    random.Random(seed).shuffle(names)
+    out = []
+    for name in names:
+        code = ("import json,warnings;warnings.filterwarnings('ignore');"
+                "from fxprune.testing.timm_cases import eligibility;"
+                f"print('ELIG '+json.dumps(eligibility({name!r})))")
+        try:
+            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            continue
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("ELIG ")]
+        if line and json.loads(line[-1][5:])["eligible"]:
+            out.append(name)
+            print(f"{len(out):3d} {name}", file=sys.stderr, flush=True)
+            if len(out) == n:
+                break
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="*")
+    ap.add_argument("--all", action="store_true", help="every architecture in timm.list_models()")
+    ap.add_argument("--sample", type=int, help="a random sample of this many models (of --all or the names given)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of --sample and --ci-sample")
+    ap.add_argument("--jobs", type=int, default=1, help="models compiled in parallel (one subprocess each)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per subprocess (default 1)")
     ap.add_argument("--budget", default="50%")
     ap.add_argument("--policy", default="global")
     ap.add_argument("--tolerance", type=float, default=0.01)
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--oracle", action="store_true", help="also run the equivalence oracle (random plans)")
-    ap.add_argument("--json", help="write all records (JSON lines) to this file")
-    ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--no-limits", action="store_true", help="do not skip models over 100 M params / 30 GMACs")
+    ap.add_argument("--small", type=int, help="check at about this input size where the model allows (as CI)")
+    ap.add_argument("--results", help="JSONL results file: appended to, models already in it are skipped")
+    ap.add_argument("--fresh", action="store_true", help="with --results: start the file over")
+    ap.add_argument("--json", help="write this run's records (JSON lines) to this file")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per model (default 1800)")
+    ap.add_argument("--summary", metavar="JSONL", help="print the table and summary of a results file and exit")
+    ap.add_argument("--ci-sample", type=int, metavar="N", help="print N eligible models drawn by --seed and exit")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+
     if args.one:
         try:
-            rec = run_one(args.one, args.budget, args.policy, not args.no_onnx, args.tolerance, args.oracle)
+            rec = run_one(args.one, args.budget, args.policy, not args.no_onnx, args.tolerance, args.oracle,
+                          not args.no_limits, args.small)
         except Exception as err:  # report, never hide
-            rec = {"model": args.one, "error": f"{type(err).__name__}: {str(err)[:400]}"}
-        print("RESULT " + json.dumps(rec))
+            rec = {"model": args.one, "status": "crash", "stage": "harness",
+                   "reason": f"{type(err).__name__}: {str(err)[:400]}"}
+        print("RESULT " + json.dumps(rec, default=str), flush=True)
         return 0
-    if not args.models:
+    if args.summary:
+        recs = _load(args.summary)
+        print(HEADER)
+        for r in recs:
+            print(_row(r))
+        print()
+        print(summarize(recs))
+        return 0
+    if args.ci_sample:
+        names = ci_sample(args.ci_sample, args.seed)
+        print(json.dumps(names))
+        return 0
+
+    if args.all:
+        import timm
+
+        models = sorted(timm.list_models())
+    elif args.models:
+        models = list(args.models)
+    else:
         from fxprune.testing.timm_cases import MODELS
 
-        args.models = list(MODELS)
-    models = args.models
-    out = open(args.json, "w") if args.json else None
-    hdr = (f"{'model':30s} {'base GMAC':>9s} {'ref GMAC':>9s} {'ref %':>6s} {'fusedref':>8s} {'publ.':>6s} "
-           f"{'achieved':>9s} {'err %':>7s} {'band':>4s} {'groups':>6s} {'heads':>5s} {'frozen':>6s} "
-           f"{'time s':>7s} checks")
-    print(hdr)
-    print("-" * len(hdr))
-    recs = []
-    for name in models:
-        cmd = [sys.executable, __file__, "--one", name, "--budget", args.budget, "--policy", args.policy,
-               "--tolerance", str(args.tolerance)] + (["--no-onnx"] if args.no_onnx else []) + (
-                   ["--oracle"] if args.oracle else [])
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-            err = (p.stderr or "no output")[-400:]
-            rec = json.loads(line[-1][7:]) if line else {"model": name, "error": err}
-        except subprocess.TimeoutExpired:
-            rec = {"model": name, "error": f"timeout after {args.timeout}s"}
-        recs.append(rec)
-        if out:
-            out.write(json.dumps(rec) + "\n")
-            out.flush()
-        if "error" in rec:
-            print(f"{name:30s} ERROR {rec['error'][:200]}", flush=True)
-            continue
-        checks = [k for k in CHECKS if k in rec]
-        failed = [k for k in checks if not rec[k]]
-        pub = rec.get("published_gmacs")
-        status = "all ok" if not failed else "FAILED " + ",".join(failed)
-        print(f"{name:30s} {rec['base_macs'] / 1e9:9.4f} {rec['ref_macs'] / 1e9:9.4f} "
-              f"{rec['ref_err_pct']:6.2f} {rec['ref_fused_macs'] / 1e9:8.4f} {pub if pub is not None else '-':>6} "
-              f"{rec['macs'] / 1e9:9.4f} {rec['err_pct']:7.3f} {'ok' if rec['in_band'] else 'NO':>4s} "
-              f"{rec['groups']:6d} {rec['head_groups']:5d} {rec['frozen']:6d} {rec['seconds']:7.1f} {status}",
-              flush=True)
-    ok = [r for r in recs if "error" not in r and r["in_band"] and all(r.get(k, True) for k in CHECKS)]
-    errs = [abs(r["err_pct"]) for r in recs if "error" not in r]
-    print(f"\nsummary: {len(ok)}/{len(recs)} models pass (count_macs == reference within 0.5%, band held, "
-          f"recount equal, batch 2 runs{', ONNX parity' if not args.no_onnx else ''}"
-          f"{', equivalence oracle' if args.oracle else ''}); "
-          + (f"|MAC error| vs budget: mean {sum(errs) / len(errs):.3f}%, max {max(errs):.3f}%"
-             if errs else ""))
-    return 0 if len(ok) == len(recs) else 1
+        models = list(MODELS)
+    if args.sample:
+        models = sorted(random.Random(args.seed).sample(models, min(args.sample, len(models))))
+    done: dict[str, dict] = {}
+    if args.results:
+        if args.fresh and os.path.exists(args.results):
+            os.remove(args.results)
+        done = {r["model"]: r for r in _load(args.results)}
+    todo = [m for m in models if m not in done]
+    print(f"{len(models)} model(s); {len(models) - len(todo)} already in {args.results}; running {len(todo)} "
+          f"with {args.jobs} job(s)", flush=True)
+    print(HEADER)
+    print("-" * len(HEADER), flush=True)
+    for m in models:
+        if m in done:
+            print(_row(done[m]), flush=True)
+    out = open(args.results, "a") if args.results else None
+    js = open(args.json, "w") if args.json else None
+    recs = [done[m] for m in models if m in done]
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [pool.submit(_run_child, name, args) for name in todo]
+            for fut in as_completed(futures):
+                rec = fut.result()
+                recs.append(rec)
+                for f in (out, js):
+                    if f:
+                        f.write(json.dumps(rec, default=str) + "\n")
+                        f.flush()
+                print(_row(rec), flush=True)
+    finally:
+        for f in (out, js):
+            if f:
+                f.close()
+    print()
+    print(summarize(recs, onnx=not args.no_onnx))
+    ran = [r for r in recs if r.get("status") != "skipped"]
+    return 0 if all(r.get("status") == "pass" for r in ran) else 1
 
 
 if __name__ == "__main__":

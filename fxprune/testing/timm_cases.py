@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["MODELS", "PUBLISHED_GMACS", "ORACLE_INPUTS", "randomize_constant_tensors", "reference_macs",
-           "oracle_model"]
+           "oracle_model", "eligibility", "small_config", "check_case", "STAGES", "MAX_PARAMS", "MAX_MACS"]
 
 MODELS = (
     "resnet50d", "efficientnet_b0", "mobilenetv3_large_100", "convnext_nano", "regnetx_016",
@@ -92,3 +92,227 @@ def reference_macs(name: str, x: torch.Tensor, *, fused_attn: bool = False, **kw
     with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     return int(counter.get_total_flops()) // 2
+
+
+# ------------------------------------------------------------------------------ sweep over timm
+
+#: models over either limit at their default input size are skipped by the sweep
+MAX_PARAMS = 100_000_000
+MAX_MACS = 30_000_000_000
+
+STAGES = ("create", "count", "compile", "verify", "batch", "size", "onnx")
+
+
+def eligibility(name: str) -> dict[str, Any]:
+    """Parameters and MACs of ``name`` at its default input size, on the meta device (no memory, no
+    arithmetic): ``{"params", "macs", "input_size", "eligible", "reason"}``. ``macs`` is None when the
+    model cannot run on meta tensors (it is then eligible on its parameter count alone)."""
+    import timm
+
+    from fxprune.cost_models.measured import MacMeter
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    params = sum(p.numel() for p in model.parameters())
+    shape = tuple(model.pretrained_cfg.get("input_size") or (3, 224, 224))
+    macs = None
+    try:
+        with torch.device("meta"):
+            x = torch.empty(1, *shape)
+        meter = MacMeter()
+        with torch.enable_grad(), meter:
+            model.eval()(x)
+        macs = meter.macs
+    except Exception:
+        pass
+    reason = ""
+    if params > MAX_PARAMS:
+        reason = f"{params / 1e6:.1f} M parameters > {MAX_PARAMS / 1e6:.0f} M"
+    elif macs is not None and macs > MAX_MACS:
+        reason = f"{macs / 1e9:.1f} GMACs > {MAX_MACS / 1e9:.0f} GMACs at {shape}"
+    return {"params": int(params), "macs": macs, "input_size": list(shape), "eligible": not reason, "reason": reason}
+
+
+def _runs(model: nn.Module, x: torch.Tensor, fake: bool) -> bool:
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+                model(mode.from_tensor(x))
+            return True
+        except Exception:
+            return False
+    try:
+        with torch.no_grad():
+            model(x)
+        return True
+    except Exception:
+        return False
+
+
+def small_config(name: str, target: int = 96) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """create_model kwargs and an input shape of about ``target`` px for a quick check.
+
+    The default model at ``target`` px when it accepts that size (CNNs), else the model built with
+    ``img_size=target`` (ViT-style position tables), else the model's default input size.
+    """
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False).eval()
+    shape = tuple(model.pretrained_cfg.get("input_size") or (3, 224, 224))
+    if max(shape[1:]) <= target:
+        return {}, shape
+    small = (shape[0], target, target)
+    meta_x = torch.empty(1, *small, device="meta")
+    if _runs(model, meta_x, fake=False):
+        return {}, small
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, img_size=target).eval()
+        if _runs(model, meta_x, fake=False):
+            return {"img_size": target}, small
+    except Exception:
+        pass
+    return {}, shape
+
+
+def _other_size(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Another spatial size for the "runs at another input size" check (+32 px)."""
+    return (shape[0],) + tuple(s + 32 for s in shape[1:])
+
+
+def check_case(name: str, *, budget: Any = "50%", policy: str = "global", tolerance: float = 0.01,
+               onnx: bool = True, small: int | None = None, create_kwargs: dict[str, Any] | None = None,
+               seed: int = 0) -> dict[str, Any]:
+    """Every check of the timm sweep on one model; never raises. Returns a JSON-able record.
+
+    ``status`` is "pass", "fail" (a check failed, or fxprune raised an ``FxpruneError``), "crash"
+    (fxprune raised anything else) or "skipped" (the model cannot be created); ``stage`` is the
+    first failing stage of :data:`STAGES`, ``failed`` all failing checks. Checks: ``count_macs``
+    equals the independent count (``torch.utils.flop_counter`` on fake tensors) and is exact ->
+    compile at ``budget`` -> the band holds by the independent count of the pruned model, which
+    equals ``result.macs`` (a miss the report calls in band is a *silent miss*) -> the pruned model
+    runs at batch size 2 -> and at another input size where the original accepts one -> ONNX export
+    with a dynamic batch matches PyTorch through onnxruntime at batch sizes 1 and 2.
+    """
+    import time
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import timm
+
+    import fxprune
+    from fxprune.cost_models.measured import measure_model
+    from fxprune.errors import FxpruneError
+
+    rec: dict[str, Any] = {"model": name, "status": "pass", "stage": "", "failed": []}
+    t_start = time.perf_counter()
+
+    def fail(stage: str, error: str = "", crash: bool = False) -> None:
+        if stage not in rec["failed"]:
+            rec["failed"].append(stage)
+        if rec["status"] == "pass" or (crash and rec["status"] == "fail"):
+            rec["status"] = "crash" if crash else "fail"
+            rec["stage"] = stage
+        if error:
+            rec.setdefault("errors", {})[stage] = error[:600]
+
+    def err_text(e: BaseException) -> str:
+        return f"{type(e).__name__}: {str(e).strip()}"
+
+    try:
+        kwargs = dict(create_kwargs or {})
+        if small:
+            extra, shape = small_config(name, small)
+            kwargs.update(extra)
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+        if not small:
+            shape = tuple(model.pretrained_cfg.get("input_size") or (3, 224, 224))
+        x = torch.randn(1, *shape)
+    except Exception as e:  # not fxprune's: timm cannot build it here
+        rec.update(status="skipped", stage="create", reason=f"cannot be created: {err_text(e)[:300]}")
+        return rec
+    rec["input"] = list(shape)
+    rec["create_kwargs"] = kwargs
+    # -- count
+    try:
+        n = fxprune.count_macs(model, x)
+        rec.update(count_macs=int(n), count_exact=bool(n.exact), count_measured=len(n.measured),
+                   count_uncounted=list(n.uncounted)[:4])
+        indep, unmeasured = measure_model(model, x)
+        rec["independent_macs"] = indep
+        if int(n) != indep or not n.exact:
+            fail("count", f"count_macs {int(n):,} (exact={n.exact}) vs independent {indep:,} {unmeasured}")
+    except FxpruneError as e:
+        fail("count", err_text(e))
+    except Exception as e:
+        fail("count", err_text(e), crash=True)
+    # -- compile
+    t = time.perf_counter()
+    try:
+        res = fxprune.compile(model, (x,), mac_budget=budget, policy=policy, tolerance=tolerance, seed=seed)
+    except FxpruneError as e:
+        fail("compile", err_text(e))
+        rec["seconds"] = round(time.perf_counter() - t_start, 2)
+        return rec
+    except Exception as e:
+        fail("compile", err_text(e), crash=True)
+        rec["seconds"] = round(time.perf_counter() - t_start, 2)
+        return rec
+    rec["compile_seconds"] = round(time.perf_counter() - t, 2)
+    r = res.report
+    rec.update(base_macs=res.base_macs, macs=res.macs, budget=r.budget_macs, lower=r.lower_macs,
+               err_pct=round(100 * r.mac_error, 3), reported_in_band=r.in_band, groups=len(r.groups),
+               head_groups=sum(1 for g in r.groups if g.kind == "heads"), frozen=len(r.frozen),
+               healed=[f"{h['name']} ({h['stage']} at {h['node'] or 'bisection'})" for h in r.healed],
+               measured_nodes=len(r.macs_measured), macs_exact=r.macs_exact, params=res.params,
+               base_params=res.base_params)
+    # -- verify: the band by the independent count
+    try:
+        pruned_indep, _ = measure_model(res.model, x)
+        rec["pruned_independent_macs"] = pruned_indep
+        ok = pruned_indep == res.macs and r.lower_macs <= pruned_indep <= r.budget_macs
+        if not ok:
+            rec["silent_miss"] = bool(r.in_band)
+            fail("verify", f"independent count of the pruned model {pruned_indep:,} vs result.macs {res.macs:,}, "
+                           f"band [{r.lower_macs:,}, {r.budget_macs:,}]")
+    except Exception as e:
+        fail("verify", err_text(e))
+    # -- another batch size
+    try:
+        with torch.no_grad():
+            y = res.model(torch.randn(2, *shape))
+        leaves = [t for t in (y if isinstance(y, (tuple, list)) else [y]) if isinstance(t, torch.Tensor)]
+        if not leaves or leaves[0].shape[0] != 2 or not all(bool(torch.isfinite(t).all()) for t in leaves):
+            fail("batch", "wrong or non-finite output at batch size 2")
+    except Exception as e:
+        fail("batch", err_text(e))
+    # -- another input size, where the original accepts one
+    other = _other_size(shape)
+    xo = torch.randn(1, *other)
+    if _runs(model, xo, fake=False):
+        rec["other_size"] = list(other)
+        if not _runs(res.model, xo, fake=False):
+            fail("size", f"the pruned model does not run at {other} although the original does")
+    # -- ONNX
+    if onnx:
+        from fxprune.export import onnx_parity
+
+        t = time.perf_counter()
+        try:
+            proto = res.export_onnx()
+            par = onnx_parity(res.model, (x,), proto, batch_sizes=(1, 2))
+            rec["onnx_max_abs"] = max(par.max_abs_err.values()) if par.max_abs_err else 0.0
+            if not par.ok:
+                fail("onnx", f"ONNX Runtime differs: max abs err {rec['onnx_max_abs']:.3g}")
+        except FxpruneError as e:
+            fail("onnx", err_text(e))
+        except Exception as e:
+            fail("onnx", err_text(e), crash=True)
+        rec["onnx_seconds"] = round(time.perf_counter() - t, 2)
+    rec["only_size"] = rec["failed"] == ["size"]
+    rec["seconds"] = round(time.perf_counter() - t_start, 2)
+    return rec
