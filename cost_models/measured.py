@@ -1,8 +1,9 @@
 """Measured MACs: ``torch.utils.flop_counter``'s formulas, run on fake tensors, per fx node.
 
 This is fxprune's *independent* MAC count. It knows nothing of the op rules in
-``fxprune.opset``: it runs the graph (or any module) on ``FakeTensorMode`` tensors, so no real
-arithmetic happens and the cost follows the graph, not the FLOPs, and reads every ATen op that
+``fxprune.opset``: it runs the graph (or any module) on meta tensors (the module's parameters and
+buffers swapped for meta ones of the same shape for the run), so no real arithmetic happens and
+the cost follows the graph, not the FLOPs, and reads every ATen op that
 dispatches through the formulas of ``torch.utils.flop_counter`` (conv, mm/bmm/addmm/baddbmm,
 fused attention...), plus the formulas that module lacks on CPU:
 
@@ -20,14 +21,15 @@ Two entry points:
 
 ``measure_graph(gm, inputs)``
     MACs per fx node of a ``GraphModule`` (a leaf module's node carries everything inside it).
-    A node that cannot run on fake tensors (``.item()``, ``nonzero``...) is run once on real
-    tensors of the recorded shapes, and the interpretation continues on fake ones.
+    A node that cannot run on meta tensors (``.item()``, ``nonzero``...) is run once on real
+    tensors of the recorded shapes, and the interpretation continues on meta ones.
 ``measure_model(model, inputs)``
     MACs of one forward of any module (the pruned model, the user's original).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -130,6 +132,58 @@ def _unmeasured(packet) -> bool:
     return bool(_MAC_NAME.search(name)) and not _NOT_MAC.search(name)
 
 
+# Meta kernels of norms and of many activations are Python decompositions, 10-50x slower than the
+# op on a small real tensor; their output shapes are trivial, so on meta tensors they are made directly.
+def _norm_outputs(func, args):
+    name = func._overloadpacket.__name__
+    x = args[0]
+    e = torch.empty(0, device="meta", dtype=x.dtype)
+    if name == "native_layer_norm":
+        k = len(args[1])
+        stat = tuple(x.shape[: x.dim() - k]) + (1,) * k
+        return torch.empty_like(x), torch.empty(stat, device="meta", dtype=x.dtype), torch.empty(
+            stat, device="meta", dtype=x.dtype)
+    if name == "native_group_norm":
+        n, g = int(args[3]), int(args[6])
+        return torch.empty_like(x), torch.empty((n, g), device="meta", dtype=x.dtype), torch.empty(
+            (n, g), device="meta", dtype=x.dtype)
+    if name == "_native_batch_norm_legit_no_training":
+        return torch.empty_like(x), e, e.clone()
+    training = bool(args[5]) if name == "native_batch_norm" else bool(args[3] if len(args) > 3 else False)
+    c = x.shape[1] if x.dim() > 1 else x.shape[0]
+    if training:
+        return torch.empty_like(x), torch.empty(c, device="meta", dtype=x.dtype), torch.empty(
+            c, device="meta", dtype=x.dtype)
+    return torch.empty_like(x), e, e.clone()
+
+
+_FAST_NORMS = {getattr(aten, n, None) for n in (
+    "native_layer_norm", "native_group_norm", "native_batch_norm", "_native_batch_norm_legit_no_training",
+)} - {None}
+_FAST_UNARY = {getattr(aten, n, None) for n in (
+    "gelu", "silu", "relu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh", "mish", "elu", "leaky_relu",
+    "erf", "exp", "neg", "abs", "sqrt", "rsqrt", "reciprocal", "log", "softplus", "clone", "alias",
+)} - {None}
+
+
+def _fast_meta(func, args, kwargs):
+    """The outputs of ``func`` on meta tensors when they follow from the input shape alone, else None."""
+    if kwargs.get("out") is not None or not args or not isinstance(args[0], torch.Tensor) \
+            or args[0].device.type != "meta":
+        return None
+    packet = func._overloadpacket
+    if packet in _FAST_NORMS and func._schema.name.endswith(func._overloadpacket.__name__):
+        if not all(a.device.type == "meta" for a in args if isinstance(a, torch.Tensor)):
+            return None
+        return _norm_outputs(func, args)
+    if packet in _FAST_UNARY and func._overloadname in ("default", "") and not any(
+            isinstance(a, torch.Tensor) for a in args[1:]) and not kwargs.get("memory_format"):
+        x = args[0]
+        if x.is_floating_point():
+            return torch.empty_like(x)
+    return None
+
+
 class MacMeter(TorchDispatchMode):
     """A dispatch mode that adds up FLOPs of every ATen op with a formula (``flops``) and remembers
     the MAC-like ops without one (``unmeasured``)."""
@@ -141,6 +195,9 @@ class MacMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = _fast_meta(func, args, kwargs)
+        if out is not None:
+            return out
         out = func(*args, **kwargs)
         packet = getattr(func, "_overloadpacket", func)
         f = FORMULAS.get(packet)
@@ -184,31 +241,54 @@ def _fake_mode():
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def _real_like(x: Any) -> Any:
-    from torch._subclasses.fake_tensor import FakeTensor
+def meta_like(t: Any) -> Any:
+    if isinstance(t, torch.Tensor):
+        m = torch.empty_like(t, device="meta")
+        return m.requires_grad_(t.requires_grad) if m.is_floating_point() or m.is_complex() else m
+    return t
 
-    if isinstance(x, FakeTensor):
-        with torch._subclasses.fake_tensor.unset_fake_temporarily():
-            if x.is_floating_point() or x.is_complex():
-                return torch.randn(x.shape, dtype=x.dtype)
-            if x.dtype == torch.bool:
-                return torch.zeros(x.shape, dtype=torch.bool)
-            return torch.zeros(x.shape, dtype=x.dtype)
+
+def _real_like(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.device.type == "meta":
+        if x.is_floating_point() or x.is_complex():
+            return torch.randn(x.shape, dtype=x.dtype, device="cpu")
+        return torch.zeros(x.shape, dtype=x.dtype, device="cpu")
     return x
 
 
+@contextlib.contextmanager
+def on_meta(module: torch.nn.Module):
+    """Every parameter, buffer and tensor attribute of ``module`` swapped for a meta tensor of the
+    same shape (tied tensors stay tied), and factories default to the meta device."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    state: dict[str, torch.Tensor] = {}
+    by_id: dict[int, torch.Tensor] = {}
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        items = list(mod._parameters.items()) + list(mod._buffers.items()) + [
+            (k, v) for k, v in vars(mod).items() if isinstance(v, torch.Tensor) and not k.startswith("__")]
+        for k, v in items:
+            if not isinstance(v, torch.Tensor) or v.device.type == "meta":
+                continue
+            if id(v) not in by_id:
+                by_id[id(v)] = meta_like(v.detach()) if not isinstance(v, torch.nn.Parameter) else torch.nn.Parameter(
+                    torch.empty_like(v, device="meta"), requires_grad=v.requires_grad)
+            state[f"{prefix}.{k}" if prefix else k] = by_id[id(v)]
+    with _reparametrize_module(module, state), torch.device("meta"):
+        yield
+
+
 class _Meter(torch.fx.Interpreter):
-    def __init__(self, gm, meter: MacMeter, mode, result: GraphMeasure):
+    def __init__(self, gm, meter: MacMeter, result: GraphMeasure):
         super().__init__(gm, garbage_collect_values=True)
         self.meter = meter
-        self.mode = mode
         self.result = result
 
     def run_node(self, n: torch.fx.Node) -> Any:
         flops, seen = self.meter.flops, len(self.meter.unmeasured)
         try:
             out = super().run_node(n)
-        except Exception as err:  # data-dependent op: run this one node on real tensors
+        except Exception as err:  # data-dependent op (.item(), nonzero): run this one node on real tensors
             if n.op not in ("call_function", "call_method", "call_module"):
                 raise
             out = self._run_real(n, err)
@@ -221,36 +301,46 @@ class _Meter(torch.fx.Interpreter):
         return out
 
     def _run_real(self, n: torch.fx.Node, err: Exception) -> Any:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         args, kwargs = tree_map(_real_like, (args, kwargs))
         logger.debug("measured MACs: node %s runs on real tensors (%s: %s)", n.name, type(err).__name__, err)
-        with unset_fake_temporarily(), torch.no_grad():  # the meter stays active: it counts this node
+        if n.op == "call_module":
+            raise err  # its weights are meta tensors here: measured as a whole graph on real tensors instead
+        with torch.device("cpu"), torch.no_grad():  # the meter stays active: it counts this node
             out = getattr(self, n.op)(n.target, args, kwargs)
         self.result.real_nodes.append(n.name)
-        return tree_map(lambda t: self.mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, out)
+        return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, out)
 
 
-def _fake_inputs(mode, inputs) -> tuple:
-    return tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
+class _RealMeter(_Meter):
+    def _run_real(self, n, err):
+        raise err
 
 
 def measure_graph(gm: torch.fx.GraphModule, inputs: tuple) -> GraphMeasure:
-    """Measured MACs per node of ``gm`` on ``inputs`` (placeholder order); never raises."""
-    result = GraphMeasure()
+    """Measured MACs per node of ``gm`` on ``inputs`` (placeholder order); never raises.
+
+    Runs on meta tensors (no memory, no arithmetic); a node that cannot (data-dependent ops) runs on
+    real tensors of its recorded shapes; a graph that still cannot is measured on real tensors.
+    """
     was_training = gm.training
     gm.eval()
     try:
-        mode = _fake_mode()
-        meter = MacMeter()
-        with mode, torch.enable_grad():
-            fake = _fake_inputs(mode, inputs)
-            with meter:
-                _Meter(gm, meter, mode, result).run(*fake)
+        result = GraphMeasure()
+        try:
+            meter = MacMeter()
+            with on_meta(gm), torch.enable_grad(), meter:
+                _Meter(gm, meter, result).run(*(meta_like(t) for t in inputs))
+        except Exception as err:
+            logger.debug("measuring MACs on meta tensors failed (%s); measuring on real tensors", err)
+            result = GraphMeasure()
+            meter = MacMeter()
+            with torch.no_grad(), meter:
+                _RealMeter(gm, meter, result).run(*inputs)
         result.total = sum(result.per_node.values())
     except Exception as err:  # never let the independent count break a compile: say why instead
-        result.failed = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+        result = GraphMeasure(failed=f"{type(err).__name__}: "
+                                     f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}")
         logger.debug("measuring MACs failed: %s", result.failed)
     finally:
         gm.train(was_training)
@@ -260,7 +350,8 @@ def measure_graph(gm: torch.fx.GraphModule, inputs: tuple) -> GraphMeasure:
 def measure_model(model: torch.nn.Module, inputs: Any) -> tuple[int, list[str]]:
     """MACs of one forward of ``model`` (eval mode) and the unmeasured MAC-like ops it ran.
 
-    Fake tensors first; a model that cannot run on them (data-dependent ops) runs on real tensors.
+    Meta tensors first, then fake tensors; a model that runs on neither (data-dependent ops) runs on
+    real tensors.
     ``inputs``: a tensor, a tuple of tensors or a dict of keyword tensors.
     """
     if isinstance(inputs, torch.Tensor):
@@ -273,18 +364,24 @@ def measure_model(model: torch.nn.Module, inputs: Any) -> tuple[int, list[str]]:
     model.eval()
     try:
         try:
-            mode = _fake_mode()
             meter = MacMeter()
-            with mode, torch.enable_grad():
-                fargs = _fake_inputs(mode, args)
-                fkw = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-                with meter:
-                    model(*fargs, **fkw)
+            with on_meta(model), torch.enable_grad(), meter:
+                model(*tree_map(meta_like, args), **tree_map(meta_like, kwargs))
         except Exception as err:
-            logger.debug("measure_model: fake tensors failed (%s); running on real tensors", err)
-            meter = MacMeter()
-            with torch.no_grad(), meter:
-                model(*args, **kwargs)
+            logger.debug("measure_model: meta tensors failed (%s); trying fake tensors", err)
+            try:
+                mode = _fake_mode()
+                meter = MacMeter()
+                with mode, torch.enable_grad():
+                    fargs = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, args)
+                    fkw = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, kwargs)
+                    with meter:
+                        model(*fargs, **fkw)
+            except Exception as err2:
+                logger.debug("measure_model: fake tensors failed (%s); running on real tensors", err2)
+                meter = MacMeter()
+                with torch.no_grad(), meter:
+                    model(*args, **kwargs)
     finally:
         model.train(was_training)
     return meter.macs, list(meter.unmeasured)

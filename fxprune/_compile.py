@@ -348,7 +348,7 @@ def compile(  # noqa: A001 - the product's name for the operation
     evaluate: Callable[[nn.Module], float] | None = None,
     loss_fn: Any = None,
     seed: int = 0,
-    verify: bool = True,
+    verify: bool | str = True,
     policy_options: dict[str, Any] | None = None,
     capture: str = "auto",
     leaf_modules: Sequence[type] = (),
@@ -373,7 +373,10 @@ def compile(  # noqa: A001 - the product's name for the operation
         calibration_data: batches for data-driven criteria and the label-free quality signal.
         evaluate: ``evaluate(model) -> float`` (higher is better) used by search policies.
         seed: the run's seed (same inputs and seed give the same result).
-        verify: check that counted MACs equal the estimate and the band holds.
+        verify: check the pruned model: counted MACs equal the estimate and the independent count
+            (``torch.utils.flop_counter`` on fake tensors), the band holds, it runs at another batch
+            size; ``"onnx"`` also exports it to ONNX and checks ONNX Runtime parity. A candidate
+            that fails has the groups behind the failure frozen (``report.healed``) and is rebuilt.
 
     Returns:
         A :class:`CompileResult`.

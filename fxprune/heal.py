@@ -51,7 +51,7 @@ class HealedGroup:
     group: int
     name: str
     size: int
-    stage: str  # "rewrite" | "run" | "mac-estimate" | "mac-measured" | "batch"
+    stage: str  # "rewrite" | "run" | "mac-estimate" | "mac-measured" | "batch" | "onnx"
     node: str  # the failing node ("" when the group was found by bisection)
     reason: str
 
@@ -67,7 +67,7 @@ class CandidateFailure(PostconditionError):
     """A pruned candidate failed to build, run or verify.
 
     Attributes:
-        stage: "rewrite", "run", "mac-estimate", "mac-measured" or "batch".
+        stage: "rewrite", "run", "mac-estimate", "mac-measured", "batch" or "onnx".
         nodes: fx node names where it failed (may be empty).
         params: parameter names involved (may be empty).
         groups: group ids directly named by the failure (may be empty).
@@ -125,8 +125,9 @@ def _bigger_batch(inputs: tuple) -> tuple | None:
 
 
 def _runs_at(gm: torch.fx.GraphModule, inputs: tuple) -> str | None:
-    """None when ``gm`` runs on fake copies of ``inputs``, else the failing node's name ("?" unknown)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    """None when ``gm`` runs on meta copies of ``inputs`` (or meta tensors cannot tell), else the
+    failing node's name ("?" when unknown)."""
+    from fxprune.cost_models.measured import meta_like, on_meta
 
     was = gm.training
     gm.eval()
@@ -137,14 +138,16 @@ def _runs_at(gm: torch.fx.GraphModule, inputs: tuple) -> str | None:
             last[:] = [n.name]
             return super().run_node(n)
 
+    from fxprune.cost_models.measured import MacMeter
+
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-            _I(gm).run(*(mode.from_tensor(t) for t in inputs))
+        with on_meta(gm), torch.no_grad(), MacMeter():  # the meter's fast meta kernels
+            _I(gm).run(*(meta_like(t) for t in inputs))
         return None
     except Exception as err:
-        if "data-dependent" in str(err).lower() or "DataDependent" in type(err).__name__ or (
-                "DynamicOutputShape" in type(err).__name__):
-            return None  # fake tensors cannot decide: not a failure of the pruned model
+        text = f"{type(err).__name__}: {err}".lower()
+        if isinstance(err, NotImplementedError) or "meta" in text or "data-dependent" in text or "item()" in text:
+            return None  # meta tensors cannot decide: not a failure of the pruned model
         return last[0] if last else "?"
     finally:
         gm.train(was)
@@ -165,7 +168,8 @@ def build_candidate(session, keep: np.ndarray, criterion: str | None = None, *, 
 
     Checks (with ``verify``): counted MACs == ``estimate`` (the cost model), counted MACs == the
     independent measured count, node by node; the pruned graph runs at another batch size where
-    the original does.
+    the original does; with ``verify="onnx"`` also ONNX export and ONNX Runtime parity (a failure
+    there names no node: it is bisected).
     """
     from fxprune.cost_models.mac import MacCostModel
     from fxprune.cost_models.measured import measure_graph
@@ -202,6 +206,8 @@ def build_candidate(session, keep: np.ndarray, criterion: str | None = None, *, 
                 f"the pruned model's MACs at node '{first}' are {count.per_node.get(first, 0):,} by fxprune's "
                 f"rules but {meas.per_node.get(first, 0):,} measured (torch.utils.flop_counter)",
                 stage="mac-measured", nodes=bad)
+    if verify == "onnx":
+        _check_onnx(pruned, session.captured.inputs)
     big = _bigger_batch(session.captured.inputs)
     if big is not None:
         where = _runs_at(pruned, big)
@@ -210,6 +216,19 @@ def build_candidate(session, keep: np.ndarray, criterion: str | None = None, *, 
                                    f"'{where}') although the original does", stage="batch",
                                    nodes=(where,) if where != "?" else ())
     return Candidate(pruned, macs, meas.total if meas.ok else None)
+
+
+def _check_onnx(gm: torch.fx.GraphModule, inputs: tuple) -> None:
+    """Export to ONNX and compare with ONNX Runtime at batch sizes 1 and 2 (the ``verify="onnx"`` check)."""
+    from fxprune.export import export_onnx, onnx_parity
+
+    try:
+        proto = export_onnx(gm, inputs)
+        par = onnx_parity(gm, inputs, proto, batch_sizes=(1, 2))
+    except FxpruneError as err:
+        raise CandidateFailure(f"the pruned model does not export to ONNX: {err}", stage="onnx") from err
+    if not par.ok:
+        raise CandidateFailure(f"ONNX Runtime differs from the pruned model: {par.summary()}", stage="onnx")
 
 
 # ------------------------------------------------------------------------------ culprits

@@ -39,7 +39,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STAGES = ("count", "compile", "verify", "batch", "size", "onnx", "oracle")
+STAGES = ("compile", "count", "verify", "batch", "size", "onnx", "oracle")
 
 
 # ------------------------------------------------------------------------------ one model (child)

@@ -51,6 +51,7 @@ def run(args) -> int:
         mac_budget=args.mac_budget, latency_budget=args.latency_budget, tolerance=args.tolerance,
         policy=args.policy, channel_multiple=args.channel_multiple, min_keep_ratio=args.min_keep_ratio,
         importance=args.importance, ignore=args.ignore or None, seed=args.seed,
+        verify="onnx" if args.output else True,  # an ONNX failure then heals like any other
         latency_options={"threads": args.threads, "opt_level": args.opt_level} if args.latency_budget else None,
     )
     result.report.model = spec.label

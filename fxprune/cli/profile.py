@@ -52,8 +52,12 @@ def run(args) -> int:
     print(f"\n{'module':{width}s} {'MACs':>12s} {'share':>7s}")
     for name, macs in rows:
         print(f"{name:{width}s} {format_macs(macs):>12s} {macs / max(prof.total, 1):7.2%}")
-    if prof.uncounted:
-        print(f"\nnot counted (no cost rule): {', '.join(prof.uncounted[:8])}")
+    if prof.measured:
+        print(f"\nmeasured (no exact rule; torch.utils.flop_counter on fake tensors): "
+              + ", ".join(f"{n} {format_macs(m)}" for n, m in list(prof.measured.items())[:8]))
+    if not prof.exact:
+        print("\nwarning: the MAC count is NOT exact; not counted: " + ("; ".join(prof.uncounted[:8]) or
+              (prof.calibration.failed if prof.calibration is not None else "?")))
     print(f"\n({seconds:.2f}s)")
     return 0
 

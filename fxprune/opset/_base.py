@@ -283,11 +283,35 @@ def rewritten_sizes(node: torch.fx.Node, sizes: Sequence[Any], r: RewriteContext
             continue
         n = r.new_size(node, d + offset)
         after = size_after_rewrite(s, r)
-        stale = after is not None and after != n
-        if n != out[d] or stale:
-            new[d] = n
+        if after == n:
+            continue  # literal or symbolic, it already gives the new size (and stays symbolic)
+        if n != out[d] or after is not None:
+            new[d] = _rescaled(node, s, n, r)
             changed = True
     return new if changed else None
+
+
+def _rescaled(node: torch.fx.Node, s: Any, n: int, r: RewriteContext) -> Any:
+    """The new size ``n`` of a dim, as an expression where the old one was ``sym * k``.
+
+    BotNet's ``q.reshape(B * num_heads, ...)`` merges the batch with the heads: when heads are
+    pruned the dim must become ``B * kept_heads``, not the literal ``1 * kept_heads`` of the
+    example batch. When the symbolic factor keeps its value and divides ``n``, a new ``sym * n/sym``
+    node is inserted before ``node``; otherwise the literal ``n``.
+    """
+    if not (isinstance(s, torch.fx.Node) and s.op == "call_function" and s.target is operator.mul
+            and len(s.args) == 2 and not s.kwargs):
+        return n
+    a, b = s.args
+    if isinstance(a, int) and isinstance(b, torch.fx.Node):
+        a, b = b, a
+    if not (isinstance(a, torch.fx.Node) and isinstance(b, int)):
+        return n
+    before = concrete_value(a)
+    if not isinstance(before, int) or before <= 0 or size_after_rewrite(a, r) != before or n % before:
+        return n
+    with node.graph.inserting_before(node):
+        return node.graph.call_function(operator.mul, (a, n // before))
 
 
 _SIZE_ARITH = {
