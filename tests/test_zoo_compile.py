@@ -95,7 +95,9 @@ def test_an_inconsistent_rewrite_is_a_postcondition_error_naming_the_node(monkey
     monkeypatch.setattr(base, "shape_source", lambda s: None)
     torch.manual_seed(0)
     session = open_session(_maxvit().eval(), (torch.randn(1, 3, 64, 64),))
-    keep = np.array([max(1, g.n // 2) for g in session.graph.groups])
+    # the blocks' residual channels pruned: the attention's reshape back to the block input's
+    # x.shape[-1] (read off another tensor) goes stale
+    keep = np.array([g.n // 2 if g.name.endswith("MBconv.proj.1") else g.n for g in session.graph.groups])
     with pytest.raises(PostconditionError, match=r"no longer runs, at node 'reshape_\d+'") as info:
         session.materialize(keep)
     assert "example_inputs" not in str(info.value) and "ignore=" in str(info.value)

@@ -20,7 +20,7 @@ or the subprocess died), timeout, skipped (over the limits, or timm cannot build
     python tools/sweep_timm.py --all --results timm_all.jsonl --jobs 1 --timeout 900   # resumable
     python tools/sweep_timm.py --all --sample 80 --seed 1 --results sample1.jsonl
     python tools/sweep_timm.py --summary timm_all.jsonl          # the table of a results file
-    python tools/sweep_timm.py --ci-sample 40 --seed 0           # the CI sample (eligible models)
+    python tools/sweep_timm.py --ci-sample 40 --seed 0 --small 64  # the CI sample (eligible models)
 
 ``--results FILE`` appends one JSON line per model and skips models already in it (re-run the same
 command to resume; ``--fresh`` starts over). ``--json FILE`` writes this run's records (overwrites).
@@ -196,26 +196,31 @@ def _load(path: str) -> list[dict]:
     return recs
 
 
-def ci_sample(n: int, seed: int, *, timeout: int = 120) -> list[str]:
+def ci_sample(n: int, seed: int, small: int, *, timeout: int = 120) -> dict[str, list]:
     """``n`` eligible architectures drawn by ``seed`` from ``timm.list_models()`` (eligibility of each
-    candidate checked on the meta device in a subprocess, in the draw order)."""
+    candidate checked on the meta device in a subprocess, in the draw order), each with its small
+    check configuration ``[create kwargs, input shape]`` (``small_config``)."""
     import timm
 
     names = sorted(timm.list_models())
     random.Random(seed).shuffle(names)
-    out = []
+    out: dict[str, list] = {}
     for name in names:
         code = ("import json,warnings;warnings.filterwarnings('ignore');"
-                "from fxprune.testing.timm_cases import eligibility;"
-                f"print('ELIG '+json.dumps(eligibility({name!r})))")
+                "from fxprune.testing.timm_cases import eligibility, small_config;"
+                f"e = eligibility({name!r}); c = small_config({name!r}, {small}) if e['eligible'] else None;"
+                "print('ELIG '+json.dumps([e, c]))")
         try:
             p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             continue
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("ELIG ")]
-        if line and json.loads(line[-1][5:])["eligible"]:
-            out.append(name)
-            print(f"{len(out):3d} {name}", file=sys.stderr, flush=True)
+        if not line:
+            continue
+        elig, conf = json.loads(line[-1][5:])
+        if elig["eligible"]:
+            out[name] = [conf[0], list(conf[1])]
+            print(f"{len(out):3d} {name} {out[name]}", file=sys.stderr, flush=True)
             if len(out) == n:
                 break
     return out
@@ -263,8 +268,11 @@ def main() -> int:
         print(summarize(recs))
         return 0
     if args.ci_sample:
-        names = ci_sample(args.ci_sample, args.seed)
-        print(json.dumps(names))
+        sample = ci_sample(args.ci_sample, args.seed, args.small or 64)
+        print("CI_SAMPLE = {")
+        for name, (kw, shape) in sample.items():
+            print(f"    {name!r}: ({kw!r}, {tuple(shape)!r}),")
+        print("}")
         return 0
 
     if args.all:

@@ -119,6 +119,19 @@ _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
+def couple_positions(b, node, x, first: int, one_to_one: bool) -> None:
+    """Spatial dims ``first..`` of ``x`` and ``node``: tied when the op maps positions one to one
+    (a 1x1 kernel keeping the size), else frozen: positions a kernel, a stride or a resize mixes
+    cannot carry prunable channels (CoaT aggregates its embedding along a Conv1d's length)."""
+    xs, os_ = ishape(x), ishape(node)
+    for d in range(first, min(len(xs), len(os_))):
+        if one_to_one and xs[d] == os_[d]:
+            b.tie(b.space(x, d), b.space(node, d))
+        else:
+            b.freeze(b.space(x, d), f"spatial dim {d} of '{node.name}'")
+            b.freeze(b.space(node, d), f"spatial dim {d} of '{node.name}'")
+
+
 class ConvRule(OpRule):
     """Conv{1,2,3}d modules and ``F.conv{1,2,3}d``.
 
@@ -157,6 +170,7 @@ class ConvRule(OpRule):
         w, g, x, xs, os_, c, wshape = self._info(node, b.gm)
         for d in range(c):
             b.tie(b.space(x, d), b.space(node, d))
+        couple_positions(b, node, x, c + 1, all(k == 1 for k in wshape[2:]))
         cin, cout = xs[c], os_[c]
         out_c, in_c = b.space(node, c), b.space(x, c)
         w0 = w.space(b, "weight", 0)
@@ -252,6 +266,7 @@ class ConvTransposeRule(OpRule):
         w, groups, x, xs, os_, c, wshape = self._info(node, b.gm)
         for d in range(c):
             b.tie(b.space(x, d), b.space(node, d))
+        couple_positions(b, node, x, c + 1, all(k == 1 for k in wshape[2:]))
         in_c, out_c = b.space(x, c), b.space(node, c)
         w0, w1 = w.space(b, "weight", 0), w.space(b, "weight", 1)
         b.tie(in_c, w0)
@@ -579,6 +594,7 @@ class ChannelPassRule(OpRule):
             return
         for d in range(len(xs) - spatial):
             b.tie(b.space(x, d), b.space(node, d))
+        couple_positions(b, node, x, len(xs) - spatial, False)
 
 
 register_module(

@@ -185,7 +185,7 @@ def _other_size(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def check_case(name: str, *, budget: Any = "50%", policy: str = "global", tolerance: float = 0.01,
                onnx: bool = True, small: int | None = None, create_kwargs: dict[str, Any] | None = None,
-               seed: int = 0) -> dict[str, Any]:
+               input_size: tuple[int, ...] | None = None, seed: int = 0) -> dict[str, Any]:
     """Every check of the timm sweep on one model; never raises. Returns a JSON-able record.
 
     ``status`` is "pass", "fail" (a check failed, or fxprune raised an ``FxpruneError``), "crash"
@@ -224,12 +224,13 @@ def check_case(name: str, *, budget: Any = "50%", policy: str = "global", tolera
 
     try:
         kwargs = dict(create_kwargs or {})
-        if small:
+        shape = tuple(input_size) if input_size else None
+        if small and shape is None:
             extra, shape = small_config(name, small)
             kwargs.update(extra)
         torch.manual_seed(seed)
         model = timm.create_model(name, pretrained=False, **kwargs).eval()
-        if not small:
+        if shape is None:
             shape = tuple(model.pretrained_cfg.get("input_size") or (3, 224, 224))
         x = torch.randn(1, *shape)
     except Exception as e:  # not fxprune's: timm cannot build it here
