@@ -315,7 +315,7 @@ def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence
                     kinds = sorted({type(model.get_submodule(q)).__name__ for q in inlined})
                     notes.append(f"timm: traced through {len(inlined)} module(s) timm marks as not traceable "
                                  f"({', '.join(kinds)})" + (f"; kept opaque: {', '.join(forced)}" if forced else ""))
-                return gm
+                return _export_leaves(gm, model, args, kwargs, optional, notes) if forced else gm
             break
     tracer = _Tracer(user_leaves + timm_leaves, timm_wraps)
     if tracer.is_leaf_module(model, ""):
@@ -346,7 +346,20 @@ def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence
     if concrete:
         _drop_specialized_inputs(graph, concrete)
     name = type(model).__name__
-    return torch.fx.GraphModule(tracer.root, graph, name)
+    gm = torch.fx.GraphModule(tracer.root, graph, name)
+    return _export_leaves(gm, model, args, kwargs, optional, notes) if optional else gm
+
+
+def _export_leaves(gm, model, args, kwargs, optional, notes) -> torch.fx.GraphModule:
+    """Opaque timm leaves recorded with torch.export and inlined (see ``fxprune.leaf_export``)."""
+    from fxprune.leaf_export import export_leaves
+
+    try:
+        return export_leaves(gm, args, kwargs, lambda m: isinstance(m, optional),
+                             lambda new: _same_outputs(model, new, args, kwargs), notes if notes is not None else [])
+    except Exception as err:  # never worse than the opaque leaf
+        logger.debug("exporting opaque leaves failed: %s", err)
+        return gm
 
 
 def _failing_optional_leaf(tracer: _Tracer, model: nn.Module, optional: tuple[type, ...]) -> str | None:
