@@ -122,6 +122,8 @@ class PruneSession:
     seed: int = 0
     _score_cache: dict[str, dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
     last_passes: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    layout: Any = None  # fxprune.hf.Layout: tied / whole groups (layer_uniform)
+    hf_source: Any = None  # fxprune.hf.HFSource of a Hugging Face model fxprune can rebuild
 
     @property
     def gm(self) -> torch.fx.GraphModule:
@@ -168,7 +170,7 @@ class PruneSession:
 
 def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, importance: str = "l1",
                  calibration_data: Any = None, loss_fn: Any = None, capture_method: str = "auto",
-                 leaf_modules: Sequence[type] = (), seed: int = 0) -> PruneSession:
+                 leaf_modules: Sequence[type] = (), seed: int = 0, layer_uniform: bool | None = None) -> PruneSession:
     t0 = time.perf_counter()
     cap = capture(model, example_inputs, method=capture_method, leaf_modules=leaf_modules)
     t1 = time.perf_counter()
@@ -195,7 +197,28 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
                          calibration_data if calibration_data is not None else [cap.inputs], loss_fn, seed)
     t4 = time.perf_counter()
     timings = {"capture": t1 - t0, "shape_prop": t2 - t1, "analysis": t3 - t2, "importance": t4 - t3}
-    return PruneSession(cap, graph, terms, base, cost, scores, importance, timings, calibration_data, loss_fn, seed)
+    session = PruneSession(cap, graph, terms, base, cost, scores, importance, timings, calibration_data, loss_fn, seed)
+    _set_layout(session, model, layer_uniform)
+    return session
+
+
+def _set_layout(session: PruneSession, model: nn.Module, layer_uniform: bool | None) -> None:
+    """Ties of per-layer groups (on by default for Hugging Face models fxprune can rebuild)."""
+    from fxprune.hf import Layout, layout_for, source_of
+    from fxprune.tying import layer_ties
+
+    cap = session.captured
+    session.hf_source = source_of(model, cap.args, cap.kwargs)
+    if layer_uniform is None:
+        layer_uniform = session.hf_source is not None
+    if not layer_uniform:
+        return
+    if session.hf_source is not None:
+        session.layout = layout_for(session.hf_source, session.graph.groups)
+    else:
+        ties = layer_ties(session.graph.groups)
+        session.layout = Layout(ties, {}, [f"layer_uniform: {sum(len(t.members) for t in ties)} groups decided as "
+                                           f"{len(ties)} (the same keep count in every layer)"] if ties else [])
 
 
 def _ignore_spec(ignore: Any, gm: torch.fx.GraphModule) -> tuple[tuple[str, ...], Callable[[str], bool] | None]:
@@ -255,7 +278,12 @@ def build_problem(session: PruneSession, budget: int, tolerance: float, channel_
     fixed = int(session.cost(np.zeros((1, G), dtype=np.int64))[0]) if G else session.base_macs
     frozen = tuple(f"{f.name} ({f.n}): {'; '.join(f.reasons[:2])}" for f in session.graph.frozen)
     lower = int(math.ceil(budget * (1.0 - tolerance)))
-    return PruningProblem(tuple(specs), session.base_macs, int(budget), lower, min_macs, fixed, session.cost, frozen)
+    problem = PruningProblem(tuple(specs), session.base_macs, int(budget), lower, min_macs, fixed, session.cost, frozen)
+    if session.layout is not None:  # ties: one decision per role across layers (fxprune.tying)
+        from fxprune.tying import apply_layout
+
+        problem = apply_layout(problem, session.layout.ties, session.layout.fixed)
+    return problem
 
 
 # ------------------------------------------------------------------------------------- result
@@ -282,6 +310,14 @@ class CompileResult:
     example_inputs: tuple
     original: torch.fx.GraphModule | None = None
     keep: dict[int, int] = field(default_factory=dict)
+    hf_source: Any = field(default=None, repr=False)
+
+    def to_hf(self, *, verify: bool = True) -> nn.Module:
+        """The pruned Hugging Face model as an instance of its original class (``generate``,
+        ``save_pretrained``); see :func:`fxprune.hf.to_hf`."""
+        from fxprune.hf import to_hf
+
+        return to_hf(self, verify=verify)
 
     def export_onnx(self, path: str | None = None, **kwargs: Any):
         """Export the pruned model to ONNX (dynamic batch dimension); returns the ``onnx.ModelProto``."""
@@ -327,6 +363,7 @@ def compile(  # noqa: A001 - the product's name for the operation
     capture: str = "auto",
     leaf_modules: Sequence[type] = (),
     latency_options: dict[str, Any] | None = None,
+    layer_uniform: bool | None = None,
 ) -> CompileResult:
     """Compile ``model`` to a MAC budget: a physically smaller model with MACs in the band.
 
@@ -348,6 +385,9 @@ def compile(  # noqa: A001 - the product's name for the operation
         evaluate: ``evaluate(model) -> float`` (higher is better) used by search policies.
         seed: the run's seed (same inputs and seed give the same result).
         verify: check that counted MACs equal the estimate and the band holds.
+        layer_uniform: keep the same number of units in every layer for groups that play the same
+            role (one decision variable per role). ``None``: on for Hugging Face models that
+            ``result.to_hf()`` can rebuild (their config has one width per role), off otherwise.
 
     Returns:
         A :class:`CompileResult`.
@@ -382,7 +422,7 @@ def compile(  # noqa: A001 - the product's name for the operation
         torch.manual_seed(seed)
         session = open_session(model, example_inputs, ignore=ignore, importance=importance,
                                calibration_data=calibration_data, loss_fn=loss_fn, capture_method=capture,
-                               leaf_modules=leaf_modules, seed=seed)
+                               leaf_modules=leaf_modules, seed=seed, layer_uniform=layer_uniform)
         budget = parse_mac_budget(mac_budget, session.base_macs)
         report = _new_report(model, session, policy, importance, mac_budget, budget, tolerance, channel_multiple, seed)
         if budget >= session.base_macs or not session.graph.groups:
@@ -426,18 +466,23 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
     report.solver_notes += proj.notes
     if plan.rationale:
         report.notes.append(f"policy: {plan.rationale}")
+    if session.layout is not None:
+        report.notes += [n for n in session.layout.notes if n not in report.notes]
+    from fxprune.tying import expand_keep, full_problem
+
+    keep_all = expand_keep(problem, proj.keep)  # one count per dependency group (ties expanded)
     t0 = time.perf_counter()
-    pruned, macs = session.materialize(proj.keep, plan.criterion or None)
+    pruned, macs = session.materialize(keep_all, plan.criterion or None)
     if plan.criterion and plan.criterion != importance:
         report.criterion = plan.criterion
     report.timings["rewrite"] = time.perf_counter() - t0
     if verify:
         _verify(problem, proj, macs)
     report.estimated_macs = proj.macs
-    keep = {g.id: int(k) for g, k in zip(problem.groups, proj.keep)}
+    keep = {g.id: int(k) for g, k in zip(full_problem(problem).groups, keep_all)}
     report.groups = [
         GroupDecision(g.id, g.name, g.kind, g.bucket, g.size, int(k), g.unit, g.mac_share, g.exact, g.members)
-        for g, k in zip(problem.groups, proj.keep)
+        for g, k in zip(full_problem(problem).groups, keep_all)
     ]
     return _result(session, pruned, macs, report, keep, start)
 
@@ -490,7 +535,7 @@ def _result(session: PruneSession, pruned, macs, report: Report, keep, start) ->
     report.timings["total"] = time.perf_counter() - start
     pruned.eval()
     return CompileResult(pruned, macs, session.base_macs, report.params, report.base_params, report,
-                         session.captured.inputs, session.gm, keep)
+                         session.captured.inputs, session.gm, keep, session.hf_source)
 
 
 def _search_context(session, problem, model, evaluate, calibration_data, seed, report, options) -> SearchContext:
@@ -498,11 +543,13 @@ def _search_context(session, problem, model, evaluate, calibration_data, seed, r
     cache: dict[bytes, float] = {}
 
     def quality(plan: PruningPlan) -> float:
+        from fxprune.tying import expand_keep
+
         keep = problem.dense(plan.keep)
         key = keep.tobytes()
         key += (plan.criterion or "").encode()
         if key not in cache:
-            cand, _ = session.materialize(keep, plan.criterion or None)
+            cand, _ = session.materialize(expand_keep(problem, keep), plan.criterion or None)
             if evaluate is not None:
                 cache[key] = float(evaluate(cand))
             else:
