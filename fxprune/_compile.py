@@ -134,7 +134,7 @@ class PruneSession:
         if not criterion or criterion == self.criterion:
             return self.scores
         if criterion not in self._score_cache:
-            data = self.data if self.data is not None else [self.captured.inputs]
+            data = self.data if self.data is not None else _example_data(self.captured)
             self._score_cache[criterion] = _importance(self.gm, self.graph, criterion, data, self.loss_fn, self.seed)
         return self._score_cache[criterion]
 
@@ -194,7 +194,7 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
         raise PostconditionError("the plan cost model disagrees with the MAC count of the unpruned graph; "
                                  "this is a bug in fxprune (please report it with the model)")
     scores = _importance(cap.gm, graph, importance,
-                         calibration_data if calibration_data is not None else [cap.inputs], loss_fn, seed)
+                         calibration_data if calibration_data is not None else _example_data(cap), loss_fn, seed)
     t4 = time.perf_counter()
     timings = {"capture": t1 - t0, "shape_prop": t2 - t1, "analysis": t3 - t2, "importance": t4 - t3}
     session = PruneSession(cap, graph, terms, base, cost, scores, importance, timings, calibration_data, loss_fn, seed)
@@ -219,6 +219,16 @@ def _set_layout(session: PruneSession, model: nn.Module, layer_uniform: bool | N
         ties = layer_ties(session.graph.groups)
         session.layout = Layout(ties, {}, [f"layer_uniform: {sum(len(t.members) for t in ties)} groups decided as "
                                            f"{len(ties)} (the same keep count in every layer)"] if ties else [])
+
+
+def _example_data(cap: Captured) -> list:
+    """The example inputs as one unlabelled calibration batch (keyword inputs keep their names, so
+    an ``attention_mask`` is recognised as such)."""
+    if cap.kwargs and not cap.args:
+        return [dict(cap.kwargs)]
+    if len(cap.inputs) == 1:
+        return [cap.inputs[0]]
+    return [(tuple(cap.inputs), None)]
 
 
 def _ignore_spec(ignore: Any, gm: torch.fx.GraphModule) -> tuple[tuple[str, ...], Callable[[str], bool] | None]:
