@@ -107,3 +107,20 @@ def test_finetune_distils_a_pruned_causal_lm_towards_its_teacher():
     assert kl(student) < 0.7 * before
     with torch.no_grad():  # the student still is a causal LM of the same shape
         assert student(**tokens(1, 5)).logits.shape == (1, 5, VOCAB)
+
+
+def test_fidelity_of_a_causal_lm_is_token_kl_and_ignores_padding():
+    from fxprune.quality import FidelityScorer
+
+    model = make("llama")
+    batch = tokens(2, 10)
+    batch["attention_mask"][1, -3:] = 0
+    scorer = FidelityScorer(model, [batch])
+    assert scorer.metric == "token_kl"
+    assert scorer(model) == pytest.approx(1.0, abs=1e-9)
+    res = fxprune.compile(model, tokens(), mac_budget="50%")
+    score = scorer(res.model)
+    with torch.no_grad():
+        want = token_distillation_loss(res.model(**batch).logits.double(), model(**batch, use_cache=False).logits.double(),
+                                       batch["attention_mask"]).item()
+    assert score == pytest.approx(np.exp(-want), rel=1e-6) and score < 1.0
