@@ -122,6 +122,9 @@ def test_generate_with_kv_cache_equals_a_full_prefix_greedy_loop(compiled):
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert out.shape == (1, 5 + steps)
     assert torch.equal(out, seq)
+    # the rebuilt model is plain transformers code: it moves to another dtype (bf16) and still generates
+    short = hf.to(torch.bfloat16).generate(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert short.shape == (1, 8)
 
 
 def test_save_pretrained_from_pretrained_reproduces_the_logits(compiled, tmp_path):
@@ -256,3 +259,20 @@ def test_onnx_runtime_greedy_generation_with_kv_cache_matches_pytorch(family, tm
     got = dec.generate(prompt, 32)
     assert got.shape == (2, 38)
     np.testing.assert_array_equal(got, want.numpy())
+
+
+def test_cli_save_pretrained_writes_a_loadable_model(tmp_path, capsys):
+    from fxprune.cli import main
+
+    src = tmp_path / "tiny-llama"
+    make("llama").save_pretrained(src)
+    out = tmp_path / "pruned"
+    assert main(["compile", f"hf:{src}", "--mac-budget", "50%", "--input-shape", "1,16",
+                 "--save-pretrained", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    back = transformers.AutoModel.from_pretrained(out)  # the CLI loads hf: models with AutoModel
+    orig = transformers.AutoModel.from_pretrained(src)
+    assert type(back) is type(orig)
+    assert sum(p.numel() for p in back.parameters()) < sum(p.numel() for p in orig.parameters())
+    with torch.no_grad():
+        assert back(**tokens(1, 7)).last_hidden_state.shape[:2] == (1, 7)
