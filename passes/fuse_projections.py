@@ -17,7 +17,8 @@ fused GEMM may sum in another order, within float rounding). The slices are view
 PyTorch's own multi-head attention, and the following ``view``/``transpose`` work on them
 unchanged.
 
-Only children of ``DecomposedMultiheadAttention`` (what capture itself split) are fused, so graphs
+Only children of ``DecomposedMultiheadAttention`` (what capture itself split; the tracer records the
+owner's class in each node's ``nn_module_stack``) are fused, so graphs
 whose projections came separate from the user's model (Hugging Face attention: ``query``, ``key``,
 ``value``) keep their parameter names; ``FuseProjectionsPass(enabled=False)`` turns the pass off.
 The result uses only ``nn.Linear``, ``torch.split`` and ``operator.getitem``: it saves and loads with
@@ -51,10 +52,8 @@ class FuseProjectionsPass(Pass):
     def call(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
         if not self.enabled:
             return PassResult(gm, modified=False, info={"fused": 0})
-        from fxprune.capture import DecomposedMultiheadAttention
-
-        owners = [path for path, mod in gm.named_modules() if isinstance(mod, DecomposedMultiheadAttention)]
         by_target = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
+        owners = sorted({path for n in by_target.values() for path in [_decomposed_owner(n)] if path is not None})
         fused = []
         for path in owners:
             nodes = [by_target.get(f"{path}.{p}" if path else p) for p in _PROJ]
@@ -66,6 +65,25 @@ class FuseProjectionsPass(Pass):
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, modified=bool(fused), info={"fused": len(fused), "modules": fused[:8]})
+
+
+def _decomposed_owner(node: torch.fx.Node) -> str | None:
+    """The module path of the ``DecomposedMultiheadAttention`` a projection node was traced in.
+
+    The graph module keeps only plain containers on the way to its leaves, so the owner's class is
+    read from the node's ``nn_module_stack`` (recorded by the tracer at capture).
+    """
+    from fxprune.capture import DecomposedMultiheadAttention
+
+    target = str(node.target)
+    parent, _, leaf = target.rpartition(".")
+    if leaf not in _PROJ:
+        return None
+    for key, value in (node.meta.get("nn_module_stack") or {}).items():
+        path, cls = value if isinstance(value, tuple) and len(value) == 2 else (key, value)
+        if path == parent and isinstance(cls, type) and issubclass(cls, DecomposedMultiheadAttention):
+            return parent
+    return None
 
 
 def _fusable(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> bool:
