@@ -194,16 +194,20 @@ def candidate_keeps(n: int, *, quantum: int, blocks: int = 1, unit: int = 1, hea
 def plateau_ends(keeps: Sequence[int], ms: Sequence[float], tol: float) -> tuple[int, ...]:
     """The keep counts at the right end of a latency plateau.
 
-    ``keeps[i]`` stays when every larger candidate is slower by more than ``tol`` (ms); otherwise a
-    larger width costs no more and ``keeps[i]`` is dominated. The largest keep always stays.
+    Walking down from the full width, ``keeps[i]`` stays when it is faster by more than ``tol`` (ms)
+    than the last width kept and not slower than any larger candidate (a larger width that costs no
+    more dominates it). A step function keeps the right end of each step; a gentle slope keeps a
+    width every ``tol`` ms. The largest keep always stays.
     """
     keeps = list(keeps)
     ms = list(ms)
     out = []
     best_above = math.inf
+    last_kept = math.inf
     for k, t in zip(reversed(keeps), reversed(ms)):
-        if k == keeps[-1] or t < best_above - tol:
+        if k == keeps[-1] or (t < last_kept - tol and t <= best_above):
             out.append(int(k))
+            last_kept = t
         best_above = min(best_above, t)
     return tuple(sorted(out))
 
@@ -352,7 +356,7 @@ def _solve_intercept(full: float, singles: Sequence[float], cross: float) -> flo
 
 def build_tables(gm: Any, groups: Sequence[Any], forms: Mapping[tuple[str, int], Any], example_inputs: Sequence[Any],
                  runtime: Any, *, min_keep_ratio: float = 0.1, max_points: int = 12,
-                 cache: UnitTimingCache | None = None, plateau_tol: float = 0.004,
+                 cache: UnitTimingCache | None = None, plateau_tol: float = 0.002, group_noise: float = 0.01,
                  progress: bool = True) -> LatencyTableModel:
     """Measure (or read from the cache) the tables of every unit of ``gm`` on ``runtime``.
 
@@ -366,7 +370,8 @@ def build_tables(gm: Any, groups: Sequence[Any], forms: Mapping[tuple[str, int],
         max_points: most candidate keep counts measured per group.
         cache: where unit timings are kept between runs (``None``: no cache).
         plateau_tol: a width is dominated when a larger candidate is at most this fraction of the
-            full model's table sum slower.
+            full model's table sum slower ...
+        group_noise: ... or at most this fraction of the group's own layers' time (timing noise).
     """
     from fxprune import progress as progress_bars
 
@@ -445,7 +450,9 @@ def build_tables(gm: Any, groups: Sequence[Any], forms: Mapping[tuple[str, int],
         for _, ugroups, vals, _, _ in raw:
             if gid in vals:
                 curve += vals[gid]
-        allowed[gid] = plateau_ends(cands[gid], curve, plateau_tol * total_full) if curve.any() else cands[gid]
+        # a step must beat the timing noise of the group's own layers and be worth a solver step
+        tol = max(plateau_tol * total_full, group_noise * float(curve[-1]))
+        allowed[gid] = plateau_ends(cands[gid], curve, tol) if curve.any() else cands[gid]
     tables = []
     for label, ugroups, vals, f, o in raw:
         grid, values = {}, {}

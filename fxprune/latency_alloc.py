@@ -80,7 +80,7 @@ class LatencyPlanner:
     @classmethod
     def create(cls, model: nn.Module, session: Any, runtime: Any, settings: dict[str, Any], *, start: float,
                mac_budget: int | None = None, max_points: int = 12, cache_dir: str | None = None,
-               use_cache: bool = True, plateau_tol: float = 0.004) -> "LatencyPlanner":
+               use_cache: bool = True, plateau_tol: float = 0.002) -> "LatencyPlanner":
         cache = UnitTimingCache(cache_dir) if use_cache else None
         tables = build_tables(session.gm, session.graph.groups, session.graph.forms(), session.captured.inputs,
                               runtime, min_keep_ratio=settings["min_keep_ratio"], max_points=max_points, cache=cache,
@@ -173,7 +173,8 @@ class LatencyPlanner:
             cands.append(Candidate(label, int(macs), gm))
         timings = self.runtime.measure(cands)
         units = [float(cost.units_ms(keep[None, :])[0]) for _, keep in plans]
-        measured = [t.median_ms for t in timings]
+        robust = list(getattr(self.runtime, "round_min", []) or [])
+        measured = robust if len(robust) == len(timings) else [t.median_ms for t in timings]
         cost.fixed_ms, cost.scale = fit_calibration(units, measured)
         points = [{"label": label, "macs": int(c.macs), "units_ms": u, "measured_ms": m,
                    "predicted_ms": cost.fixed_ms + cost.scale * u}

@@ -165,6 +165,8 @@ def test_plateau_ends_keep_only_widths_a_larger_one_does_not_match():
     assert plateau_ends(keeps, [1, 2, 3, 4, 5, 6], tol=0.01) == tuple(keeps)
     # a wider layer that is faster (an aligned width) dominates the narrower ones before it
     assert plateau_ends([8, 16, 24], [1.2, 1.0, 2.0], tol=0.01) == (16, 24)
+    # a gentle slope (each step under the tolerance) keeps a width every `tol` ms, not none
+    assert plateau_ends(keeps, [1.0, 1.1, 1.2, 1.3, 1.4, 1.5], tol=0.25) == (24, 48)
 
 
 def test_fit_calibration_recovers_fixed_and_scale():

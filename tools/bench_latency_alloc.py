@@ -96,7 +96,7 @@ def run_model(name: str, args) -> dict:
     original = Candidate("original", session.base_macs, session.deployed_original())
     key = {"schema": 1, "graph": graph_fingerprint(session.gm, session.captured.inputs),
            "runtime": runtime.settings(), "max_points": args.max_points, "min_keep_ratio": 0.1,
-           "fractions": [0.75, 0.5], "ignore": "None", "plateau_tol": 0.004}
+           "fractions": [0.75, 0.5], "ignore": "None", "plateau_tol": 0.002}
     planner.calibrate(original, (0.75, 0.5), CalibrationCache(args.cache_dir), key)
     table_s = time.perf_counter() - t0
 
@@ -142,11 +142,13 @@ def run_model(name: str, args) -> dict:
         plans[f"random{i}"] = keep
     timings = runtime.measure(cands)
     measured = {c.label: t.median_ms for c, t in zip(cands, timings)}
+    fastest_round = dict(zip([c.label for c in cands], runtime.round_min))
     errors = {}
     for label, keep in plans.items():
         pred = planner.predict_ms(keep)
         errors[label] = {"predicted_ms": pred, "measured_ms": measured[label],
-                         "error": abs(pred - measured[label]) / measured[label]}
+                         "error": abs(pred - measured[label]) / measured[label],
+                         "fastest_round_ms": fastest_round.get(label)}
     row = {
         "model": name, "threads": args.threads, "base_macs": session.base_macs,
         "original_ms": measured["original"],
