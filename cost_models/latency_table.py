@@ -306,6 +306,8 @@ class LatencyTableModel:
     unmodelled: list[str] = field(default_factory=list)
     checks: list[dict[str, Any]] = field(default_factory=list)
     cache_file: str | None = None
+    calibration_file: str | None = None
+    fixed_units: int = 0
 
     def group_curve(self, g: int, full: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(keeps, ms)``: predicted model latency with group ``g`` at each allowed keep, others at ``full``."""
@@ -334,6 +336,7 @@ class LatencyTableModel:
             "median_abs_error": float(np.median(errs)) if errs else None,
             "allowed": {str(g): list(v) for g, v in self.allowed.items()},
             "cache_file": self.cache_file,
+            "calibration_file": self.calibration_file,
         }
 
 
@@ -462,11 +465,10 @@ def build_tables(gm: Any, groups: Sequence[Any], forms: Mapping[tuple[str, int],
             values[g] = np.maximum.accumulate(vals[g][idx])  # monotone over the allowed widths
         tables.append(UnitTable(label, ugroups, grid, values, f, o))
     cost = LatencyPlanCost(tables, G)
-    model = LatencyTableModel(cost, allowed, cands, settings, units=len(varying), specs=len(wanted),
-                              measured=len(measured), seconds=time.perf_counter() - t0,
-                              unmodelled=list(extraction.unmodelled), cache_file=cache_file)
-    model.fixed_units = len(fixed_units)  # type: ignore[attr-defined]
-    return model
+    return LatencyTableModel(cost, allowed, cands, settings, units=len(varying), specs=len(wanted),
+                             measured=len(measured), seconds=time.perf_counter() - t0,
+                             unmodelled=list(extraction.unmodelled), cache_file=cache_file,
+                             fixed_units=len(fixed_units))
 
 
 # --------------------------------------------------------------------------------------------

@@ -782,10 +782,6 @@ class _Op(nn.Module):
             self.mod = cls(**kw)
         else:
             self.mod = None
-        if self.mod is not None:
-            with torch.no_grad():
-                for p in self.mod.parameters():
-                    p.normal_(0, 0.05)
 
     def forward(self, *xs):
         k = self.kind
@@ -847,20 +843,20 @@ def _sdpa_mask_shape(spec: UnitSpec) -> bool:
 
 def build_torch(spec: UnitSpec, *, device: Any = "cpu", dtype: torch.dtype = torch.float32,
                 channels_last: bool = False, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """The unit as an eval-mode module on ``device``/``dtype`` and random inputs for it."""
-    gen = torch.Generator().manual_seed(seed)
-    module = UnitModule(spec).eval()
-    inputs = []
+    """The unit as an eval-mode module on ``device``/``dtype`` and random inputs for it.
+
+    Inputs are drawn on the device itself (a batch-256 activation can be hundreds of MB: drawing it
+    on the CPU and copying would cost more than timing the layer); weights keep PyTorch's default
+    initialisation (values do not change dense kernels' time).
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    module = UnitModule(spec).eval().to(device=device, dtype=dtype)
+    out = []
     for i, shape in enumerate(spec.inputs):
         if _sdpa_mask_shape(spec) and i == 3:
-            x = torch.zeros(shape)
+            x = torch.zeros(shape, device=device, dtype=dtype)
         else:
-            x = torch.randn(shape, generator=gen)
-        inputs.append(x)
-    module = module.to(device=device, dtype=dtype)
-    out = []
-    for x in inputs:
-        x = x.to(device=device, dtype=dtype)
+            x = torch.randn(shape, generator=gen, device=device, dtype=dtype)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         out.append(x)

@@ -182,7 +182,7 @@ class LatencyPlanner:
         self.tables.checks.extend(dict(p, use="fit") for p in points)
         if cache is not None:
             path = cache.save(key, {"fixed_ms": cost.fixed_ms, "scale": cost.scale, "points": points})
-            self.tables.calibration_file = str(path) if path else None  # type: ignore[attr-defined]
+            self.tables.calibration_file = str(path) if path else None
         return timings[0]
 
     def check(self, label: str, keep: np.ndarray, measured_ms: float, macs: int) -> dict[str, Any]:
@@ -228,7 +228,6 @@ def search_by_prediction(planner: LatencyPlanner, original: Candidate, budget: A
         return relative * orig_ms if relative is not None else absolute
 
     full_pred = planner.predict_ms(planner.full)
-    min_pred = planner.predict_ms(planner.min_keep())
     cost = planner.tables.cost
     lo_ns, hi_ns = int(cost(planner.min_keep()[None, :])[0]), int(cost(planner.full[None, :])[0])
     target = 1.0 - margin
