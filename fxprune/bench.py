@@ -104,7 +104,7 @@ SCHEMA = "fxprune.bench/1"
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 RUNTIMES = ("ort", "torch")
 OPT_LEVELS = ("all", "extended", "basic", "disable")
 _OPT_LEVEL_ENUM = {
@@ -128,7 +128,7 @@ class BenchConfig:
     """How to benchmark: provider, threads, optimisation level, batch sizes and repetitions.
 
     Attributes:
-        provider: ``"cpu"`` or ``"cuda"``.
+        provider: ``"cpu"``, ``"cuda"`` or ``"tensorrt"`` (ONNX Runtime; ``cpu``/``cuda`` for PyTorch).
         threads: intra-op threads; ``None`` means the number of physical cores (the value used
             is recorded in the report environment).
         opt_level: ONNX Runtime graph optimisation level: ``"all"``, ``"extended"``, ``"basic"``
@@ -160,9 +160,11 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         self.runtime = str(self.runtime).lower()
-        if self.runtime in ("ort-cpu", "ort-cuda", "torch-cpu", "torch-cuda"):  # a target name
+        if self.runtime in ("ort-cpu", "ort-cuda", "ort-trt", "torch-cpu", "torch-cuda"):  # a target name
             self.runtime, _, device = self.runtime.partition("-")
-            self.provider = device
+            self.provider = "tensorrt" if device == "trt" else device
+        if self.runtime == "torch" and str(self.provider).lower() not in ("cpu", "cuda"):
+            raise BenchmarkError(f"PyTorch runs on cpu or cuda, not {self.provider!r}")
         if self.runtime not in RUNTIMES:
             raise BenchmarkError(
                 f"unknown runtime {self.runtime!r}; choose one of ort-cpu, ort-cuda, torch-cpu, torch-cuda")
@@ -202,7 +204,7 @@ class BenchConfig:
     @property
     def target(self) -> str:
         """``ort-cpu``, ``ort-cuda``, ``torch-cpu`` or ``torch-cuda``."""
-        return f"{self.runtime}-{self.provider}"
+        return f"{self.runtime}-{'trt' if self.provider == 'tensorrt' else self.provider}"
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as JSON-ready data, with ``threads`` resolved."""
@@ -990,7 +992,7 @@ def _check_provider(config: BenchConfig) -> None:
         hint = (
             "install the GPU build (pip uninstall onnxruntime && pip install onnxruntime-gpu) with a "
             "matching CUDA/cuDNN, or use --provider cpu"
-            if config.provider == "cuda"
+            if config.provider in ("cuda", "tensorrt")
             else "reinstall onnxruntime"
         )
         raise BenchmarkError(
@@ -1018,6 +1020,9 @@ def _create_session(model: _Model, config: BenchConfig, threads: int) -> Any:
     providers: list[Any] = ["CPUExecutionProvider"]
     if config.provider == "cuda":
         providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    elif config.provider == "tensorrt":
+        providers = [("TensorrtExecutionProvider", {"device_id": 0}), ("CUDAExecutionProvider", {"device_id": 0}),
+                     "CPUExecutionProvider"]
     try:
         session = onnxruntime.InferenceSession(
             model.payload, sess_options=_session_options(config, threads), providers=providers
@@ -1090,7 +1095,7 @@ class _CudaRunner(_Runner):  # pragma: no cover - needs onnxruntime-gpu and a GP
 
 
 def _make_runner(session: Any, feeds: Mapping[str, np.ndarray], provider: str) -> _Runner:
-    if provider == "cuda":
+    if provider in ("cuda", "tensorrt"):
         return _CudaRunner(session, feeds)
     return _CpuRunner(session, feeds)
 

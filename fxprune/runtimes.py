@@ -163,7 +163,9 @@ class OrtRuntime(Runtime):
     """ONNX Runtime with one execution provider (``cpu``, ``cuda`` or ``tensorrt``), fp32.
 
     Units are built as ONNX models directly (:func:`build_onnx`), whole models are exported by
-    fxprune's exporter and timed by :mod:`fxprune.bench` (interleaved rounds).
+    fxprune's exporter and timed by :mod:`fxprune.bench` (interleaved rounds, IOBinding on a GPU).
+    With ``tensorrt`` every layer builds its own TensorRT engine (seconds each): expect a table
+    build in tens of minutes for a ResNet-50 (cached afterwards).
     """
 
     def __init__(self, provider: str = "cpu", *, threads: int | None = None, opt_level: str = "all",
@@ -178,8 +180,7 @@ class OrtRuntime(Runtime):
         self.dtype = "fp32"
         self.example_inputs = tuple(example_inputs)
         self.unit_ms = unit_ms
-        bench_provider = "cpu" if provider == "cpu" else "cuda"
-        self.config = BenchConfig(provider=bench_provider, threads=threads, opt_level=opt_level,
+        self.config = BenchConfig(provider=provider, threads=threads, opt_level=opt_level,
                                   batch_sizes=(self.batch,), warmup=warmup, rounds=rounds,
                                   runs_per_round=runs_per_round, dims=dict(dims or {}))
         self._overhead: float | None = None

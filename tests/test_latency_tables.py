@@ -394,3 +394,12 @@ def test_real_onnxruntime_tables_for_a_small_model(mini, tmp_path):
     doc = json.loads(next((tmp_path / "units").glob("*.json")).read_text())
     assert doc["settings"]["threads"] == 1 and doc["settings"]["opt_level"] == "all"
     assert len(doc["entries"]) == tables.specs
+
+
+def test_cli_target_options_need_a_latency_budget(capsys):
+    from fxprune.cli import main
+
+    assert main(["compile", "torchvision:resnet18", "--mac-budget", "50%", "--target", "torch-cuda"]) == 2
+    assert "--latency-budget" in capsys.readouterr().err
+    assert main(["compile", "torchvision:resnet18"]) == 2
+    assert "--mac-budget" in capsys.readouterr().err

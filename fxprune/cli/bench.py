@@ -45,7 +45,7 @@ def register(sub) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="ONNX files (ONNX Runtime) or, with a torch runtime, model specs / .fxp files; "
                         "the first is the reference")
-    p.add_argument("--runtime", choices=("ort-cpu", "ort-cuda", "torch-cpu", "torch-cuda"), default=None,
+    p.add_argument("--runtime", choices=("ort-cpu", "ort-cuda", "ort-trt", "torch-cpu", "torch-cuda"), default=None,
                    help="where to time (default: ONNX Runtime with --provider)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="torch runtimes: precision of weights and inputs (default fp32)")
