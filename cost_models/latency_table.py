@@ -25,12 +25,13 @@ the measured one-group tables ``T_ug`` combined multiplicatively around an inter
 (fitted so the all-minimum point is reproduced exactly; for a conv whose time is
 ``o + c * cin * cout`` this is exact). The whole model is::
 
-    latency(keep) = fixed + scale * sum_u T_u(keep)
+    latency(keep) = fixed + scale_compute * sum_{compute u} T_u(keep) + scale_memory * sum_{memory u} T_u(keep)
 
-``fixed`` and ``scale`` come from whole-model measurements of the original and a few plans
-(:func:`fit_calibration`): ``fixed`` holds what no table sees (ops whose width never changes,
-unmodelled ops, the runtime's per-call cost), ``scale`` what standalone timing misses inside a
-whole model (cache reuse, fusions across units). The prediction error is then checked on plans
+``fixed`` and the scales come from whole-model measurements of the original and a few uniform
+plans (:func:`fit_calibration_kinds`): ``fixed`` holds what no table sees (ops whose width never
+changes, unmodelled ops, the runtime's per-call cost), the scales what standalone timing misses
+inside a whole model (cache reuse, layout reorders at a lone layer's boundaries, fusions across
+units), separately for compute units and memory-bound units when the points allow it. The prediction error is then checked on plans
 that were not used in the fit.
 
 :class:`LatencyPlanCost` evaluates it for a keep matrix ``[n, G]`` and returns int64 nanoseconds:
@@ -60,6 +61,7 @@ from fxprune.cost_models.latency import cache_key, default_cache_dir
 from fxprune.cost_models.latency_units import UnitSpec, UnitTemplate, extract_units, shapes_at_batch
 
 __all__ = [
+    "fit_calibration_kinds",
     "UNITS_SCHEMA",
     "CALIBRATION_SCHEMA",
     "UnitTimingCache",
@@ -217,9 +219,16 @@ def plateau_ends(keeps: Sequence[int], ms: Sequence[float], tol: float) -> tuple
 # --------------------------------------------------------------------------------------------
 
 
+COMPUTE_KINDS = frozenset({"conv", "linear", "matmul", "sdpa"})
+
+
 @dataclass
 class UnitTable:
-    """The measured tables of one unit: per group, latency at each allowed keep (others full)."""
+    """The measured tables of one unit: per group, latency at each allowed keep (others full).
+
+    ``kind`` is ``"compute"`` (a conv, linear, matmul or attention unit) or ``"memory"`` (an
+    elementwise, pooling or normalisation unit); the calibration may scale the two differently.
+    """
 
     label: str
     groups: tuple[int, ...]
@@ -227,6 +236,7 @@ class UnitTable:
     values: dict[int, np.ndarray]
     full_ms: float
     intercept_ms: float = 0.0
+    kind: str = "compute"
 
     def predict(self, keep: np.ndarray) -> np.ndarray:
         """Milliseconds for a keep matrix ``[n, G]``."""
@@ -250,25 +260,42 @@ class UnitTable:
 class LatencyPlanCost:
     """Predicted latency of candidate plans: ``cost(K)`` for ``K`` of shape ``[n, G]`` -> int64 ns.
 
-    ``fixed_ms + scale * sum(unit tables)``; :meth:`predict_ms` gives milliseconds as floats.
+    ``fixed_ms + sum_kind scales[kind] * sum(unit tables of that kind)``; :meth:`predict_ms` gives
+    milliseconds as floats.
     """
+
+    KINDS = ("compute", "memory")
 
     def __init__(self, tables: Sequence[UnitTable], n_groups: int, fixed_ms: float = 0.0, scale: float = 1.0):
         self.tables = list(tables)
         self.n_groups = int(n_groups)
         self.fixed_ms = float(fixed_ms)
-        self.scale = float(scale)
+        self.scales = {k: float(scale) for k in self.KINDS}
+
+    @property
+    def scale(self) -> float:
+        """The compute units' scale (the memory units' may differ; see ``scales``)."""
+        return self.scales["compute"]
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self.scales = {k: float(value) for k in self.KINDS}
+
+    def units_by_kind(self, keep: np.ndarray) -> dict[str, np.ndarray]:
+        """Sums of the unit tables per kind (no calibration), ``[n]`` milliseconds each."""
+        k = np.atleast_2d(np.asarray(keep, dtype=np.float64))
+        out = {kind: np.zeros(k.shape[0]) for kind in self.KINDS}
+        for t in self.tables:
+            out[t.kind] += t.predict(k)
+        return out
 
     def units_ms(self, keep: np.ndarray) -> np.ndarray:
         """Sum of the unit tables (no calibration), ``[n]`` milliseconds."""
-        k = np.atleast_2d(np.asarray(keep, dtype=np.float64))
-        total = np.zeros(k.shape[0])
-        for t in self.tables:
-            total += t.predict(k)
-        return total
+        return sum(self.units_by_kind(keep).values())
 
     def predict_ms(self, keep: np.ndarray) -> np.ndarray:
-        return self.fixed_ms + self.scale * self.units_ms(keep)
+        by = self.units_by_kind(keep)
+        return self.fixed_ms + sum(self.scales[k] * v for k, v in by.items())
 
     def __call__(self, keep: np.ndarray) -> np.ndarray:
         return np.rint(self.predict_ms(keep) * 1e6).astype(np.int64)
@@ -331,6 +358,7 @@ class LatencyTableModel:
             "table_seconds": round(self.seconds, 2),
             "fixed_ms": self.cost.fixed_ms,
             "scale": self.cost.scale,
+            "scales": dict(self.cost.scales),
             "unmodelled": list(self.unmodelled),
             "checks": list(self.checks),
             "median_abs_error": float(np.median(errs)) if errs else None,
@@ -437,6 +465,7 @@ def build_tables(gm: Any, groups: Sequence[Any], forms: Mapping[tuple[str, int],
 
     # the raw tables, then the plateau filter on each group's summed curve
     raw: list[tuple[str, tuple[int, ...], dict[int, np.ndarray], float, float]] = []
+    kinds = ["compute" if u.ops[0].kind in COMPUTE_KINDS else "memory" for u, _, _, _ in plan_points]
     for u, per_group, full_key, cross_key in plan_points:
         vals = {g: np.array([table_ms[k] for k in keys], dtype=np.float64) for g, keys in per_group.items()}
         f = float(table_ms[full_key])
@@ -457,13 +486,13 @@ def build_tables(gm: Any, groups: Sequence[Any], forms: Mapping[tuple[str, int],
         tol = max(plateau_tol * total_full, group_noise * float(curve[-1]))
         allowed[gid] = plateau_ends(cands[gid], curve, tol) if curve.any() else cands[gid]
     tables = []
-    for label, ugroups, vals, f, o in raw:
+    for (label, ugroups, vals, f, o), kind in zip(raw, kinds):
         grid, values = {}, {}
         for g in ugroups:
             idx = [cands[g].index(k) for k in allowed[g]]
             grid[g] = np.asarray(allowed[g], dtype=np.float64)
             values[g] = np.maximum.accumulate(vals[g][idx])  # monotone over the allowed widths
-        tables.append(UnitTable(label, ugroups, grid, values, f, o))
+        tables.append(UnitTable(label, ugroups, grid, values, f, o, kind))
     cost = LatencyPlanCost(tables, G)
     return LatencyTableModel(cost, allowed, cands, settings, units=len(varying), specs=len(wanted),
                              measured=len(measured), seconds=time.perf_counter() - t0,
@@ -494,6 +523,35 @@ def fit_calibration(units_ms: Sequence[float], measured_ms: Sequence[float]) -> 
     scale = float(np.clip(scale, 0.25, 4.0))
     fixed = float(np.mean(y - scale * x))
     return fixed, scale
+
+
+def fit_calibration_kinds(by_kind: Sequence[Mapping[str, float]], measured_ms: Sequence[float]
+                          ) -> tuple[float, dict[str, float]]:
+    """``(fixed_ms, {kind: scale})`` with ``measured ~ fixed + sum_kind scale_kind * units_kind``.
+
+    Compute units (conv, linear, attention) and memory-bound units (adds, pooling, norms) can be
+    off by different factors when timed standalone (layout reorders at a lone layer's boundaries,
+    fusions across layers inside the model). With at least four points whose two sums are not
+    proportional, both scales are fitted (each kept in [0.25, 4]); otherwise one common scale
+    (:func:`fit_calibration`).
+    """
+    kinds = LatencyPlanCost.KINDS
+    X = np.array([[float(p.get(k, 0.0)) for k in kinds] for p in by_kind], dtype=np.float64)
+    y = np.asarray(measured_ms, dtype=np.float64)
+    total = X.sum(axis=1)
+    fixed, scale = fit_calibration(total, y)
+    single = (fixed, {k: scale for k in kinds})
+    if len(y) < 4 or np.linalg.matrix_rank(np.column_stack([np.ones(len(y)), X]), tol=1e-9 * max(X.max(), 1)) < 3:
+        return single
+    A = np.column_stack([np.ones(len(y)), X])
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    if not np.all(np.isfinite(coef)) or np.any(coef[1:] < 0.25) or np.any(coef[1:] > 4.0):
+        return single
+    resid_two = float(np.abs(A @ coef - y).mean())
+    resid_one = float(np.abs(fixed + scale * total - y).mean())
+    if resid_two >= resid_one:
+        return single
+    return float(coef[0]), {k: float(c) for k, c in zip(kinds, coef[1:])}
 
 
 _ = (Callable,)

@@ -298,7 +298,7 @@ class LatencyOptions:
     allocation: str = "latency"
     max_points: int = 12
     plateau_tol: float = 0.002
-    fit_fractions: tuple[float, ...] = (0.75, 0.5)
+    fit_fractions: tuple[float, ...] = (0.75, 0.5, 0.3)
     cuda_graphs: bool = True
     channels_last: bool | None = None
     runtime: Any = None

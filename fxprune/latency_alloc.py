@@ -43,7 +43,7 @@ from fxprune.cost_models.latency_table import (
     LatencyTableModel,
     UnitTimingCache,
     build_tables,
-    fit_calibration,
+    fit_calibration_kinds,
 )
 from fxprune.errors import BandUnreachableError, BudgetUnreachableError, InvalidBudgetError
 from fxprune.policies.base import CombinedCost, Constraint, PruningProblem
@@ -159,7 +159,9 @@ class LatencyPlanner:
         cost = self.tables.cost
         cached = cache.load(key) if cache is not None else None
         if cached is not None:
-            cost.fixed_ms, cost.scale = float(cached["fixed_ms"]), float(cached["scale"])
+            cost.fixed_ms = float(cached["fixed_ms"])
+            cost.scales = {k: float(cached["scales"].get(k, cached["scale"])) for k in cost.KINDS} \
+                if isinstance(cached.get("scales"), dict) else {k: float(cached["scale"]) for k in cost.KINDS}
             self.tables.checks.extend(dict(p, use="fit", cached=True) for p in cached.get("points", []))
             return None
         plans = [("original", self.full)]
@@ -172,16 +174,17 @@ class LatencyPlanner:
             gm, macs = self.session.materialize(keep)
             cands.append(Candidate(label, int(macs), gm))
         timings = self.runtime.measure(cands)
-        units = [float(cost.units_ms(keep[None, :])[0]) for _, keep in plans]
+        by_kind = [{k: float(v[0]) for k, v in cost.units_by_kind(keep[None, :]).items()} for _, keep in plans]
         robust = list(getattr(self.runtime, "round_min", []) or [])
         measured = robust if len(robust) == len(timings) else [t.median_ms for t in timings]
-        cost.fixed_ms, cost.scale = fit_calibration(units, measured)
-        points = [{"label": label, "macs": int(c.macs), "units_ms": u, "measured_ms": m,
-                   "predicted_ms": cost.fixed_ms + cost.scale * u}
-                  for (label, _), c, u, m in zip(plans, cands, units, measured)]
+        cost.fixed_ms, cost.scales = fit_calibration_kinds(by_kind, measured)
+        points = [{"label": label, "macs": int(c.macs), "units_ms": sum(u.values()), "measured_ms": m,
+                   "predicted_ms": self.predict_ms(keep)}
+                  for (label, keep), c, u, m in zip(plans, cands, by_kind, measured)]
         self.tables.checks.extend(dict(p, use="fit") for p in points)
         if cache is not None:
-            path = cache.save(key, {"fixed_ms": cost.fixed_ms, "scale": cost.scale, "points": points})
+            path = cache.save(key, {"fixed_ms": cost.fixed_ms, "scale": cost.scale, "scales": dict(cost.scales),
+                                    "points": points})
             self.tables.calibration_file = str(path) if path else None
         return timings[0]
 

@@ -403,3 +403,15 @@ def test_cli_target_options_need_a_latency_budget(capsys):
     assert "--latency-budget" in capsys.readouterr().err
     assert main(["compile", "torchvision:resnet18"]) == 2
     assert "--mac-budget" in capsys.readouterr().err
+
+
+def test_fit_calibration_scales_compute_and_memory_units_apart():
+    from fxprune.cost_models.latency_table import fit_calibration_kinds
+
+    pts = [{"compute": c, "memory": m} for c, m in [(10.0, 2.0), (6.0, 1.5), (3.0, 1.0), (1.5, 0.6)]]
+    y = [0.3 + 1.1 * p["compute"] + 0.5 * p["memory"] for p in pts]
+    fixed, scales = fit_calibration_kinds(pts, y)
+    assert fixed == pytest.approx(0.3) and scales == {"compute": pytest.approx(1.1), "memory": pytest.approx(0.5)}
+    # proportional sums (or too few points): one common scale
+    fixed, scales = fit_calibration_kinds(pts[:3], y[:3])
+    assert scales["compute"] == scales["memory"]

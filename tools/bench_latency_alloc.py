@@ -96,8 +96,8 @@ def run_model(name: str, args) -> dict:
     original = Candidate("original", session.base_macs, session.deployed_original())
     key = {"schema": 1, "graph": graph_fingerprint(session.gm, session.captured.inputs),
            "runtime": runtime.settings(), "max_points": args.max_points, "min_keep_ratio": 0.1,
-           "fractions": [0.75, 0.5], "ignore": "None", "plateau_tol": 0.002}
-    planner.calibrate(original, (0.75, 0.5), CalibrationCache(args.cache_dir), key)
+           "fractions": [0.75, 0.5, 0.3], "ignore": "None", "plateau_tol": 0.002}
+    planner.calibrate(original, (0.75, 0.5, 0.3), CalibrationCache(args.cache_dir), key)
     table_s = time.perf_counter() - t0
 
     # 2. the MAC plan
@@ -165,6 +165,7 @@ def run_model(name: str, args) -> dict:
         "prediction": errors,
         "median_abs_error": statistics.median(e["error"] for e in errors.values()),
         "model_fit": {"fixed_ms": planner.tables.cost.fixed_ms, "scale": planner.tables.cost.scale,
+                      "scales": dict(planner.tables.cost.scales),
                       "fit_points": [c for c in planner.tables.checks if c["use"] == "fit"]},
         "layers_timed": planner.tables.specs, "layers_measured_now": planner.tables.measured,
         "table_seconds": round(table_s, 1), "total_seconds": round(time.perf_counter() - t0, 1),
@@ -203,8 +204,9 @@ def print_rows(rows, args):
     for r in rows:
         if "prediction" in r:
             pts = ", ".join(f"{k} {v['predicted_ms']:.2f}/{v['measured_ms']:.2f}" for k, v in r["prediction"].items())
+            sc = r["model_fit"]["scales"]
             print(f"- {r['model']}: predicted/measured ms: {pts}; fit: fixed {r['model_fit']['fixed_ms']:.2f} ms, "
-                  f"scale {r['model_fit']['scale']:.2f}")
+                  f"scales compute {sc['compute']:.2f} / memory {sc['memory']:.2f}")
             for w in r["bench_warnings"]:
                 print(f"  - warning: {w}")
 
