@@ -7,12 +7,15 @@ rounds, recorded conditions):
   model to ONNX in memory, time them interleaved, record the numbers in ``result.report.latency``
   and warn when latency did not follow MACs, with the likely reasons (kept channel counts off the
   CPU's NCHWc block, depthwise convs with such counts, a busy machine);
-* :func:`compile_to_latency` (``fxprune.compile(..., latency_budget="20ms")``): calibrate the
-  measured-latency cost model (:mod:`fxprune.cost_models.latency`: the pipeline's own plans at a
-  few MAC budgets, timed interleaved with the original, cached on disk), pick the MAC budget the
-  model predicts for the latency budget, then **verify by measurement** and tighten (bisection on
-  the MAC budget, the model refitted with every measurement) until the measured median is at or
-  under the budget. The returned model is one that was measured under the budget.
+* :func:`compile_to_latency` (``fxprune.compile(..., latency_budget="20ms", target=...)``): by
+  default (``allocation="latency"``) channels are allocated by the per-layer latency model measured
+  on the target (:mod:`fxprune.latency_alloc`, :mod:`fxprune.cost_models.latency_table`), on ONNX
+  Runtime or PyTorch (:mod:`fxprune.runtimes`). With ``allocation="macs"`` the MAC allocation is
+  kept and its MAC budget is searched instead: calibrate the latency(MACs) curve
+  (:mod:`fxprune.cost_models.latency`: the pipeline's own plans at a few MAC budgets, timed
+  interleaved with the original, cached on disk), pick the MAC budget the curve predicts for the
+  latency budget, then tighten (bisection on the MAC budget). Either way the result is **verified
+  by measurement**: the returned model is one that was measured at or under the budget.
 
 Budgets: ``"20ms"``, ``"500us"``, ``12.5`` (milliseconds) or ``"60%"`` of the original's median
 measured *in the same interleaved run* as the candidate (so a machine that slows down slows both).
