@@ -457,13 +457,24 @@ def build_tables(gm: Any, groups: Sequence[Any], forms: Mapping[tuple[str, int],
         measured = dict(zip(missing, times))
     table_ms = {**known, **measured}
     cache_file = None
-    if cache is not None and measured:
-        path = cache.save(settings, measured)
+    finite = {k: v for k, v in measured.items() if math.isfinite(v)}
+    if cache is not None and finite:
+        path = cache.save(settings, finite)
         cache_file = str(path) if path else None
     elif cache is not None:
         cache_file = str(cache.path(settings))
 
     # the raw tables, then the plateau filter on each group's summed curve
+    untimed = []
+    timed_points = []
+    for point in plan_points:
+        u, per_group, full_key, cross_key = point
+        keys = [full_key, *(k for ks in per_group.values() for k in ks), *([cross_key] if cross_key else [])]
+        if all(math.isfinite(table_ms[k]) for k in keys):
+            timed_points.append(point)
+        else:
+            untimed.append(f"{u.label}: could not be timed on {runtime.target}")
+    plan_points = timed_points
     raw: list[tuple[str, tuple[int, ...], dict[int, np.ndarray], float, float]] = []
     kinds = ["compute" if u.ops[0].kind in COMPUTE_KINDS else "memory" for u, _, _, _ in plan_points]
     for u, per_group, full_key, cross_key in plan_points:
@@ -496,7 +507,7 @@ def build_tables(gm: Any, groups: Sequence[Any], forms: Mapping[tuple[str, int],
     cost = LatencyPlanCost(tables, G)
     return LatencyTableModel(cost, allowed, cands, settings, units=len(varying), specs=len(wanted),
                              measured=len(measured), seconds=time.perf_counter() - t0,
-                             unmodelled=list(extraction.unmodelled), cache_file=cache_file,
+                             unmodelled=list(extraction.unmodelled) + untimed, cache_file=cache_file,
                              fixed_units=len(fixed_units))
 
 

@@ -275,30 +275,34 @@ def _time_calls(run: Callable[[], Any], n: int) -> list[float]:
 def _time_in_chunks(specs: Sequence[UnitSpec], make: Callable[[UnitSpec], Callable[[], Any]], overhead: float,
                     target_ms: float, progress: Callable[[int], None] | None, runtime: Runtime,
                     timer: Callable[[Callable[[], Any], int], list[float]] = _time_calls) -> list[float]:
-    """Build and time specs in chunks: each chunk twice, the minimum of the two medians kept."""
+    """Build and time specs in chunks: each chunk twice, the minimum of the two medians kept.
+
+    A layer the runtime cannot build or run (an op it lacks, out of memory) gets ``nan`` and a
+    warning in ``runtime.warnings``; its time then stays in the model's fixed part.
+    """
     out: list[float] = []
     for start in range(0, len(specs), _CHUNK):
         chunk = specs[start:start + _CHUNK]
-        runs = []
+        runs: list[Callable[[], Any] | None] = []
         for spec in chunk:
             try:
                 run = make(spec)
                 run()
                 run()
-            except Exception as err:  # a layer the runtime cannot build: report, never crash
-                raise BenchmarkError(f"{runtime.target}: cannot run the layer {spec.label}: "
-                                     f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+            except Exception as err:  # report, never crash the compile
+                runtime.warnings.append(f"{runtime.target}: cannot time the layer {spec.label}: {type(err).__name__}: "
+                                        f"{str(err).splitlines()[0][:160] if str(err) else ''}")
+                logger.warning(runtime.warnings[-1])
+                run = None
             runs.append(run)
         best = [math.inf] * len(chunk)
-        counts = []
-        for run in runs:
-            est = _median(timer(run, 2))
-            counts.append(_runs_for(est, target_ms, 3, 60))
+        counts = [_runs_for(_median(timer(run, 2)), target_ms, 3, 60) if run is not None else 0 for run in runs]
         for _ in range(2):
             for i, run in enumerate(runs):
-                best[i] = min(best[i], _median(timer(run, counts[i])))
-        for value in best:
-            out.append(max(value - overhead, 0.05 * value))
+                if run is not None:
+                    best[i] = min(best[i], _median(timer(run, counts[i])))
+        for value, run in zip(best, runs):
+            out.append(max(value - overhead, 0.05 * value) if run is not None else math.nan)
         runtime.unit_timings += len(chunk)
         del runs
         if progress is not None:

@@ -415,3 +415,24 @@ def test_fit_calibration_scales_compute_and_memory_units_apart():
     # proportional sums (or too few points): one common scale
     fixed, scales = fit_calibration_kinds(pts[:3], y[:3])
     assert scales["compute"] == scales["memory"]
+
+
+def test_a_layer_the_runtime_cannot_run_is_left_to_the_fixed_part(mini):
+    _, x, session = mini
+
+    class Picky(FakeRuntime):
+        def time_units(self, specs, progress=None):
+            from fxprune.runtimes import _time_in_chunks
+
+            def make(spec):
+                if spec.ops[0].kind == "mul":
+                    raise RuntimeError("no kernel for mul here")
+                return lambda: None
+
+            return _time_in_chunks(specs, make, 0.0, 0.01, progress, self)
+
+    rt = Picky(step=16, grid=8, example_inputs=(x,))
+    tables = build_tables(session.gm, session.graph.groups, session.graph.forms(), (x,), rt, cache=None)
+    assert any("could not be timed" in u and "mul" in u for u in tables.unmodelled)
+    assert any("no kernel for mul" in w for w in rt.warnings)
+    assert all("[mul]" not in t.label for t in tables.cost.tables) and tables.cost.tables
