@@ -26,6 +26,7 @@ from fxprune.cost_models.mac import MacCountAnalysis, MacTerm, PlanCost
 from fxprune.errors import FxpruneError, InvalidBudgetError, PolicyError, PostconditionError, PreconditionError
 from fxprune.passes._infra import AnalysisManager, PassManager, TimingInstrument
 from fxprune.passes.dependency_groups import DependencyGraph, DependencyGroupsAnalysis, Group
+from fxprune.passes.fuse_projections import FuseProjectionsPass
 from fxprune.passes.prune_channels import PruneChannelsPass
 from fxprune.passes.shape_prop import ShapePropPass
 from fxprune.policies.base import GroupSpec, PruningPlan, PruningProblem, SearchContext
@@ -124,6 +125,7 @@ class PruneSession:
     last_passes: list[dict[str, Any]] = field(default_factory=list, repr=False)
     layout: Any = None  # fxprune.hf.Layout: tied / whole groups (layer_uniform)
     hf_source: Any = None  # fxprune.hf.HFSource of a Hugging Face model fxprune can rebuild
+    _deployed: torch.fx.GraphModule | None = field(default=None, repr=False)
 
     @property
     def gm(self) -> torch.fx.GraphModule:
@@ -149,7 +151,8 @@ class PruneSession:
         units = self.units(keep, criterion)
         timing = TimingInstrument()
         am = AnalysisManager(gm)
-        passes = ([PruneChannelsPass(self.graph, units)] if units else []) + [ShapePropPass(self.captured.inputs)]
+        passes = (([PruneChannelsPass(self.graph, units)] if units else [])
+                  + [FuseProjectionsPass(), ShapePropPass(self.captured.inputs)])
         try:
             PassManager(passes, instruments=[timing]).run(gm, am)
         except PreconditionError as err:
@@ -166,6 +169,16 @@ class PruneSession:
         self.last_passes = timing.records
         gm.eval()
         return gm, macs
+
+    def deployed_original(self) -> torch.fx.GraphModule:
+        """The captured model as it is returned unpruned: a copy with split projections re-fused
+        (``FuseProjectionsPass``), so it runs as fast as the user's model. Built once."""
+        if self._deployed is None:
+            gm = copy.deepcopy(self.gm)
+            PassManager([FuseProjectionsPass(), ShapePropPass(self.captured.inputs)]).run(gm, AnalysisManager(gm))
+            gm.eval()
+            self._deployed = gm
+        return self._deployed
 
 
 def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, importance: str = "l1",
@@ -266,7 +279,8 @@ def _importance(gm, graph: DependencyGraph, criterion: str, data, loss_fn, seed)
 
 
 def build_problem(session: PruneSession, budget: int, tolerance: float, channel_multiple: int,
-                  min_keep_ratio: float) -> PruningProblem:
+                  min_keep_ratio: float, *, tie: bool = True) -> PruningProblem:
+    """The MAC problem of ``session`` (its layout's ties applied unless ``tie=False``)."""
     groups = session.graph.groups
     G = len(groups)
     full = np.array([g.n for g in groups], dtype=np.int64)
@@ -289,7 +303,7 @@ def build_problem(session: PruneSession, budget: int, tolerance: float, channel_
     frozen = tuple(f"{f.name} ({f.n}): {'; '.join(f.reasons[:2])}" for f in session.graph.frozen)
     lower = int(math.ceil(budget * (1.0 - tolerance)))
     problem = PruningProblem(tuple(specs), session.base_macs, int(budget), lower, min_macs, fixed, session.cost, frozen)
-    if session.layout is not None:  # ties: one decision per role across layers (fxprune.tying)
+    if tie and session.layout is not None:  # ties: one decision per role across layers (fxprune.tying)
         from fxprune.tying import apply_layout
 
         problem = apply_layout(problem, session.layout.ties, session.layout.fixed)
@@ -374,6 +388,9 @@ def compile(  # noqa: A001 - the product's name for the operation
     leaf_modules: Sequence[type] = (),
     latency_options: dict[str, Any] | None = None,
     layer_uniform: bool | None = None,
+    target: str | None = None,
+    dtype: Any = None,
+    batch_size: int | None = None,
 ) -> CompileResult:
     """Compile ``model`` to a MAC budget: a physically smaller model with MACs in the band.
 
@@ -382,8 +399,14 @@ def compile(  # noqa: A001 - the product's name for the operation
         example_inputs: a tensor, a tuple of tensors, or a dict of keyword tensors.
         mac_budget: absolute MACs (``1.8e9``, ``"1.8G"``, ``"500M"``) or a fraction of the
             original (``0.5``, ``"50%"``).
-        latency_budget: alternatively a measured-latency budget (``"20ms"``, ``"60%"``) on ONNX
-            Runtime; see ``latency_options``.
+        latency_budget: a measured-latency budget (``"20ms"``, ``"60%"`` of the original) on
+            ``target``: channels are allocated by a per-group latency model measured there
+            (importance lost per millisecond saved) and the result is verified by an interleaved
+            whole-model measurement; see ``latency_options``. With ``mac_budget`` too, both hold.
+        target: where latency is measured: ``"ort-cpu"`` (default), ``"ort-cuda"``, ``"ort-trt"``,
+            ``"torch-cuda"`` or ``"torch-cpu"`` (``fxprune.runtimes``).
+        dtype: ``"fp32"`` (default), ``"fp16"`` or ``"bf16"`` (PyTorch targets).
+        batch_size: the batch the latency is measured at (default 1).
         tolerance: the band is ``[budget * (1 - tolerance), budget]``.
         policy: "uniform", "global", "isomorphic", "agentic", "rl" or an object with ``select``.
         channel_multiple: kept channel counts are multiples of this where the group is large
@@ -409,8 +432,10 @@ def compile(  # noqa: A001 - the product's name for the operation
     """
     if mac_budget is None and latency_budget is None:
         raise InvalidBudgetError("give mac_budget (e.g. '50%', 0.5, '1.8G') or latency_budget (e.g. '20ms')")
-    if mac_budget is not None and latency_budget is not None:
-        raise InvalidBudgetError("give either mac_budget or latency_budget, not both")
+    if latency_budget is None and (target is not None or dtype is not None or batch_size is not None):
+        raise InvalidBudgetError(
+            "target=, dtype= and batch_size= say where a latency budget is measured; give latency_budget=... too "
+            "(to time a MAC-budget result on a runtime, use result.benchmark(runtime=...))")
     if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
         raise InvalidBudgetError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
     if not isinstance(channel_multiple, int) or channel_multiple < 1:
@@ -425,7 +450,8 @@ def compile(  # noqa: A001 - the product's name for the operation
             channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio, ignore=ignore,
             importance=importance, calibration_data=calibration_data, evaluate=evaluate, loss_fn=loss_fn,
             seed=seed, verify=verify, policy_options=policy_options, capture=capture,
-            leaf_modules=leaf_modules, options=latency_options or {},
+            leaf_modules=leaf_modules, options=latency_options or {}, mac_budget=mac_budget,
+            target=target, dtype=dtype, batch_size=batch_size,
         )
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -445,7 +471,7 @@ def compile(  # noqa: A001 - the product's name for the operation
                 raise BudgetUnreachableError(
                     f"{note.split(':')[0]}; the budget {format_macs(budget)} is below the original "
                     f"{format_macs(session.base_macs)}", min_macs=session.base_macs, budget=budget)
-            return _result(session, session.gm, session.base_macs, report, {}, start)
+            return _result(session, session.deployed_original(), session.base_macs, report, {}, start)
         return compile_at_budget(model, session, budget, start, report=report, tolerance=tolerance, policy=policy,
                                  channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio,
                                  importance=importance, evaluate=evaluate, calibration_data=calibration_data,
@@ -456,16 +482,20 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
                       report: Report | None = None, tolerance: float, policy: Any, channel_multiple: int,
                       min_keep_ratio: float, importance: str, evaluate: Callable[[nn.Module], float] | None,
                       calibration_data: Any, seed: int, verify: bool,
-                      policy_options: dict[str, Any] | None) -> CompileResult:
+                      policy_options: dict[str, Any] | None, problem: PruningProblem | None = None) -> CompileResult:
     """Plan, project, rewrite and verify at an absolute MAC ``budget`` below the original's.
 
     The session (capture, analyses, importance) is reused, so the latency search can build
     candidates at many budgets for the price of one capture. ``report`` defaults to a new one.
+    ``problem`` replaces the MAC problem (a latency or multi-constraint problem, whose cost is not
+    MACs: then ``budget`` is only recorded, and the exact MAC count is still checked against the
+    MAC cost model).
     """
     if report is None:
         report = _new_report(model, session, policy, importance, budget, budget, tolerance, channel_multiple, seed)
-    problem = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio)
-    report.lower_macs = problem.lower
+    if problem is None:
+        problem = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio)
+        report.lower_macs = problem.lower
     pol = get_policy(policy, policy_options)
     ctx = _search_context(session, problem, model, evaluate, calibration_data, seed, report,
                           {"criterion": importance, "model_name": type(model).__name__, **(policy_options or {})})
@@ -486,9 +516,13 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
     if plan.criterion and plan.criterion != importance:
         report.criterion = plan.criterion
     report.timings["rewrite"] = time.perf_counter() - t0
+    estimated = proj.macs if problem.unit == "MACs" else int(session.cost(keep_all[None, :])[0])
     if verify:
-        _verify(problem, proj, macs)
-    report.estimated_macs = proj.macs
+        if problem.unit == "MACs":
+            _verify(problem, proj, macs)
+        else:
+            _verify_constraints(problem, proj, macs, estimated)
+    report.estimated_macs = estimated
     keep = {g.id: int(k) for g, k in zip(full_problem(problem).groups, keep_all)}
     report.groups = [
         GroupDecision(g.id, g.name, g.kind, g.bucket, g.size, int(k), g.unit, g.mac_share, g.exact, g.members)
@@ -508,6 +542,18 @@ def _verify(problem: PruningProblem, proj: Projection, macs: int) -> None:
         raise PostconditionError(
             f"could not land in the band [{problem.lower:,}, {problem.budget:,}] (got {macs:,}); the allowed keep "
             "counts are too coarse for this tolerance. Increase tolerance or lower channel_multiple.")
+
+
+def _verify_constraints(problem: PruningProblem, proj: Projection, macs: int, estimated: int) -> None:
+    """A problem whose cost is not MACs: the MAC count still equals the MAC model's, and a MAC
+    constraint (``mac_budget`` beside a latency budget) holds on the counted graph."""
+    if macs != estimated:
+        raise PostconditionError(
+            f"the rewritten model has {macs:,} MACs but the cost model predicted {estimated:,}; this is a bug in "
+            "fxprune (please report it with the model)")
+    for c in problem.constraints:
+        if c.name == "macs" and macs > c.budget:
+            raise PostconditionError(f"the rewritten model has {macs:,} MACs, above the MAC budget {int(c.budget):,}")
 
 
 def _new_report(model, session, policy, importance, spec, budget, tolerance, channel_multiple, seed) -> Report:
@@ -545,7 +591,7 @@ def _result(session: PruneSession, pruned, macs, report: Report, keep, start) ->
     report.timings["total"] = time.perf_counter() - start
     pruned.eval()
     return CompileResult(pruned, macs, session.base_macs, report.params, report.base_params, report,
-                         session.captured.inputs, session.gm, keep, session.hf_source)
+                         session.captured.inputs, session.deployed_original(), keep, session.hf_source)
 
 
 def _search_context(session, problem, model, evaluate, calibration_data, seed, report, options) -> SearchContext:

@@ -132,14 +132,23 @@ class Report:
     def latency_line(self) -> str:
         """One line on the measured latency (``fxprune.latency/1`` record in ``self.latency``)."""
         lat = self.latency or {}
-        line = (f"latency (ONNX Runtime {lat.get('provider')}, batch {lat.get('batch')}, {lat.get('threads')} "
-                f"thread(s), opt {lat.get('opt_level')}): original {lat['original_median_ms']:.3f} ms, pruned "
+        target = str(lat.get("target") or "")
+        if target.startswith("torch"):
+            where = f"{target} {lat.get('dtype')}, batch {lat.get('batch')}"
+        else:
+            where = (f"ONNX Runtime {lat.get('provider')}, batch {lat.get('batch')}, {lat.get('threads')} "
+                     f"thread(s), opt {lat.get('opt_level')}")
+        line = (f"latency ({where}): original {lat['original_median_ms']:.3f} ms, pruned "
                 f"{lat['pruned_median_ms']:.3f} ms median -> {lat['speedup']:.2f}x faster for "
                 f"{lat['mac_reduction']:.2f}x fewer MACs")
         budget = lat.get("budget")
         if budget:
             line += (f"; budget {budget['spec']} = {budget['budget_ms']:.3f} ms "
                      f"{'met' if budget['met'] else 'MISSED'} (calibration cache {budget['cache']})")
+        model = lat.get("model")
+        if isinstance(model, dict) and model.get("median_abs_error") is not None:
+            line += (f"; per-layer latency model: {model.get('units')} units, median prediction error "
+                     f"{model['median_abs_error']:.1%}")
         return line
 
     def __str__(self) -> str:
