@@ -1,0 +1,182 @@
+"""Collect every name a saved fxprune model refers to, over real captured and pruned models.
+
+The ``.fxp`` loader resolves call targets, method names, ``getattr`` attribute names and module
+classes against the exact allow-list in ``fxprune/_allowlist.py``. This tool captures (and, with
+``--compile``, prunes at 50%) the torchvision classification models, the timm coverage models, small
+Hugging Face BERT/ViT/DeiT configurations and fxprune's tiny zoo, encodes each graph module the way
+``fxprune.save`` does, and prints what the manifests name, marking the names the allow-list lacks.
+Run it after adding a model family or a rewrite that emits new ops::
+
+    python tools/collect_graph_targets.py                      # capture only, all families
+    python tools/collect_graph_targets.py --compile --json out.json
+    python tools/collect_graph_targets.py --families tiny hf   # a subset
+
+Exit status 1 when something is missing from the allow-list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections import defaultdict
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+
+def _torchvision() -> Iterator[tuple[str, Callable[[], nn.Module], Any]]:
+    import torchvision.models as tvm
+    from torchvision.models import get_model_weights, list_models
+
+    for name in sorted(list_models(module=tvm)):
+        weights = get_model_weights(name).DEFAULT
+        size = getattr(weights.transforms(), "crop_size", [224])[0]
+        kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+        yield (f"torchvision:{name}", lambda name=name, kwargs=kwargs: tvm.get_model(name, weights=None, **kwargs),
+               lambda size=size: (torch.randn(1, 3, size, size),))
+
+
+def _timm() -> Iterator[tuple[str, Callable[[], nn.Module], Any]]:
+    from fxprune.testing.timm_cases import MODELS, oracle_model
+
+    for name in MODELS:
+        yield f"timm:{name}", (lambda name=name: oracle_model(name)[0]), (lambda name=name: oracle_model(name)[1])
+
+
+def _hf() -> Iterator[tuple[str, Callable[[], nn.Module], Any]]:
+    import transformers
+
+    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+
+    def ids() -> dict[str, torch.Tensor]:
+        mask = torch.ones(2, 16, dtype=torch.long)
+        mask[0, -3:] = 0
+        return {"input_ids": torch.randint(1, 100, (2, 16)), "attention_mask": mask}
+
+    yield ("hf:bert", lambda: transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, max_position_embeddings=64, **kw)).eval(), ids)
+    yield ("hf:vit", lambda: transformers.ViTModel(transformers.ViTConfig(image_size=32, patch_size=8, **kw)).eval(),
+           lambda: (torch.randn(2, 3, 32, 32),))
+    yield ("hf:deit", lambda: transformers.DeiTModel(transformers.DeiTConfig(image_size=32, patch_size=8, **kw)).eval(),
+           lambda: (torch.randn(2, 3, 32, 32),))
+
+
+def _tiny() -> Iterator[tuple[str, Callable[[], nn.Module], Any]]:
+    from fxprune.testing.zoo import TINY_MODELS, tiny_model
+
+    for name in TINY_MODELS:
+        yield f"tiny:{name}", (lambda name=name: tiny_model(name)[0]), (lambda name=name: tiny_model(name)[1])
+    enc = lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2).eval()  # noqa: E731
+    yield "torch:TransformerEncoder", enc, lambda: (torch.randn(2, 5, 32),)
+
+
+FAMILIES = {"tiny": _tiny, "torchvision": _torchvision, "timm": _timm, "hf": _hf}
+
+
+def walk_manifest(entry: Any, out: dict[str, set[str]]) -> None:
+    """Record the references of one encoded module tree (the ``root`` of a manifest)."""
+    if isinstance(entry, dict):
+        tag = entry.get("$")
+        if tag == "ref":
+            out["ref"].add(entry["path"])
+        elif tag == "op":
+            out["op"].add(entry["name"])
+        elif tag == "enum":
+            out["enum"].add(entry["class"])
+        if entry.get("kind") == "module":
+            out["module_class"].add(entry["class"])
+        if entry.get("kind") == "graph_module":
+            for node in entry["graph"]["nodes"]:
+                if node["op"] == "call_method":
+                    out["method"].add(node["target"])
+                target = node["target"]
+                if (node["op"] == "call_function" and isinstance(target, dict)
+                        and target.get("path") == "builtins:getattr" and len(node["args"]) > 1):
+                    out["getattr"].add(str(node["args"][1]))
+            for key in ("in_spec", "out_spec"):
+                spec = entry["graph"]["codegen"].get(key)
+                if spec:
+                    _spec_types(json.loads(spec), out["spec_type"])
+        for value in entry.values():
+            walk_manifest(value, out)
+    elif isinstance(entry, list):
+        for value in entry:
+            walk_manifest(value, out)
+
+
+def _spec_types(obj: Any, out: set[str]) -> None:
+    if isinstance(obj, dict):
+        if isinstance(obj.get("type"), str):
+            out.add(obj["type"])
+        for v in obj.values():
+            _spec_types(v, out)
+    elif isinstance(obj, list):
+        for v in obj:
+            _spec_types(v, out)
+
+
+def collect_model(model: nn.Module, out: dict[str, set[str]]) -> None:
+    from fxprune.serialization import _manifest, _SaveContext
+
+    walk_manifest(_manifest(model, _SaveContext())["root"], out)
+
+
+def missing(out: dict[str, set[str]]) -> dict[str, list[str]]:
+    """The collected names the allow-list does not admit."""
+    from fxprune import _allowlist as allow
+
+    checks = {
+        "ref": lambda p: allow.lookup_callable(p) is not None,
+        "op": lambda name: allow.allowed_op(name),
+        "enum": lambda p: allow.lookup_enum(p) is not None,
+        "module_class": lambda p: allow.lookup_module_class(p) is not None,
+        "method": lambda m: m in allow.TENSOR_METHODS,
+        "getattr": lambda a: a in allow.GETATTR_NAMES,
+        "spec_type": lambda t: allow.allowed_spec_type(t),
+    }
+    return {kind: sorted(v for v in out.get(kind, ()) if not checks[kind](v)) for kind in checks}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
+    ap.add_argument("--compile", action="store_true", help="also collect from the models pruned at 50%%")
+    ap.add_argument("--only", nargs="*", help="model labels to run (default: all of the families)")
+    ap.add_argument("--json", help="write the collected names here")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    import fxprune
+
+    out: dict[str, set[str]] = defaultdict(set)
+    failures = []
+    for family in args.families:
+        for label, build, inputs in FAMILIES[family]():
+            if args.only and label not in args.only:
+                continue
+            try:
+                torch.manual_seed(0)
+                model, x = build(), inputs()
+                collect_model(fxprune.capture(model, x).gm, out)
+                if args.compile:
+                    collect_model(fxprune.compile(model, x, mac_budget="50%").model, out)
+                print(f"ok   {label}", file=sys.stderr)
+            except Exception as err:  # report, keep going
+                failures.append(label)
+                print(f"FAIL {label}: {type(err).__name__}: {str(err)[:200]}", file=sys.stderr)
+    gaps = missing(out)
+    for kind in sorted(out):
+        print(f"== {kind} ({len(out[kind])})")
+        for name in sorted(out[kind]):
+            print(f"   {'MISSING ' if name in gaps.get(kind, ()) else ''}{name}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({k: sorted(v) for k, v in out.items()}, fh, indent=1)
+    print(f"failures: {failures}", file=sys.stderr)
+    return 1 if any(gaps.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
