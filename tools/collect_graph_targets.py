@@ -100,7 +100,11 @@ def walk_manifest(entry: Any, out: dict[str, set[str]]) -> None:
                 spec = entry["graph"]["codegen"].get(key)
                 if spec:
                     _spec_types(json.loads(spec), out["spec_type"])
-        for value in entry.values():
+        for key, value in entry.items():
+            if key == "type" and isinstance(value, dict):  # a node's type annotation (dropped if unknown)
+                if value.get("$") == "ref":
+                    out["annotation"].add(value["path"])
+                continue
             walk_manifest(value, out)
     elif isinstance(entry, list):
         for value in entry:
@@ -136,6 +140,7 @@ def missing(out: dict[str, set[str]]) -> dict[str, list[str]]:
         "method": lambda m: m in allow.TENSOR_METHODS,
         "getattr": lambda a: a in allow.GETATTR_NAMES,
         "spec_type": lambda t: allow.allowed_spec_type(t),
+        "annotation": lambda p: allow.lookup_type(p) is not None,
     }
     return {kind: sorted(v for v in out.get(kind, ()) if not checks[kind](v)) for kind in checks}
 
