@@ -3,10 +3,13 @@
 :func:`fxprune.serialization.load` rebuilds a graph from names stored in a file that may have been
 crafted. Every name is looked up here, in literal lists, and nowhere else: a call target, a method
 name, an attribute read with ``getattr``, a module class, a type annotation and a pytree output
-type. There is no module-prefix rule, and resolving a name never imports a module the file chose:
-names in ``torch``, ``torch.nn.functional``, ``operator``, ``math``, ``builtins`` and
+type. There is no module-prefix rule, and a name the tables do not hold is refused without any
+import: names in ``torch``, ``torch.nn.functional``, ``operator``, ``math``, ``builtins`` and
 ``fxprune.ops`` are read from those (already imported) modules; the few torchvision and timm
-entries name their module in the table, and only that fixed module is imported.
+entries name their module in the table, and only that fixed module is imported. The one import a
+file can steer: a pytree output type of a Hugging Face model registers itself when its module is
+imported, so ``transformers.modeling_outputs`` and modules named exactly
+``transformers.models.<name>.modeling_<name>`` are imported for it (:func:`spec_type_module`).
 
 The lists cover the graphs fxprune itself produces (``tools/collect_graph_targets.py`` walks the
 torchvision, timm and Hugging Face captures and prunes and reports any name missing here) and the

@@ -472,6 +472,8 @@ def compile(  # noqa: A001 - the product's name for the operation
     _check_options(tolerance=tolerance, channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio,
                    policy=policy, policy_options=policy_options, seed=seed, evaluate=evaluate,
                    leaf_modules=leaf_modules, latency_options=latency_options, importance=importance)
+    if mac_budget is not None:
+        parse_mac_budget(mac_budget, 1)  # a budget that cannot parse fails now, before the capture
     if latency_budget is not None:
         from fxprune.latency import compile_to_latency
 

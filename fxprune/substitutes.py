@@ -203,12 +203,36 @@ def _fold_reparametrizations(module: nn.Module, path: str, notes: list[str]) -> 
                 remove_spectral_norm(module, hook.name)
             notes.append(f"{path or 'model'}: spectral_norm folded into a plain {hook.name!r}")
     if parametrize.is_parametrized(module):
-        for name in list(module.parametrizations.keys()):
-            kinds = ", ".join(type(p).__name__ for p in module.parametrizations[name])
-            with torch.no_grad():
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-            notes.append(f"{path or 'model'}: parametrization of {name!r} ({kinds}) folded into a plain parameter "
-                         "(re-apply it after pruning if you fine-tune with it)")
+        _fold_parametrizations(module, path, notes)
+
+
+def _fold_parametrizations(module: nn.Module, path: str, notes: list[str]) -> None:
+    """Replace every parametrized tensor of ``module`` by a plain one holding its current value.
+
+    Not ``parametrize.remove_parametrizations``: that deletes the property from the module's
+    parametrized class, which capture's copy shares with the user's model (deepcopy keeps classes),
+    so it would break the user's model. Only this instance changes class here.
+    """
+    lists = module.parametrizations
+    folded = {}
+    with torch.no_grad():
+        for name, plist in lists.items():
+            originals = [t for t in (getattr(plist, "original", None), *(getattr(plist, f"original{i}", None)
+                                                                          for i in range(len(plist._parameters))))
+                         if isinstance(t, torch.Tensor)]
+            trainable = any(isinstance(t, nn.Parameter) for t in originals)
+            requires_grad = any(t.requires_grad for t in originals)
+            folded[name] = (getattr(module, name).detach().clone(), trainable, requires_grad,
+                            ", ".join(type(p).__name__ for p in plist))
+    module.__class__ = type(module).__bases__[0]  # the class before parametrization (an instance change)
+    del module._modules["parametrizations"]
+    for name, (value, trainable, requires_grad, kinds) in folded.items():
+        if trainable:
+            module.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
+        else:
+            module.register_buffer(name, value)
+        notes.append(f"{path or 'model'}: parametrization of {name!r} ({kinds}) folded into a plain tensor "
+                     "(re-apply it after pruning if you fine-tune with it)")
 
 
 def prepare_model(model: nn.Module, notes: list[str]) -> nn.Module:

@@ -584,3 +584,70 @@ def test_spec_types_are_never_imported_from_the_file(tmp_path, monkeypatch):
         _load_spec("{not json")
     ok = _load_spec(json.dumps([1, {"type": "builtins.dict", "context": '["a"]', "children_spec": [leaf]}]))
     assert ok.type is dict and ok.context == ["a"]
+
+
+# ------------------------------------------------------------------------ the allow-list covers real graphs
+
+def _collector():
+    import importlib.util
+
+    path = REPO / "tools" / "collect_graph_targets.py"
+    spec = importlib.util.spec_from_file_location("_fxprune_tools_collect_graph_targets", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _assert_round_trip(gm: torch.fx.GraphModule, x, tmp_path: Path, collector) -> None:
+    from collections import defaultdict
+
+    names: dict[str, set[str]] = defaultdict(set)
+    collector.collect_model(gm, names)
+    assert not any(collector.missing(names).values()), collector.missing(names)
+    loaded = round_trip(gm, tmp_path)
+    with torch.no_grad():
+        want, got = gm(*x), loaded(*x)
+    assert torch.equal(want, got)
+
+
+ZOO_COMPILE = ["resnet18", "mobilenet_v3_small", "vit_tiny", "swin_tiny"]
+
+
+@pytest.mark.parametrize("name", ZOO_COMPILE)
+def test_compiled_zoo_models_round_trip_through_the_allow_list(name, tmp_path):
+    import fxprune
+
+    builder, shape, _, _ = MODELS[name]
+    torch.manual_seed(0)
+    model, x = builder().eval(), (torch.randn(*shape),)
+    res = fxprune.compile(model, x, mac_budget="50%", tolerance=0.05)
+    collector = _collector()
+    _assert_round_trip(res.original, x, tmp_path, collector)
+    _assert_round_trip(res.model, x, tmp_path, collector)
+
+
+def test_tiny_zoo_and_stock_transformers_round_trip_through_the_allow_list(tmp_path):
+    import fxprune
+    from fxprune.testing.zoo import TINY_MODELS, tiny_model
+
+    collector = _collector()
+    for name in TINY_MODELS:
+        model, x = tiny_model(name)
+        _assert_round_trip(fxprune.capture(model, x).gm, x, tmp_path, collector)
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2,
+                                enable_nested_tensor=False).eval()
+    x = (torch.randn(2, 5, 32),)
+    res = fxprune.compile(enc, x, mac_budget="50%", tolerance=0.05)
+    _assert_round_trip(res.model, x, tmp_path, collector)
+
+
+def test_layer_hyper_parameters_are_checked_against_the_tensors(small_file, tmp_path):
+    def edit(manifest):
+        conv = next(c for c in manifest["root"]["children"] if c["name"] == "conv")["module"]
+        conv["attributes"]["out_channels"] = 9
+
+    with pytest.raises(SerializationError, match=r"weight has the shape \(8, 3, 3, 3\), but the layer's "
+                                                 r"hyper-parameters say \(9, 3, 3, 3\)"):
+        load(rewrite_manifest(small_file, tmp_path / "bad.fxp", edit))
