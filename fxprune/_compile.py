@@ -469,6 +469,8 @@ def compile(  # noqa: A001 - the product's name for the operation
         raise InvalidBudgetError(
             "target=, dtype= and batch_size= say where a latency budget is measured; give latency_budget=... too "
             "(to time a MAC-budget result on a runtime, use result.benchmark(runtime=...))")
+    if isinstance(leaf_modules, Iterable) and not isinstance(leaf_modules, (str, type)):
+        leaf_modules = tuple(leaf_modules)  # a generator is read once, here
     _check_options(tolerance=tolerance, channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio,
                    policy=policy, policy_options=policy_options, seed=seed, evaluate=evaluate,
                    leaf_modules=leaf_modules, latency_options=latency_options, importance=importance)

@@ -507,6 +507,11 @@ def capture(
         raise TraceError(f"fxprune needs a torch.nn.Module, got {type(model).__name__}.")
     if method not in ("auto", "fx", "export"):
         raise TraceError(f"capture method must be 'auto', 'fx' or 'export', got {method!r}.")
+    if not isinstance(leaf_modules, (str, type)) and hasattr(leaf_modules, "__iter__"):
+        leaf_modules = tuple(leaf_modules)
+    if not isinstance(leaf_modules, tuple) or not all(isinstance(c, type) and issubclass(c, nn.Module)
+                                                      for c in leaf_modules):
+        raise TraceError(f"leaf_modules must be a list of nn.Module classes, got {leaf_modules!r:.80}.")
     args, kwargs = normalize_inputs(example_inputs)
     for i, a in enumerate(list(args) + list(kwargs.values())):
         if not isinstance(a, torch.Tensor):

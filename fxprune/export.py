@@ -412,6 +412,8 @@ def export_onnx(
     if any(e not in _EXPORT_FUNCS for e in order):
         raise ExportError(
             f"ONNX export: unknown exporter {exporter!r}; use 'auto', 'torchscript' or 'dynamo'.")
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise ExportError(f"ONNX export: path must be a file path (str or pathlib.Path) or None, got {path!r:.80}.")
     target = Path(path) if path is not None else None
     if target is not None:
         problem = check_writable(target, "ONNX output")

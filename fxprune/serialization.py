@@ -1175,6 +1175,12 @@ def _check_tensor_index(manifest: dict, tensors: dict[str, torch.Tensor], path: 
             )
 
 
+def _as_path(path: Any, what: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or not str(os.fspath(path)):
+        raise SerializationError(f"{what} needs a file path (str or pathlib.Path), got {path!r:.80}.")
+    return Path(path)
+
+
 def _device(map_location: Any) -> torch.device | None:
     if map_location is None:
         return None
@@ -1251,7 +1257,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     if not isinstance(model, nn.Module):
         raise SerializationError(f"save needs a torch.nn.Module, got {type(model).__name__}.")
-    path = Path(path)
+    path = _as_path(path, "save")
     problem = check_writable(path, "output file")
     if problem:
         raise SerializationError(f"cannot write {path}: {problem}.")
@@ -1307,7 +1313,7 @@ def load(
             version, corrupt, too large or too deeply nested, or refers to something outside the
             allow-list (the message names it and says how to trust it).
     """
-    path = Path(path)
+    path = _as_path(path, "load")
     device = _device(map_location)
     if not path.is_file():
         raise SerializationError(f"cannot load {path}: no such file.")
