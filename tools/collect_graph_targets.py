@@ -10,6 +10,7 @@ Run it after adding a model family or a rewrite that emits new ops::
     python tools/collect_graph_targets.py                      # capture only, all families
     python tools/collect_graph_targets.py --compile --json out.json
     python tools/collect_graph_targets.py --families tiny hf   # a subset
+    python tools/collect_graph_targets.py --compile --round-trip   # and save/load/compare every graph
 
 Exit status 1 when something is missing from the allow-list.
 """
@@ -128,6 +129,26 @@ def collect_model(model: nn.Module, out: dict[str, set[str]]) -> None:
     walk_manifest(_manifest(model, _SaveContext())["root"], out)
 
 
+def round_trip(gm: nn.Module, inputs: Any) -> None:
+    """Save, load (in this process) and compare outputs; raises on any difference."""
+    import tempfile
+    from pathlib import Path
+
+    import fxprune
+    from torch.utils._pytree import tree_leaves
+
+    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), dict(inputs))
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = fxprune.load(fxprune.save(gm, Path(tmp) / "m.fxp"))
+    gm.eval()
+    loaded.eval()
+    with torch.no_grad():
+        want, got = tree_leaves(gm(*args, **kwargs)), tree_leaves(loaded(*args, **kwargs))
+    if len(want) != len(got) or not all(torch.equal(a, b) for a, b in zip(want, got)
+                                        if isinstance(a, torch.Tensor)):
+        raise AssertionError("the loaded model's outputs differ")
+
+
 def missing(out: dict[str, set[str]]) -> dict[str, list[str]]:
     """The collected names the allow-list does not admit."""
     from fxprune import _allowlist as allow
@@ -151,6 +172,8 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="also collect from the models pruned at 50%%")
     ap.add_argument("--only", nargs="*", help="model labels to run (default: all of the families)")
     ap.add_argument("--json", help="write the collected names here")
+    ap.add_argument("--round-trip", action="store_true",
+                    help="also save and load every graph module and check that its outputs are unchanged")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import fxprune
@@ -164,9 +187,13 @@ def main() -> int:
             try:
                 torch.manual_seed(0)
                 model, x = build(), inputs()
-                collect_model(fxprune.capture(model, x).gm, out)
+                gms = [fxprune.capture(model, x).gm]
                 if args.compile:
-                    collect_model(fxprune.compile(model, x, mac_budget="50%").model, out)
+                    gms.append(fxprune.compile(model, x, mac_budget="50%", tolerance=0.05).model)
+                for gm in gms:
+                    collect_model(gm, out)
+                    if args.round_trip:
+                        round_trip(gm, x)
                 print(f"ok   {label}", file=sys.stderr)
             except Exception as err:  # report, keep going
                 failures.append(label)
