@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
         problem = check_writable(args.json, "--json")
         if problem:
-            raise BenchmarkError(f"{problem}. Nothing was measured.")
+            raise BenchmarkError(f"cannot write the JSON report: {problem}. Nothing was measured.")
     runtime = args.runtime or f"ort-{args.provider}"
     config = BenchConfig(
         runtime=runtime,
