@@ -717,12 +717,27 @@ def _check_identifier(text: Any, what: str, *, stars: bool = False) -> str:
     return text
 
 
+# Module, parameter and buffer names. torch.fx writes a part that is not an identifier as
+# ``getattr(self.a, "block1-0")`` (torchvision's RegNet names its blocks so), inside double quotes:
+# letters, digits, "_" and "-" cannot leave that string literal, a quote or a backslash could.
+_MEMBER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}\Z")
+
+
+def _is_member_name(text: Any) -> bool:
+    return isinstance(text, str) and bool(_MEMBER_NAME.match(text)) and not text.startswith("__")
+
+
+def _check_member_name(text: Any, what: str) -> str:
+    if not _is_member_name(text):
+        raise SerializationError(f"refusing to load {what}: {text!r:.120} is not a plain module, parameter or "
+                                 "buffer name (letters, digits, '_' and '-').")
+    return text
+
+
 def _check_attr_path(target: Any, what: str) -> str:
-    """A dotted attribute path: identifiers (or digits, as in nn.Sequential), no dunder parts."""
+    """A dotted path of module/parameter/buffer names (see ``_MEMBER_NAME``), no dunder parts."""
     parts = target.split(".") if isinstance(target, str) else [""]
-    plain = [(_is_identifier(p) or (p.isdigit() and p.isascii() and len(p) < 20)) and not p.startswith("__")
-             for p in parts]
-    if not all(plain):
+    if not all(_is_member_name(p) for p in parts):
         raise SerializationError(f"refusing to load {what}: {target!r:.120} is not a plain attribute path.")
     return target
 
@@ -917,12 +932,12 @@ def _decode_module(entry: dict, path: str, ctx: _LoadContext, built: dict[str, n
 def _restore_tensors(module: nn.Module, entry: dict, ctx: _LoadContext, where: str) -> None:
     """Parameters (one object per stored tensor, so ties survive) and buffers, persistent or not."""
     for p in entry["parameters"]:
-        name = _check_identifier(p["name"], f"a parameter name of {where}")
+        name = _check_member_name(p["name"], f"a parameter name of {where}")
         key = p["tensor"]
         module._parameters[name] = None if key is None else ctx.tensor(
             key, f"parameter {name!r} of {where}", parameter=True, requires_grad=p["requires_grad"] is True)
     for b in entry["buffers"]:
-        name = _check_identifier(b["name"], f"a buffer name of {where}")
+        name = _check_member_name(b["name"], f"a buffer name of {where}")
         module._buffers[name] = None if b["tensor"] is None else ctx.tensor(b["tensor"], f"buffer {name!r} of {where}")
         if not b["persistent"]:
             module._non_persistent_buffers_set.add(name)

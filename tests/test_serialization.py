@@ -651,3 +651,23 @@ def test_layer_hyper_parameters_are_checked_against_the_tensors(small_file, tmp_
     with pytest.raises(SerializationError, match=r"weight has the shape \(8, 3, 3, 3\), but the layer's "
                                                  r"hyper-parameters say \(9, 3, 3, 3\)"):
         load(rewrite_manifest(small_file, tmp_path / "bad.fxp", edit))
+
+
+def test_module_names_that_are_not_identifiers_round_trip(tmp_path):
+    """torchvision's RegNet names its blocks 'block1-0'; torch.fx writes getattr(..., "block1-0")."""
+    model = tvm.regnet_y_400mf(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    gm = capture(model, x).gm
+    assert any("-" in name for name, _ in gm.named_modules())
+    loaded = round_trip(gm, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(gm(x), loaded(x))
+
+
+@pytest.mark.parametrize("name", ['a"+print(1)+"b', "a\\\\b", "a b", "__class__", ""])
+def test_member_names_that_could_leave_a_string_literal_are_refused(small_file, tmp_path, name):
+    def edit(manifest):
+        manifest["root"]["children"][0]["name"] = name
+
+    with pytest.raises(SerializationError, match="refusing to load"):
+        load(rewrite_manifest(small_file, tmp_path / "bad.fxp", edit))
