@@ -32,11 +32,11 @@ def _torchvision() -> Iterator[tuple[str, Callable[[], nn.Module], Any]]:
     import torchvision.models as tvm
     from torchvision.models import get_model_weights, list_models
 
+    from fxprune.models import torchvision_model
+
     for name in sorted(list_models(module=tvm)):
-        weights = get_model_weights(name).DEFAULT
-        size = getattr(weights.transforms(), "crop_size", [224])[0]
-        kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
-        yield (f"torchvision:{name}", lambda name=name, kwargs=kwargs: tvm.get_model(name, weights=None, **kwargs),
+        size = getattr(get_model_weights(name).DEFAULT.transforms(), "crop_size", [224])[0]
+        yield (f"torchvision:{name}", lambda name=name: torchvision_model(name)[0],
                lambda size=size: (torch.randn(1, 3, size, size),))
 
 
