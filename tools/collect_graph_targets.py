@@ -63,6 +63,13 @@ def _hf() -> Iterator[tuple[str, Callable[[], nn.Module], Any]]:
            lambda: (torch.randn(2, 3, 32, 32),))
     yield ("hf:deit", lambda: transformers.DeiTModel(transformers.DeiTConfig(image_size=32, patch_size=8, **kw)).eval(),
            lambda: (torch.randn(2, 3, 32, 32),))
+    dec = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=64)
+    yield "hf:llama", lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**dec)).eval(), ids
+    yield ("hf:qwen2", lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**dec, num_key_value_heads=2)).eval(),
+           ids)
+    yield ("hf:gpt2", lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval(), ids)
 
 
 def _tiny() -> Iterator[tuple[str, Callable[[], nn.Module], Any]]:
