@@ -427,6 +427,8 @@ def model_file(tmp_path):
     (["-o", "outdir"], "-o/--output 'outdir' is a directory"),
     (["-o", "afile/m.onnx"], "'afile' is not a directory"),
     (["--save", "m.onnx", "-o", "m.onnx"], "must name different files"),
+    (["--save-pretrained", "afile"], "exists and is not a directory"),
+    (["--save-pretrained", "missing_dir/hf"], "does not exist"),
 ])
 def test_cli_checks_outputs_before_compiling(model_file, tmp_path, monkeypatch, capsys, extra, match):
     monkeypatch.chdir(tmp_path)

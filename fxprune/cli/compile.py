@@ -64,6 +64,16 @@ def _check_outputs(args) -> None:
         problem = check_writable(path, flag)
         if problem:
             raise ConfigError(f"{problem}. Nothing was compiled.")
+    if args.save_pretrained:  # a directory: it may exist (as a directory) or be created in a writable parent
+        d = args.save_pretrained
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise ConfigError(f"--save-pretrained {d!r} exists and is not a directory. Nothing was compiled.")
+        parent = d if os.path.isdir(d) else (os.path.dirname(os.path.abspath(d)) or ".")
+        if not os.path.isdir(parent):
+            raise ConfigError(f"--save-pretrained {d!r}: the directory {parent!r} does not exist; create it first. "
+                              "Nothing was compiled.")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--save-pretrained {d!r}: {parent!r} is not writable. Nothing was compiled.")
     paths = [os.path.realpath(path) for path, _ in given]
     if len(set(paths)) != len(paths):
         raise ConfigError("-o, --save and --report must name different files. Nothing was compiled.")
