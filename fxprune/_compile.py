@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -23,9 +25,11 @@ import torch.nn as nn
 from fxprune.budget import format_macs, parse_mac_budget
 from fxprune.capture import Captured, capture
 from fxprune.cost_models.mac import MacCalibration, MacCountAnalysis, MacTerm, PlanCost, calibrate
-from fxprune.errors import FxpruneError, InvalidBudgetError, PolicyError, PostconditionError, PreconditionError
+from fxprune.errors import (ConfigError, FxpruneError, InvalidBudgetError, PolicyError, PostconditionError,
+                            PreconditionError)
 from fxprune.passes._infra import AnalysisManager, PassManager, TimingInstrument
 from fxprune.passes.dependency_groups import DependencyGraph, DependencyGroupsAnalysis, Group
+from fxprune.passes.fuse_projections import FuseProjectionsPass
 from fxprune.passes.prune_channels import PruneChannelsPass
 from fxprune.passes.shape_prop import ShapePropPass
 from fxprune.policies.base import GroupSpec, PruningPlan, PruningProblem, SearchContext
@@ -122,6 +126,9 @@ class PruneSession:
     seed: int = 0
     _score_cache: dict[str, dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
     last_passes: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    layout: Any = None  # fxprune.hf.Layout: tied / whole groups (layer_uniform)
+    hf_source: Any = None  # fxprune.hf.HFSource of a Hugging Face model fxprune can rebuild
+    _deployed: torch.fx.GraphModule | None = field(default=None, repr=False)
     calibration: MacCalibration | None = None
     healed: dict[int, Any] = field(default_factory=dict)  # group id -> fxprune.heal.HealedGroup
 
@@ -148,7 +155,7 @@ class PruneSession:
         if not criterion or criterion == self.criterion:
             return self.scores
         if criterion not in self._score_cache:
-            data = self.data if self.data is not None else [self.captured.inputs]
+            data = self.data if self.data is not None else _example_data(self.captured)
             self._score_cache[criterion] = _importance(self.gm, self.graph, criterion, data, self.loss_fn, self.seed)
         return self._score_cache[criterion]
 
@@ -163,7 +170,8 @@ class PruneSession:
         units = self.units(keep, criterion)
         timing = TimingInstrument()
         am = AnalysisManager(gm)
-        passes = ([PruneChannelsPass(self.graph, units)] if units else []) + [ShapePropPass(self.captured.inputs)]
+        passes = (([PruneChannelsPass(self.graph, units)] if units else [])
+                  + [FuseProjectionsPass(), ShapePropPass(self.captured.inputs)])
         try:
             PassManager(passes, instruments=[timing]).run(gm, am)
         except PreconditionError as err:
@@ -181,10 +189,20 @@ class PruneSession:
         gm.eval()
         return gm, macs
 
+    def deployed_original(self) -> torch.fx.GraphModule:
+        """The captured model as it is returned unpruned: a copy with split projections re-fused
+        (``FuseProjectionsPass``), so it runs as fast as the user's model. Built once."""
+        if self._deployed is None:
+            gm = copy.deepcopy(self.gm)
+            PassManager([FuseProjectionsPass(), ShapePropPass(self.captured.inputs)]).run(gm, AnalysisManager(gm))
+            gm.eval()
+            self._deployed = gm
+        return self._deployed
+
 
 def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, importance: str = "l1",
                  calibration_data: Any = None, loss_fn: Any = None, capture_method: str = "auto",
-                 leaf_modules: Sequence[type] = (), seed: int = 0) -> PruneSession:
+                 leaf_modules: Sequence[type] = (), seed: int = 0, layer_uniform: bool | None = None) -> PruneSession:
     t0 = time.perf_counter()
     cap = capture(model, example_inputs, method=capture_method, leaf_modules=leaf_modules)
     t1 = time.perf_counter()
@@ -192,7 +210,7 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
     PassManager([ShapePropPass(cap.inputs)]).run(cap.gm, am)
     cal = calibrate(cap.gm, cap.inputs)  # measured MACs where a rule is missing or wrong (channels frozen)
     t2 = time.perf_counter()
-    ignore_names, ignore_fn = _ignore_spec(ignore, cap.gm)
+    ignore_names, ignore_fn = _ignore_spec(ignore, cap.gm, model)
     graph = am.get(DependencyGroupsAnalysis(ignore=ignore_names, ignore_fn=ignore_fn))
     count = am.get(MacCountAnalysis())
     terms = count.terms
@@ -204,11 +222,13 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
         raise PostconditionError("the plan cost model disagrees with the MAC count of the unpruned graph; "
                                  "this is a bug in fxprune (please report it with the model)")
     scores = _importance(cap.gm, graph, importance,
-                         calibration_data if calibration_data is not None else [cap.inputs], loss_fn, seed)
+                         calibration_data if calibration_data is not None else _example_data(cap), loss_fn, seed)
     t4 = time.perf_counter()
     timings = {"capture": t1 - t0, "shape_prop": t2 - t1, "analysis": t3 - t2, "importance": t4 - t3}
-    return PruneSession(cap, graph, terms, base, cost, scores, importance, timings, calibration_data, loss_fn, seed,
-                        calibration=cal)
+    session = PruneSession(cap, graph, terms, base, cost, scores, importance, timings, calibration_data, loss_fn, seed,
+                           calibration=cal)
+    _set_layout(session, model, layer_uniform)
+    return session
 
 
 def _space_sizes(gm: torch.fx.GraphModule) -> dict[tuple[str, int], int]:
@@ -221,7 +241,37 @@ def _space_sizes(gm: torch.fx.GraphModule) -> dict[tuple[str, int], int]:
     return sizes
 
 
-def _ignore_spec(ignore: Any, gm: torch.fx.GraphModule) -> tuple[tuple[str, ...], Callable[[str], bool] | None]:
+def _set_layout(session: PruneSession, model: nn.Module, layer_uniform: bool | None) -> None:
+    """Ties of per-layer groups (on by default for Hugging Face models fxprune can rebuild)."""
+    from fxprune.hf import Layout, layout_for, source_of
+    from fxprune.tying import layer_ties
+
+    cap = session.captured
+    session.hf_source = source_of(model, cap.args, cap.kwargs)
+    if layer_uniform is None:
+        layer_uniform = session.hf_source is not None
+    if not layer_uniform:
+        return
+    if session.hf_source is not None:
+        session.layout = layout_for(session.hf_source, session.graph.groups)
+    else:
+        ties = layer_ties(session.graph.groups)
+        session.layout = Layout(ties, {}, [f"layer_uniform: {sum(len(t.members) for t in ties)} groups decided as "
+                                           f"{len(ties)} (the same keep count in every layer)"] if ties else [])
+
+
+def _example_data(cap: Captured) -> list:
+    """The example inputs as one unlabelled calibration batch (keyword inputs keep their names, so
+    an ``attention_mask`` is recognised as such)."""
+    if cap.kwargs and not cap.args:
+        return [dict(cap.kwargs)]
+    if len(cap.inputs) == 1:
+        return [cap.inputs[0]]
+    return [(tuple(cap.inputs), None)]
+
+
+def _ignore_spec(ignore: Any, gm: torch.fx.GraphModule,
+                 model: nn.Module | None = None) -> tuple[tuple[str, ...], Callable[[str], bool] | None]:
     if ignore is None:
         return (), None
     if callable(ignore):
@@ -237,26 +287,56 @@ def _ignore_spec(ignore: Any, gm: torch.fx.GraphModule) -> tuple[tuple[str, ...]
         return (), fn
     if isinstance(ignore, str):
         ignore = [ignore]
+    if not isinstance(ignore, Iterable):
+        raise ConfigError(f"ignore must be a list of module names or a predicate (name, module) -> bool, got "
+                          f"{ignore!r:.60}")
     names = []
     for item in ignore:
         if isinstance(item, str):
             names.append(item)
         else:
             raise InvalidBudgetError(f"ignore must list module names (strings) or be a predicate, got {item!r}")
+    _check_ignore_names(names, gm, model)
     return tuple(names), None
+
+
+def _check_ignore_names(names: list[str], gm: torch.fx.GraphModule, model: nn.Module | None) -> None:
+    """Every ``ignore`` name must be a module path (or a prefix of one) of the model: a typo would
+    otherwise silently prune the module the user meant to keep."""
+    import difflib
+
+    known: set[str] = set()
+    for root in (gm, model):
+        if root is None:
+            continue
+        known.update(name for name, _ in root.named_modules() if name)
+        known.update(name.rpartition(".")[0] for name, _ in root.named_parameters() if "." in name)
+    unknown = [n for n in names if not any(k == n or k.startswith(n + ".") for k in known)]
+    if not unknown:
+        return
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.5)
+        parts.append(f"{name!r} (closest: {', '.join(repr(c) for c in close)})" if close else repr(name))
+    raise ConfigError(
+        f"ignore= names that match no module of the model: {'; '.join(parts)}. Use module paths as printed by "
+        "model.named_modules() (or `fxprune profile MODEL`), e.g. ignore=['layer4.1.conv2'].")
 
 
 def _importance(gm, graph: DependencyGraph, criterion: str, data, loss_fn, seed) -> dict[int, np.ndarray]:
     if not graph.groups:
         return {}
+    from fxprune._buffers import preserve_buffers
     from fxprune.importance import group_importance
 
-    scores = group_importance(gm, graph.unit_groups(), criterion, data=data, loss_fn=loss_fn, seed=seed)
+    with preserve_buffers(gm):
+        scores = group_importance(gm, graph.unit_groups(), criterion, data=data, loss_fn=loss_fn, seed=seed)
     return {int(k): np.asarray(v, dtype=np.float64) for k, v in scores.items()}
 
 
 def build_problem(session: PruneSession, budget: int, tolerance: float, channel_multiple: int,
-                  min_keep_ratio: float) -> PruningProblem:
+                  min_keep_ratio: float, *, tie: bool = True) -> PruningProblem:
+    """The MAC problem of ``session`` (its layout's ties applied unless ``tie=False``)."""
     groups = session.graph.groups
     G = len(groups)
     full = np.array([g.n for g in groups], dtype=np.int64)
@@ -281,7 +361,12 @@ def build_problem(session: PruneSession, budget: int, tolerance: float, channel_
     frozen = tuple(f"{f.name} ({f.n}): {'; '.join(f.reasons[:2])}" for f in session.graph.frozen) + tuple(
         f"{h.name} ({h.size}): self-healing: {h.stage} at {h.node or 'bisection'}" for h in session.healed.values())
     lower = int(math.ceil(budget * (1.0 - tolerance)))
-    return PruningProblem(tuple(specs), session.base_macs, int(budget), lower, min_macs, fixed, session.cost, frozen)
+    problem = PruningProblem(tuple(specs), session.base_macs, int(budget), lower, min_macs, fixed, session.cost, frozen)
+    if tie and session.layout is not None:  # ties: one decision per role across layers (fxprune.tying)
+        from fxprune.tying import apply_layout
+
+        problem = apply_layout(problem, session.layout.ties, session.layout.fixed)
+    return problem
 
 
 # ------------------------------------------------------------------------------------- result
@@ -308,6 +393,14 @@ class CompileResult:
     example_inputs: tuple
     original: torch.fx.GraphModule | None = None
     keep: dict[int, int] = field(default_factory=dict)
+    hf_source: Any = field(default=None, repr=False)
+
+    def to_hf(self, *, verify: bool = True) -> nn.Module:
+        """The pruned Hugging Face model as an instance of its original class (``generate``,
+        ``save_pretrained``); see :func:`fxprune.hf.to_hf`."""
+        from fxprune.hf import to_hf
+
+        return to_hf(self, verify=verify)
 
     def export_onnx(self, path: str | None = None, **kwargs: Any):
         """Export the pruned model to ONNX (dynamic batch dimension); returns the ``onnx.ModelProto``."""
@@ -353,6 +446,10 @@ def compile(  # noqa: A001 - the product's name for the operation
     capture: str = "auto",
     leaf_modules: Sequence[type] = (),
     latency_options: dict[str, Any] | None = None,
+    layer_uniform: bool | None = None,
+    target: str | None = None,
+    dtype: Any = None,
+    batch_size: int | None = None,
 ) -> CompileResult:
     """Compile ``model`` to a MAC budget: a physically smaller model with MACs in the band.
 
@@ -361,8 +458,14 @@ def compile(  # noqa: A001 - the product's name for the operation
         example_inputs: a tensor, a tuple of tensors, or a dict of keyword tensors.
         mac_budget: absolute MACs (``1.8e9``, ``"1.8G"``, ``"500M"``) or a fraction of the
             original (``0.5``, ``"50%"``).
-        latency_budget: alternatively a measured-latency budget (``"20ms"``, ``"60%"``) on ONNX
-            Runtime; see ``latency_options``.
+        latency_budget: a measured-latency budget (``"20ms"``, ``"60%"`` of the original) on
+            ``target``: channels are allocated by a per-group latency model measured there
+            (importance lost per millisecond saved) and the result is verified by an interleaved
+            whole-model measurement; see ``latency_options``. With ``mac_budget`` too, both hold.
+        target: where latency is measured: ``"ort-cpu"`` (default), ``"ort-cuda"``, ``"ort-trt"``,
+            ``"torch-cuda"`` or ``"torch-cpu"`` (``fxprune.runtimes``).
+        dtype: ``"fp32"`` (default), ``"fp16"`` or ``"bf16"`` (PyTorch targets).
+        batch_size: the batch the latency is measured at (default 1).
         tolerance: the band is ``[budget * (1 - tolerance), budget]``.
         policy: "uniform", "global", "isomorphic", "agentic", "rl" or an object with ``select``.
         channel_multiple: kept channel counts are multiples of this where the group is large
@@ -374,9 +477,12 @@ def compile(  # noqa: A001 - the product's name for the operation
         evaluate: ``evaluate(model) -> float`` (higher is better) used by search policies.
         seed: the run's seed (same inputs and seed give the same result).
         verify: check the pruned model: counted MACs equal the estimate and the independent count
-            (``torch.utils.flop_counter`` on fake tensors), the band holds, it runs at another batch
+            (``torch.utils.flop_counter`` on meta tensors), the band holds, it runs at another batch
             size; ``"onnx"`` also exports it to ONNX and checks ONNX Runtime parity. A candidate
             that fails has the groups behind the failure frozen (``report.healed``) and is rebuilt.
+        layer_uniform: keep the same number of units in every layer for groups that play the same
+            role (one decision variable per role). ``None``: on for Hugging Face models that
+            ``result.to_hf()`` can rebuild (their config has one width per role), off otherwise.
 
     Returns:
         A :class:`CompileResult`.
@@ -388,14 +494,17 @@ def compile(  # noqa: A001 - the product's name for the operation
     """
     if mac_budget is None and latency_budget is None:
         raise InvalidBudgetError("give mac_budget (e.g. '50%', 0.5, '1.8G') or latency_budget (e.g. '20ms')")
-    if mac_budget is not None and latency_budget is not None:
-        raise InvalidBudgetError("give either mac_budget or latency_budget, not both")
-    if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
-        raise InvalidBudgetError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
-    if not isinstance(channel_multiple, int) or channel_multiple < 1:
-        raise InvalidBudgetError(f"channel_multiple must be a positive int, got {channel_multiple!r}")
-    if not 0 < min_keep_ratio <= 1:
-        raise InvalidBudgetError(f"min_keep_ratio must be in (0, 1], got {min_keep_ratio!r}")
+    if latency_budget is None and (target is not None or dtype is not None or batch_size is not None):
+        raise InvalidBudgetError(
+            "target=, dtype= and batch_size= say where a latency budget is measured; give latency_budget=... too "
+            "(to time a MAC-budget result on a runtime, use result.benchmark(runtime=...))")
+    if isinstance(leaf_modules, Iterable) and not isinstance(leaf_modules, (str, type)):
+        leaf_modules = tuple(leaf_modules)  # a generator is read once, here
+    _check_options(tolerance=tolerance, channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio,
+                   policy=policy, policy_options=policy_options, seed=seed, evaluate=evaluate,
+                   leaf_modules=leaf_modules, latency_options=latency_options, importance=importance)
+    if mac_budget is not None:
+        parse_mac_budget(mac_budget, 1)  # a budget that cannot parse fails now, before the capture
     if latency_budget is not None:
         from fxprune.latency import compile_to_latency
 
@@ -404,14 +513,15 @@ def compile(  # noqa: A001 - the product's name for the operation
             channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio, ignore=ignore,
             importance=importance, calibration_data=calibration_data, evaluate=evaluate, loss_fn=loss_fn,
             seed=seed, verify=verify, policy_options=policy_options, capture=capture,
-            leaf_modules=leaf_modules, options=latency_options or {},
+            leaf_modules=leaf_modules, options=latency_options or {}, mac_budget=mac_budget,
+            target=target, dtype=dtype, batch_size=batch_size,
         )
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         session = open_session(model, example_inputs, ignore=ignore, importance=importance,
                                calibration_data=calibration_data, loss_fn=loss_fn, capture_method=capture,
-                               leaf_modules=leaf_modules, seed=seed)
+                               leaf_modules=leaf_modules, seed=seed, layer_uniform=layer_uniform)
         budget = parse_mac_budget(mac_budget, session.base_macs)
         report = _new_report(model, session, policy, importance, mac_budget, budget, tolerance, channel_multiple, seed)
         if budget >= session.base_macs or not session.graph.groups:
@@ -424,30 +534,69 @@ def compile(  # noqa: A001 - the product's name for the operation
                 raise BudgetUnreachableError(
                     f"{note.split(':')[0]}; the budget {format_macs(budget)} is below the original "
                     f"{format_macs(session.base_macs)}", min_macs=session.base_macs, budget=budget)
-            return _result(session, session.gm, session.base_macs, report, {}, start)
+            return _result(session, session.deployed_original(), session.base_macs, report, {}, start)
         return compile_at_budget(model, session, budget, start, report=report, tolerance=tolerance, policy=policy,
                                  channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio,
                                  importance=importance, evaluate=evaluate, calibration_data=calibration_data,
                                  seed=seed, verify=verify, policy_options=policy_options)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _check_options(*, tolerance, channel_multiple, min_keep_ratio, policy, policy_options, seed, evaluate,
+                   leaf_modules, latency_options, importance) -> None:
+    """Every option of :func:`compile`, checked before any work starts (clear errors, never a raw one)."""
+    if not (_is_number(tolerance) and 0 < tolerance < 1):
+        raise InvalidBudgetError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
+    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, numbers.Integral) or channel_multiple < 1:
+        raise InvalidBudgetError(f"channel_multiple must be a positive int, got {channel_multiple!r}")
+    if not (_is_number(min_keep_ratio) and 0 < min_keep_ratio <= 1):
+        raise InvalidBudgetError(f"min_keep_ratio must be a number in (0, 1], got {min_keep_ratio!r}"
+                                 + (" (a string; pass a float such as 0.1)" if isinstance(min_keep_ratio, str) else ""))
+    if policy_options is not None and not isinstance(policy_options, Mapping):
+        raise ConfigError(f"policy_options must be a dict such as {{'max_attempts': 10}}, got "
+                          f"{type(policy_options).__name__} {policy_options!r:.60}")
+    if latency_options is not None and not isinstance(latency_options, Mapping):
+        raise ConfigError(f"latency_options must be a dict such as {{'threads': 1}}, got "
+                          f"{type(latency_options).__name__} {latency_options!r:.60}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ConfigError(f"seed must be an int, got {seed!r:.60}")
+    if evaluate is not None and not callable(evaluate):
+        raise ConfigError(f"evaluate must be a function evaluate(model) -> float, got {type(evaluate).__name__}")
+    if not isinstance(importance, str):
+        raise ConfigError(f"importance must be a criterion name such as 'l1' or 'taylor', got {importance!r:.60}")
+    if isinstance(leaf_modules, (str, type)) or not isinstance(leaf_modules, Iterable) or not all(
+            isinstance(c, type) and issubclass(c, nn.Module) for c in leaf_modules):
+        raise ConfigError(f"leaf_modules must be a list of nn.Module classes, got {leaf_modules!r:.80}")
+    if not hasattr(policy, "select"):
+        get_policy(policy, dict(policy_options or {}))  # unknown names and bad options fail now, not after analysis
+
+
 def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, start: float, *,
                       report: Report | None = None, tolerance: float, policy: Any, channel_multiple: int,
                       min_keep_ratio: float, importance: str, evaluate: Callable[[nn.Module], float] | None,
                       calibration_data: Any, seed: int, verify: bool,
-                      policy_options: dict[str, Any] | None) -> CompileResult:
+                      policy_options: dict[str, Any] | None, problem: PruningProblem | None = None) -> CompileResult:
     """Plan, project, rewrite and verify at an absolute MAC ``budget`` below the original's.
 
     The session (capture, analyses, importance) is reused, so the latency search can build
     candidates at many budgets for the price of one capture. ``report`` defaults to a new one.
+    ``problem`` replaces the MAC problem (a latency or multi-constraint problem, whose cost is not
+    MACs: then ``budget`` is only recorded, and the exact MAC count is still checked against the
+    MAC cost model).
     """
     if report is None:
         report = _new_report(model, session, policy, importance, budget, budget, tolerance, channel_multiple, seed)
     from fxprune.heal import CandidateFailure, Healer, build_candidate
+    from fxprune.tying import expand_keep, full_problem
 
-    problem = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio)
+    if problem is None:
+        problem = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio)
+        report.lower_macs = problem.lower
+    problem = with_healed(problem, session.healed)
     solved_with = len(session.healed)
-    report.lower_macs = problem.lower
     pol = get_policy(policy, policy_options)
     ctx = _search_context(session, problem, model, evaluate, calibration_data, seed, report,
                           {"criterion": importance, "model_name": type(model).__name__, **(policy_options or {})})
@@ -456,6 +605,8 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
     report.timings["policy"] = time.perf_counter() - t0
     if plan.rationale:
         report.notes.append(f"policy: {plan.rationale}")
+    if session.layout is not None:
+        report.notes += [n for n in session.layout.notes if n not in report.notes]
     crit = plan.criterion or None
     t0 = time.perf_counter()
     # self-healing: a candidate that fails to build, run or verify has its groups frozen, and the
@@ -463,35 +614,70 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
     healer = Healer(session, verify=verify)
     while True:
         if len(session.healed) != solved_with:
-            problem = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio)
+            problem = with_healed(problem, session.healed)
             if isinstance(policy, str) and policy in _CHEAP_POLICIES:
                 plan = pol.select(problem, ctx)
             solved_with = len(session.healed)
-        proj = _project_healed(session, problem, healer.clamp(problem.dense(plan.keep)).astype(np.float64))
+        proj = _project_healed(session, problem, _whole_where_frozen(problem, problem.dense(plan.keep)))
+        keep_all = expand_keep(problem, proj.keep)  # one count per dependency group (ties expanded)
+        estimated = proj.macs if problem.unit == "MACs" else int(session.cost(keep_all[None, :])[0])
         try:
-            cand = build_candidate(session, proj.keep, crit, estimate=proj.macs, verify=verify)
+            cand = build_candidate(session, keep_all, crit, estimate=estimated, verify=verify)
             break
         except CandidateFailure as failure:
-            healer.freeze(failure, proj.keep, crit)
+            healer.freeze(failure, keep_all, crit)
     pruned, macs = cand.gm, cand.macs
     report.solver_notes += proj.notes
+    report.warnings += [n for n in proj.notes if "not honoured" in n]  # the printed report shows warnings
     if plan.criterion and plan.criterion != importance:
         report.criterion = plan.criterion
     report.timings["rewrite"] = time.perf_counter() - t0
     if verify:
-        _verify(problem, proj, macs)
-    report.estimated_macs = proj.macs
+        if problem.unit == "MACs":
+            _verify(problem, proj, macs)
+        else:
+            _verify_constraints(problem, proj, macs, estimated)
+    report.estimated_macs = estimated
     report.measured_macs = cand.measured
     report.healed = [h.to_json() for h in session.healed.values()]
-    keep = {g.id: int(k) for g, k in zip(problem.groups, proj.keep)}
+    keep = {g.id: int(k) for g, k in zip(full_problem(problem).groups, keep_all)}
     report.groups = [
         GroupDecision(g.id, g.name, g.kind, g.bucket, g.size, int(k), g.unit, g.mac_share, g.exact, g.members)
-        for g, k in zip(problem.groups, proj.keep)
+        for g, k in zip(full_problem(problem).groups, keep_all)
     ]
     return _result(session, pruned, macs, report, keep, start)
 
 
 _CHEAP_POLICIES = ("uniform", "global", "isomorphic")
+
+
+def with_healed(problem: PruningProblem, healed: dict[int, Any]) -> PruningProblem:
+    """``problem`` with every group the self-healing compile froze kept whole (for a tied problem,
+    every tie that contains one). ``healed`` is keyed by dependency-group id."""
+    import dataclasses
+
+    if not healed:
+        return problem
+    matrix = getattr(problem, "matrix", None)
+    if matrix is not None:
+        frozen = {i for i in range(len(problem.groups)) if any(matrix[i, g] for g in healed if g < matrix.shape[1])}
+    else:
+        frozen = set(healed)
+    if all(len(g.allowed) == 1 for g in problem.groups if g.id in frozen):
+        return problem
+    groups = tuple(dataclasses.replace(g, allowed=(g.size,)) if g.id in frozen else g for g in problem.groups)
+    mins = np.array([g.allowed[0] for g in groups], dtype=np.int64)
+    min_macs = int(problem.cost(mins[None, :])[0]) if len(groups) else problem.min_macs
+    return dataclasses.replace(problem, groups=groups, min_macs=min_macs)
+
+
+def _whole_where_frozen(problem: PruningProblem, target: np.ndarray) -> np.ndarray:
+    """The policy's target with every group that may only stay whole at its size."""
+    t = np.asarray(target, dtype=np.float64).copy()
+    for i, g in enumerate(problem.groups):
+        if len(g.allowed) == 1:
+            t[i] = g.allowed[0]
+    return t
 
 
 def _project_healed(session: PruneSession, problem: PruningProblem, target: np.ndarray) -> Projection:
@@ -521,6 +707,18 @@ def _verify(problem: PruningProblem, proj: Projection, macs: int) -> None:
         raise PostconditionError(
             f"could not land in the band [{problem.lower:,}, {problem.budget:,}] (got {macs:,}); the allowed keep "
             "counts are too coarse for this tolerance. Increase tolerance or lower channel_multiple.")
+
+
+def _verify_constraints(problem: PruningProblem, proj: Projection, macs: int, estimated: int) -> None:
+    """A problem whose cost is not MACs: the MAC count still equals the MAC model's, and a MAC
+    constraint (``mac_budget`` beside a latency budget) holds on the counted graph."""
+    if macs != estimated:
+        raise PostconditionError(
+            f"the rewritten model has {macs:,} MACs but the cost model predicted {estimated:,}; this is a bug in "
+            "fxprune (please report it with the model)")
+    for c in problem.constraints:
+        if c.name == "macs" and macs > c.budget:
+            raise PostconditionError(f"the rewritten model has {macs:,} MACs, above the MAC budget {int(c.budget):,}")
 
 
 def _new_report(model, session, policy, importance, spec, budget, tolerance, channel_multiple, seed) -> Report:
@@ -565,7 +763,7 @@ def _result(session: PruneSession, pruned, macs, report: Report, keep, start) ->
     report.timings["total"] = time.perf_counter() - start
     pruned.eval()
     return CompileResult(pruned, macs, session.base_macs, report.params, report.base_params, report,
-                         session.captured.inputs, session.gm, keep)
+                         session.captured.inputs, session.deployed_original(), keep, session.hf_source)
 
 
 def _search_context(session, problem, model, evaluate, calibration_data, seed, report, options) -> SearchContext:
@@ -580,11 +778,13 @@ def _search_context(session, problem, model, evaluate, calibration_data, seed, r
     healer = Healer(session, verify=False)
 
     def quality(plan: PruningPlan) -> float:
+        from fxprune.tying import expand_keep
+
         keep = problem.dense(plan.keep)
         key = keep.tobytes()
         key += (plan.criterion or "").encode()
         if key not in cache:
-            built, _ = healer.build(keep, plan.criterion or None)
+            built, _ = healer.build(expand_keep(problem, keep), plan.criterion or None)
             cand = built.gm
             if evaluate is not None:
                 cache[key] = float(evaluate(cand))
@@ -602,9 +802,12 @@ def _search_context(session, problem, model, evaluate, calibration_data, seed, r
 def _fidelity(session: PruneSession, cand: nn.Module, data: Any) -> float:
     from fxprune.quality import fidelity
 
+    from fxprune._buffers import preserve_buffers
+
     if data is None:
         data = [session.captured.inputs]
-    return float(fidelity(session.gm, cand, data))
+    with preserve_buffers(session.gm):
+        return float(fidelity(session.gm, cand, data))
 
 
 _ = (Iterable, FxpruneError)

@@ -13,6 +13,7 @@ flow, Hugging Face transformers >= 5) are captured with ``torch.export`` (see ``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -20,6 +21,7 @@ import operator
 import sys
 import traceback
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -53,17 +55,18 @@ class Captured:
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    """Accept a tensor, a tuple/list of tensors, or a dict of keyword tensors."""
+    """Accept a tensor, a tuple/list of tensors, or a mapping of keyword tensors (a dict, a
+    tokenizer's ``BatchEncoding``...)."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
-    if isinstance(example_inputs, dict):
+    if isinstance(example_inputs, Mapping):
         return (), dict(example_inputs)
     if isinstance(example_inputs, (tuple, list)):
-        if len(example_inputs) == 2 and isinstance(example_inputs[1], dict) and isinstance(example_inputs[0], (tuple, list)):
+        if len(example_inputs) == 2 and isinstance(example_inputs[1], Mapping) and isinstance(example_inputs[0], (tuple, list)):
             return tuple(example_inputs[0]), dict(example_inputs[1])
         return tuple(example_inputs), {}
     raise TraceError(
-        f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors, "
+        f"example_inputs must be a tensor, a tuple of tensors or a mapping (dict) of keyword tensors, "
         f"got {type(example_inputs).__name__}. Pass e.g. example_inputs=(torch.randn(1, 3, 224, 224),)."
     )
 
@@ -86,10 +89,14 @@ class DecomposedMultiheadAttention(nn.Module):
         self.batch_first = mha.batch_first
         self.dropout = mha.dropout
         has_bias = mha.in_proj_bias is not None
-        self.q_proj = nn.Linear(e, e, bias=has_bias)
-        self.k_proj = nn.Linear(mha.kdim, e, bias=has_bias)
-        self.v_proj = nn.Linear(mha.vdim, e, bias=has_bias)
-        self.out_proj = nn.Linear(e, mha.out_proj.out_features, bias=mha.out_proj.bias is not None)
+        # the projections live where the original's weights live, in their dtype (fp16/bf16/fp64, CUDA)
+        ref = mha.in_proj_weight if mha._qkv_same_embed_dim else mha.q_proj_weight
+        kw = {"device": ref.device, "dtype": ref.dtype}
+        self.q_proj = nn.Linear(e, e, bias=has_bias, **kw)
+        self.k_proj = nn.Linear(mha.kdim, e, bias=has_bias, **kw)
+        self.v_proj = nn.Linear(mha.vdim, e, bias=has_bias, **kw)
+        self.out_proj = nn.Linear(e, mha.out_proj.out_features, bias=mha.out_proj.bias is not None,
+                                  device=mha.out_proj.weight.device, dtype=mha.out_proj.weight.dtype)
         with torch.no_grad():
             if mha._qkv_same_embed_dim:
                 wq, wk, wv = mha.in_proj_weight.chunk(3)
@@ -135,7 +142,7 @@ class DecomposedMultiheadAttention(nn.Module):
             if mask is not None:
                 scores = scores + mask
             if is_causal and mask is None:
-                scores = scores + torch.triu(torch.full((lq, ls), float("-inf"), dtype=q.dtype), 1)
+                scores = scores + torch.triu(torch.full((lq, ls), float("-inf"), dtype=q.dtype, device=q.device), 1)
             weights = F.softmax(scores, dim=-1)
             out = F.dropout(weights, p=self.dropout, training=self.training).matmul(v)
         else:
@@ -153,7 +160,7 @@ class DecomposedMultiheadAttention(nn.Module):
 
 def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype).masked_fill(mask, float("-inf"))
+        return torch.zeros_like(mask, dtype=dtype).masked_fill(mask, float("-inf"))
     return mask.to(dtype)
 
 
@@ -281,46 +288,37 @@ def _drop_specialized_inputs(graph: torch.fx.Graph, concrete: dict[str, Any]) ->
 
 
 def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence[type] = (),
+             proxy_buffers: bool = False, allow_buffer_updates: bool = False,
              notes: list[str] | None = None) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` (already a private copy).
+
+    Raises ``BuffersMutated`` when the forward updated buffers while being traced (the update ran on
+    the copy instead of being recorded); trace a fresh copy with ``proxy_buffers=True`` then, which
+    records buffer reads as graph values, so in-place updates stay in the graph.
 
     timm marks some modules as not traceable (``register_notrace_module``): an opaque leaf would hide
     its channels and MACs from fxprune. Such modules are traced through where torch.fx can, and kept
     as leaves where it cannot: a trace that fails inside one of them is retried with that instance
     as a leaf; a graph with traced-through modules must reproduce the model's outputs on the example
-    inputs, else everything timm marks is kept opaque.
+    inputs, else everything timm marks is kept opaque. Leaves that stay opaque are then recorded with
+    torch.export where possible (``fxprune.leaf_export``).
     """
+    from fxprune._buffers import BuffersMutated, buffer_state, mutated_buffers, write_back_reassigned
+
     timm_leaves, timm_wraps = _timm_extras()
     user_leaves = tuple(leaf_modules)
     optional = tuple(t for t in timm_leaves if not (user_leaves and issubclass(t, user_leaves)))
     if optional and not (user_leaves and isinstance(model, user_leaves)) and not isinstance(model, optional):
-        forced: list[str] = []
-        for _ in range(8):
-            tracer = _Tracer(user_leaves, timm_wraps, optional, forced)
-            try:
-                graph = tracer.trace(model, concrete_args=_concrete_defaults(model, args, kwargs))
-            except Exception:
-                failing = _failing_optional_leaf(tracer, model, optional)
-                if failing is None or failing in forced:
-                    break
-                forced.append(failing)
-                continue
-            concrete = _concrete_defaults(model, args, kwargs)
-            if concrete:
-                _drop_specialized_inputs(graph, concrete)
-            gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
-            inlined = sorted(tracer.inlined)
-            if not inlined or _same_outputs(model, gm, args, kwargs):
-                if inlined and notes is not None:
-                    kinds = sorted({type(model.get_submodule(q)).__name__ for q in inlined})
-                    notes.append(f"timm: traced through {len(inlined)} module(s) timm marks as not traceable "
-                                 f"({', '.join(kinds)})" + (f"; kept opaque: {', '.join(forced)}" if forced else ""))
-                return _export_leaves(gm, model, args, kwargs, optional, notes) if forced else gm
-            break
+        gm = _trace_through(model, args, kwargs, user_leaves, optional, timm_wraps, proxy_buffers,
+                            allow_buffer_updates, notes)
+        if gm is not None:
+            return gm
     tracer = _Tracer(user_leaves + timm_leaves, timm_wraps)
+    tracer.proxy_buffer_attributes = proxy_buffers
     if tracer.is_leaf_module(model, ""):
         return _leaf_root_graph(model, args, kwargs)
     concrete = _concrete_defaults(model, args, kwargs)
+    before = buffer_state(model)
     try:
         graph = tracer.trace(model, concrete_args=concrete)
     except TraceError:
@@ -343,11 +341,57 @@ def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence
             module_path=where,
             construct=construct,
         ) from None
+    if proxy_buffers:
+        write_back_reassigned(model, graph, before)
+    else:
+        mutated = mutated_buffers(model, before)
+        if mutated and not allow_buffer_updates:
+            raise BuffersMutated(mutated)
     if concrete:
         _drop_specialized_inputs(graph, concrete)
     name = type(model).__name__
     gm = torch.fx.GraphModule(tracer.root, graph, name)
     return _export_leaves(gm, model, args, kwargs, optional, notes) if optional else gm
+
+
+def _trace_through(model, args, kwargs, user_leaves, optional, wraps, proxy_buffers, allow_buffer_updates,
+                   notes) -> torch.fx.GraphModule | None:
+    """The trace with timm's not-traceable modules traced through where torch.fx can (None: use the
+    trace with all of them as leaves)."""
+    from fxprune._buffers import BuffersMutated, buffer_state, mutated_buffers, write_back_reassigned
+
+    forced: list[str] = []
+    before = buffer_state(model)
+    for _ in range(8):
+        tracer = _Tracer(user_leaves, wraps, optional, forced)
+        tracer.proxy_buffer_attributes = proxy_buffers
+        concrete = _concrete_defaults(model, args, kwargs)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete)
+        except Exception:
+            failing = _failing_optional_leaf(tracer, model, optional)
+            if failing is None or failing in forced:
+                return None
+            forced.append(failing)
+            continue
+        if proxy_buffers:
+            write_back_reassigned(model, graph, before)
+        else:
+            mutated = mutated_buffers(model, before)
+            if mutated and not allow_buffer_updates:
+                raise BuffersMutated(mutated)
+        if concrete:
+            _drop_specialized_inputs(graph, concrete)
+        gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+        inlined = sorted(tracer.inlined)
+        if inlined and not _same_outputs(model, gm, args, kwargs):
+            return None
+        if inlined and notes is not None:
+            kinds = sorted({type(model.get_submodule(q)).__name__ for q in inlined})
+            notes.append(f"timm: traced through {len(inlined)} module(s) timm marks as not traceable "
+                         f"({', '.join(kinds)})" + (f"; kept opaque: {', '.join(forced)}" if forced else ""))
+        return _export_leaves(gm, model, args, kwargs, optional, notes) if forced else gm
+    return None
 
 
 def _export_leaves(gm, model, args, kwargs, optional, notes) -> torch.fx.GraphModule:
@@ -360,6 +404,20 @@ def _export_leaves(gm, model, args, kwargs, optional, notes) -> torch.fx.GraphMo
     except Exception as err:  # never worse than the opaque leaf
         logger.debug("exporting opaque leaves failed: %s", err)
         return gm
+
+
+@contextlib.contextmanager
+def buffers_restored(module: nn.Module):
+    """Run something on ``module`` and put every buffer's value back afterwards (a forward that
+    updates buffers in place must not change the copy, or the caller's tensors it shares)."""
+    saved = [(b, b.detach().clone()) for b in {id(b): b for b in module.buffers()}.values()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                if b.shape == v.shape:
+                    b.copy_(v)
 
 
 def _failing_optional_leaf(tracer: _Tracer, model: nn.Module, optional: tuple[type, ...]) -> str | None:
@@ -379,7 +437,7 @@ def _same_outputs(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwarg
     from torch.utils._pytree import tree_leaves
 
     try:
-        with torch.no_grad():
+        with torch.no_grad(), buffers_restored(model), buffers_restored(gm):
             ref = tree_leaves(model(*args, **kwargs))
             out = tree_leaves(gm(*args, **kwargs))
     except Exception:
@@ -472,9 +530,11 @@ def _live_training_flags(gm: torch.fx.GraphModule, traced_training: bool) -> int
 
 
 def _copy_model(model: nn.Module, share_weights: bool) -> nn.Module:
-    memo: dict[int, Any] = {}
-    if share_weights:
-        for t in list(model.parameters()) + list(model.buffers()):
+    from fxprune.substitutes import copy_memo
+
+    memo: dict[int, Any] = copy_memo(model)
+    if share_weights:  # parameters only: analyses run the graph, which may update buffers in place
+        for t in model.parameters():
             memo[id(t)] = t
     try:
         return copy.deepcopy(model, memo)
@@ -483,6 +543,74 @@ def _copy_model(model: nn.Module, share_weights: bool) -> nn.Module:
             f"could not copy {type(model).__name__} ({type(err).__name__}: {err}); fxprune works on a copy so "
             "your model is never modified. Make the model deep-copyable (e.g. no open files or locks as attributes)."
         ) from err
+
+
+def _disable_kv_cache(model: nn.Module, notes: list[str]) -> None:
+    """Hugging Face decoders return a KV cache object by default (``config.use_cache``), which no
+    graph capture can return; capture runs the model's *copy* with the cache off (the user's
+    model and its config are untouched)."""
+    seen: set[int] = set()
+    for mod in model.modules():
+        cfg = getattr(mod, "config", None)
+        if cfg is None or id(cfg) in seen or not getattr(cfg, "use_cache", False):
+            continue
+        seen.add(id(cfg))
+        try:
+            cfg.use_cache = False
+        except Exception:  # a read-only config: leave it, the capture error will say why
+            continue
+    if seen:
+        notes.append("config.use_cache=False on the captured copy (a KV cache cannot be a graph output)")
+
+
+def _prepared_copy(model: nn.Module, share_weights: bool, notes: list[str]) -> nn.Module:
+    """capture's private copy of ``model``, in eval mode, with stock modules made traceable."""
+    work = _copy_model(model, share_weights)
+    work.eval()
+    _disable_kv_cache(work, notes)
+    from fxprune.substitutes import prepare_model as _prepare_stock_modules
+
+    work = _prepare_stock_modules(work, notes)
+    _decompose_attention(work, notes)
+    if "timm" in sys.modules:  # timm attention through SDPA, LeViT attention substitutes
+        from fxprune.opset.timm_ops import prepare_model
+
+        prepare_model(work, notes)
+    return work
+
+
+def _trace_fx_keeping_buffer_updates(model, work, args, kwargs, leaf_modules, share_weights,
+                                     notes) -> tuple[torch.fx.GraphModule, nn.Module]:
+    """``trace_fx``; when the forward updates buffers in place, trace a fresh copy again with the
+    buffers as graph values so the update is part of the captured model (see ``fxprune._buffers``)."""
+    from fxprune._buffers import BuffersMutated
+
+    try:
+        return trace_fx(work, args, kwargs, leaf_modules, notes=notes), work
+    except BuffersMutated as err:
+        mutated = err
+        names = ", ".join(err.names[:5])
+    work = _prepared_copy(model, share_weights, [])
+    try:
+        gm = trace_fx(work, args, kwargs, leaf_modules, proxy_buffers=True, notes=notes)
+        notes.append(f"the forward updates buffers in place ({names}); the update is part of the captured graph")
+        return gm, work
+    except TraceError:
+        pass
+    # tracing with buffers as graph values failed (Python logic on a buffer's value): keep the plain trace,
+    # with the buffers as they were before it ran, and say that the update is lost
+    work = _prepared_copy(model, share_weights, [])
+    gm = trace_fx(work, args, kwargs, leaf_modules, allow_buffer_updates=True, notes=notes)
+    originals = dict(model.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for path in mutated.names:
+            try:
+                gm.get_buffer(path).copy_(originals[path])
+            except (AttributeError, KeyError, RuntimeError):
+                continue
+    notes.append(f"the forward updates buffers in place ({names}); torch.fx could not record that update, so the "
+                 "captured (and pruned) model does not perform it")
+    return gm, work
 
 
 def capture(
@@ -512,22 +640,25 @@ def capture(
         raise TraceError(f"fxprune needs a torch.nn.Module, got {type(model).__name__}.")
     if method not in ("auto", "fx", "export"):
         raise TraceError(f"capture method must be 'auto', 'fx' or 'export', got {method!r}.")
+    if not isinstance(leaf_modules, (str, type)) and hasattr(leaf_modules, "__iter__"):
+        leaf_modules = tuple(leaf_modules)
+    if not isinstance(leaf_modules, tuple) or not all(isinstance(c, type) and issubclass(c, nn.Module)
+                                                      for c in leaf_modules):
+        raise TraceError(f"leaf_modules must be a list of nn.Module classes, got {leaf_modules!r:.80}.")
     args, kwargs = normalize_inputs(example_inputs)
     for i, a in enumerate(list(args) + list(kwargs.values())):
         if not isinstance(a, torch.Tensor):
             raise TraceError(f"example input {i} is a {type(a).__name__}; every example input must be a tensor.")
     notes: list[str] = []
-    work = _copy_model(model, share_weights)
-    work.eval()
-    _decompose_attention(work, notes)
-    if "timm" in sys.modules:  # timm attention through SDPA, LeViT attention substitutes
-        from fxprune.opset.timm_ops import prepare_model
-
-        prepare_model(work, notes)
+    # private copies: running the captured graph must never apply an in-place input update to the caller's tensors
+    args = tuple(a.detach().clone() for a in args)
+    kwargs = {k: v.detach().clone() for k, v in kwargs.items()}
+    work = _prepared_copy(model, share_weights, notes)
     fx_error: TraceError | None = None
     if method in ("auto", "fx"):
         try:
-            gm = trace_fx(work, args, kwargs, leaf_modules, notes)
+            gm, work = _trace_fx_keeping_buffer_updates(model, work, args, kwargs, leaf_modules, share_weights,
+                                                        notes)
         except TraceError as err:
             if method == "fx":
                 raise

@@ -11,6 +11,11 @@
   2015) and the mean squared error between outputs otherwise (embeddings, hidden states). Both
   together mix as ``(1 - kd_alpha)·hard + kd_alpha·kd``; either alone is used as is. Batches
   with neither labels, a teacher nor a ``loss_fn`` are a :class:`DataError`.
+* **Causal language models** (the output has 3-D ``logits``, as Hugging Face ``*ForCausalLM`` and
+  their pruned graphs return): distillation is token-level, ``T²·KL(p_teacher || p_student)`` over
+  the vocabulary at every position, averaged over the tokens whose ``attention_mask`` is 1
+  (padding is masked out); ``T`` defaults to 1 for them. Labels (``labels`` in the batch dict,
+  ``-100`` ignored) give the shifted next-token cross-entropy as the hard loss.
 * **Optimiser**: SGD with Nesterov momentum (lr 0.01, weight decay 1e-4 by default) or AdamW
   (lr 1e-4, weight decay 0.01). Weight decay applies to tensors with more than one dim only
   (conv/linear weights, not biases or norm affines). Frozen parameters stay frozen.
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -63,7 +69,7 @@ from fxprune.importance import (
     to_batch,
 )
 
-__all__ = ["FinetuneResult", "finetune", "distillation_loss"]
+__all__ = ["FinetuneResult", "finetune", "distillation_loss", "token_distillation_loss", "causal_lm_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +278,38 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     return F.mse_loss(student, teacher)
 
 
+def token_logits(out: Any) -> torch.Tensor | None:
+    """The ``[batch, tokens, vocab]`` logits of a causal LM output (``out.logits`` / ``out["logits"]``),
+    else None."""
+    logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.is_floating_point() else None
+
+
+def token_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor | None,
+                            temperature: float = 1.0) -> torch.Tensor:
+    """``T²·KL(softmax(t/T) || softmax(s/T))`` over the vocabulary per token, averaged over the tokens
+    where ``attention_mask`` is 1 (all tokens without a mask)."""
+    teacher = teacher.detach().to(student.dtype)
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # [batch, tokens]
+    if attention_mask is not None and tuple(attention_mask.shape) == tuple(kl.shape):
+        w = attention_mask.to(kl.dtype)
+        return (kl * w).sum() / w.sum().clamp(min=1.0) * temperature**2
+    return kl.mean() * temperature**2
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Next-token cross-entropy: ``logits[:, t]`` predicts ``labels[:, t + 1]``; label ``-100`` and
+    padding (``attention_mask`` 0) are ignored."""
+    labels = labels.clone()
+    if attention_mask is not None and attention_mask.shape == labels.shape:
+        labels[attention_mask == 0] = -100
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -285,13 +323,17 @@ class _Step:
     teacher: nn.Module | None
     loss_fn: LossFn | None
     kd_alpha: float
-    kd_temperature: float
+    kd_temperature: float | None
     output_key: str | None
     device: torch.device
 
     def loss(self, item: Any, index: int) -> torch.Tensor:
         batch = to_batch(item, index).to(self.device)
-        out = output_tensor(forward(self.net, batch, index=index), self.output_key)
+        raw = forward(self.net, batch, index=index)
+        logits = token_logits(raw) if self.output_key is None else None
+        if logits is not None:
+            return self._lm_loss(batch, logits, index)
+        out = output_tensor(raw, self.output_key)
         hard = None
         if batch.target is not None or self.loss_fn is not None:
             hard = compute_loss(out, batch.target, self.loss_fn, index=index)
@@ -304,25 +346,82 @@ class _Step:
             return hard
         with torch.no_grad():
             t_out = output_tensor(forward(self.teacher, batch, index=index), self.output_key)
-        kd = distillation_loss(out, t_out, self.kd_temperature)
+        kd = distillation_loss(out, t_out, self.kd_temperature if self.kd_temperature is not None else 4.0)
+        return kd if hard is None else (1.0 - self.kd_alpha) * hard + self.kd_alpha * kd
+
+    def _lm_loss(self, batch: Any, logits: torch.Tensor, index: int) -> torch.Tensor:
+        """Causal LM: token-level distillation (padding masked) and/or next-token cross-entropy."""
+        mask = batch.kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) else None
+        hard = None
+        if batch.target is not None:
+            hard = causal_lm_loss(logits, batch.target, mask)
+        elif self.loss_fn is not None:
+            hard = compute_loss(logits, None, self.loss_fn, index=index)
+        if self.teacher is None:
+            if hard is None:
+                raise DataError(f"batch {index} has no labels: pass a teacher= to distil, or 'labels' in the batch")
+            return hard
+        with torch.no_grad():
+            t_raw = forward(self.teacher, batch, index=index)
+            t_logits = token_logits(t_raw)
+            t_logits = t_logits if t_logits is not None else output_tensor(t_raw)
+        if t_logits.shape != logits.shape:
+            raise DataError(f"batch {index}: the teacher's logits {list(t_logits.shape)} do not match the student's "
+                            f"{list(logits.shape)}")
+        kd = token_distillation_loss(logits, t_logits, mask,
+                                     self.kd_temperature if self.kd_temperature is not None else 1.0)
         return kd if hard is None else (1.0 - self.kd_alpha) * hard + self.kd_alpha * kd
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
 def _check_args(
-    epochs: int, max_steps: int | None, optimizer: Any, schedule: str, kd_alpha: float, kd_temperature: float
+    model: Any, epochs: Any, max_steps: Any, optimizer: Any, schedule: Any, kd_alpha: Any, kd_temperature: Any, *,
+    lr: Any = None, weight_decay: Any = None, batch_size: Any = 64, grad_clip: Any = None, seed: Any = 0,
+    teacher: Any = None, loss_fn: Any = None, log: Any = None, device: Any = None,
 ) -> None:
-    if epochs < 1:
-        raise ConfigError(f"epochs must be >= 1, got {epochs}")
-    if max_steps is not None and max_steps < 1:
-        raise ConfigError(f"max_steps must be >= 1 or None, got {max_steps}")
+    """Every option, checked before the model is touched (no raw torch errors, no silent NaN runs)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"finetune needs an nn.Module, got {type(model).__name__}")
+    if not _is_int(epochs) or epochs < 1:
+        raise ConfigError(f"epochs must be an int >= 1, got {epochs!r}")
+    if max_steps is not None and (not _is_int(max_steps) or max_steps < 1):
+        raise ConfigError(f"max_steps must be an int >= 1 or None, got {max_steps!r}")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if lr is not None and not (_is_real(lr) and lr > 0):
+        raise ConfigError(f"lr must be a finite number > 0, got {lr!r}")
+    if weight_decay is not None and not (_is_real(weight_decay) and weight_decay >= 0):
+        raise ConfigError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if grad_clip is not None and not (_is_real(grad_clip) and grad_clip > 0):
+        raise ConfigError(f"grad_clip must be a finite number > 0 or None, got {grad_clip!r}")
+    if not _is_int(seed):
+        raise ConfigError(f"seed must be an int, got {seed!r}")
     if not callable(optimizer) and optimizer not in OPTIMIZERS:
         raise ConfigError(f"optimizer must be one of {OPTIMIZERS} or a callable(params), got {optimizer!r}")
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if not 0.0 <= kd_alpha <= 1.0:
-        raise ConfigError(f"kd_alpha must be in [0, 1], got {kd_alpha}")
-    if kd_temperature <= 0:
-        raise ConfigError(f"kd_temperature must be > 0, got {kd_temperature}")
+    if not (_is_real(kd_alpha) and 0.0 <= kd_alpha <= 1.0):
+        raise ConfigError(f"kd_alpha must be a number in [0, 1], got {kd_alpha!r}")
+    if kd_temperature is not None and not (_is_real(kd_temperature) and kd_temperature > 0):
+        raise ConfigError(f"kd_temperature must be a finite number > 0 or None, got {kd_temperature!r}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise ConfigError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
+    for name, fn in (("loss_fn", loss_fn), ("log", log)):
+        if fn is not None and not callable(fn):
+            raise ConfigError(f"{name} must be callable or None, got {type(fn).__name__}")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (TypeError, RuntimeError) as err:
+            raise ConfigError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from err
 
 
 def finetune(
@@ -336,7 +435,7 @@ def finetune(
     weight_decay: float | None = None,
     loss_fn: LossFn | None = None,
     kd_alpha: float = 0.5,
-    kd_temperature: float = 4.0,
+    kd_temperature: float | None = None,
     schedule: str = "cosine",
     max_steps: int | None = None,
     batch_size: int = 64,
@@ -359,7 +458,8 @@ def finetune(
         weight_decay: decay of weights with more than one dim (default 1e-4 SGD, 0.01 AdamW).
         loss_fn: ``loss_fn(output, y)``, or ``loss_fn(output)`` on unlabelled batches.
         kd_alpha: weight of the distillation term when labels and a teacher are both present.
-        kd_temperature: distillation temperature ``T``.
+        kd_temperature: distillation temperature ``T`` (default 4 for class logits, 1 for causal LM
+            token logits).
         schedule: ``"cosine"`` or ``"constant"``.
         max_steps: stop after this many optimiser steps (over all epochs).
         batch_size: batch size used when ``train_data`` is raw tensors.
@@ -377,7 +477,9 @@ def finetune(
         DataError: empty data, batches that do not fit the model, or no training signal.
         FxpruneError: the loss became NaN or infinite.
     """
-    _check_args(epochs, max_steps, optimizer, schedule, kd_alpha, kd_temperature)
+    _check_args(model, epochs, max_steps, optimizer, schedule, kd_alpha, kd_temperature, lr=lr,
+                weight_decay=weight_decay, batch_size=batch_size, grad_clip=grad_clip, seed=seed, teacher=teacher,
+                loss_fn=loss_fn, log=log, device=device)
     opts = _Options(
         teacher=teacher,
         epochs=epochs,
@@ -415,7 +517,7 @@ class _Options:
     weight_decay: float | None
     loss_fn: LossFn | None
     kd_alpha: float
-    kd_temperature: float
+    kd_temperature: float | None
     schedule: str
     max_steps: int | None
     batch_size: int
@@ -456,9 +558,15 @@ def _run(model: nn.Module, train_data: Any, ctx: _Dist, opts: _Options) -> Finet
     quiet = not opts.progress or ctx.rank != 0
     bar = tqdm(total=total, desc="finetune", unit="step", disable=True if quiet else None)  # None: TTY only
     start = time.perf_counter()
+    snapshot = _snapshot(model)
     try:
         net.train()
         _loop(step, source, opt, sched, result, bar, opts)
+        _check_finite(model, result)
+    except _NonFinite as err:
+        _restore(snapshot)
+        raise FxpruneError(f"{err} The model was restored to its weights before fine-tuning; lower the learning "
+                           "rate or set grad_clip.") from None
     finally:
         bar.close()
         model.eval()
@@ -476,6 +584,29 @@ def _run(model: nn.Module, train_data: Any, ctx: _Dist, opts: _Options) -> Finet
         last,
     )
     return result
+
+
+class _NonFinite(Exception):
+    """The loss or the weights became NaN or infinite."""
+
+
+def _snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of every parameter and buffer, to undo a run that diverged."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return [(t, t.detach().clone()) for t in tensors.values()]
+
+
+def _restore(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for tensor, saved in snapshot:
+            tensor.copy_(saved)
+
+
+def _check_finite(model: nn.Module, result: FinetuneResult) -> None:
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise _NonFinite(f"finetune: after {result.steps} step(s) the weights are NaN or infinite "
+                         f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}).")
 
 
 def _sync_buffers(model: nn.Module, world_size: int) -> None:
@@ -508,16 +639,18 @@ def _optimizer_step(
     """One forward/backward/update; returns the loss and the learning rate it used."""
     loss = step.loss(item, index)
     if not torch.isfinite(loss):
-        raise FxpruneError(
-            f"finetune: the loss became {loss.item()} at step {index}; "
-            "lower the learning rate or set grad_clip"
-        )
+        raise _NonFinite(f"finetune: the loss became {loss.item()} at step {index}.")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
     lr = float(opt.param_groups[0]["lr"])
-    opt.step()
+    try:
+        opt.step()
+    except RuntimeError as err:  # a learning rate beyond the parameters' dtype range
+        if "overflow" not in str(err):
+            raise
+        raise _NonFinite(f"finetune: the optimiser step overflowed at step {index} (lr {lr:g}: {err}).") from None
     sched.step()
     return float(loss.detach()), lr
 

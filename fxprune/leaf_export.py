@@ -45,7 +45,9 @@ def _record_inputs(gm: torch.fx.GraphModule, names: set[str], args: tuple, kwarg
                 seen[n.name] = (a, kw)
             return super().run_node(n)
 
-    with torch.no_grad():
+    from fxprune.capture import buffers_restored
+
+    with torch.no_grad(), buffers_restored(gm):
         _Rec(gm).run(*args, *kwargs.values())
     return seen
 
