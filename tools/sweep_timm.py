@@ -132,8 +132,8 @@ def _run_child(name: str, args) -> dict:
 
 
 def _row(rec: dict) -> str:
-    name = rec["model"][:38]
-    st = rec.get("status")
+    name = str(rec.get("model", "?"))[:38]
+    st = rec.get("status") or "?"
     if st in ("skipped", "timeout") or "base_macs" not in rec:
         why = rec.get("reason") or "; ".join(f"{k}: {v}" for k, v in (rec.get("errors") or {}).items())
         return f"{name:38s} {st.upper():8s} {rec.get('stage', '')}: {why[:160]}"
@@ -196,7 +196,7 @@ def _load(path: str) -> list[dict]:
     return recs
 
 
-def ci_sample(n: int, seed: int, small: int, *, timeout: int = 120) -> dict[str, list]:
+def ci_sample(n: int, seed: int, small: int, *, timeout: int = 600) -> dict[str, list]:
     """``n`` eligible architectures drawn by ``seed`` from ``timm.list_models()`` (eligibility of each
     candidate checked on the meta device in a subprocess, in the draw order), each with its small
     check configuration ``[create kwargs, input shape]`` (``small_config``)."""
@@ -210,12 +210,16 @@ def ci_sample(n: int, seed: int, small: int, *, timeout: int = 120) -> dict[str,
                 "from fxprune.testing.timm_cases import eligibility, small_config;"
                 f"e = eligibility({name!r}); c = small_config({name!r}, {small}) if e['eligible'] else None;"
                 "print('ELIG '+json.dumps([e, c]))")
-        try:
-            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            continue
-        line = [ln for ln in p.stdout.splitlines() if ln.startswith("ELIG ")]
+        line = []
+        for _ in range(3):  # a busy machine must not change the sample: retry what timed out
+            try:
+                p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                continue
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("ELIG ")]
+            break
         if not line:
+            print(f"    {name}: eligibility could not be determined", file=sys.stderr, flush=True)
             continue
         elig, conf = json.loads(line[-1][5:])
         if elig["eligible"]:

@@ -23,6 +23,7 @@ from fxprune.opset._base import (
     register_module,
     rewritten_sizes,
     set_arg,
+    shape_source,
     tensor_args,
 )
 
@@ -83,6 +84,51 @@ def tie_broadcast(b, node, inputs) -> bool:
             elif s[d] != 1:
                 return False
     return True
+
+
+def _size_sources(node) -> list | None:
+    """Per output dim of an expand, the ``(tensor, dim)`` its size is read from, or None."""
+    out = ishape(node)
+    target = node.target
+    name = getattr(getattr(target, "overloadpacket", target), "__name__", str(target))
+    rest = [a for a in node.args[1:]]
+    if name == "expand_as" and rest and ishape(rest[0]) is not None:
+        y = rest[0]
+        return [(y, d) if d < len(ishape(y)) else None for d in range(len(out))]
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        rest = list(rest[0])
+    if not rest and "size" in node.kwargs:
+        rest = list(node.kwargs["size"])
+    if len(rest) == 1 and isinstance(rest[0], torch.fx.Node) and ishape(rest[0]) is None:
+        s = rest[0]  # expand(y.shape) / expand(y.size()): the whole shape of y
+        src = None
+        if s.op == "call_function" and s.target is getattr and len(s.args) > 1 and s.args[1] == "shape":
+            src = s.args[0]
+        elif s.op == "call_method" and s.target == "size" and len(s.args) == 1:
+            src = s.args[0]
+        if isinstance(src, torch.fx.Node) and ishape(src) is not None and len(ishape(src)) == len(out):
+            return [(src, d) for d in range(len(out))]
+        return None
+    if len(rest) != len(out):
+        return None
+    return [shape_source(a) for a in rest]
+
+
+def tie_expanded_to_source(b, node, x) -> None:
+    """An expanded (broadcast) dim whose size is read off another tensor's dim is tied to that dim:
+    its copies follow that tensor's channels (EvoNorm's ``std.expand(x.shape)`` of a grouped x)."""
+    xs, out = ishape(x), ishape(node)
+    sources = _size_sources(node)
+    if not sources:
+        return
+    off = len(out) - len(xs)
+    for d, src in enumerate(sources):
+        if src is None or src[0] is x:
+            continue
+        din = d - off
+        broadcast = din < 0 or (xs[din] == 1 and out[d] != 1)
+        if broadcast and ishape(src[0])[src[1]] == out[d] and out[d] > 1:
+            b.tie(b.space(node, d), b.space(*src))
 
 
 class ElementwiseRule(OpRule):
@@ -420,6 +466,8 @@ class ExpandRule(OpRule):
         x = node.args[0]
         if not tie_broadcast(b, node, [x]):
             b.freeze_node(node, f"unexpected expand in '{node.name}'")
+            return
+        tie_expanded_to_source(b, node, x)
 
     def rewrite(self, node, r):
         if node.target != "expand":
