@@ -20,7 +20,8 @@ or the subprocess died), timeout, skipped (over the limits, or timm cannot build
     python tools/sweep_timm.py --all --results timm_all.jsonl --jobs 1 --timeout 900   # resumable
     python tools/sweep_timm.py --all --sample 80 --seed 1 --results sample1.jsonl
     python tools/sweep_timm.py --summary timm_all.jsonl          # the table of a results file
-    python tools/sweep_timm.py --ci-sample 40 --seed 0 --small 64  # the CI sample (eligible models)
+    python tools/sweep_timm.py --ci-sample 40 --seed 0 --small 64  # draw the CI sample (eligible models)
+    python tools/sweep_timm.py --ci --results ci.jsonl           # run the CI sample at its CI configs
 
 ``--results FILE`` appends one JSON line per model and skips models already in it (re-run the same
 command to resume; ``--fresh`` starts over). ``--json FILE`` writes this run's records (overwrites).
@@ -66,7 +67,8 @@ def oracle(name: str, plans: int = 2) -> float:
 
 
 def run_one(name: str, budget: str, policy: str, onnx: bool, tolerance: float, with_oracle: bool,
-            check_limits: bool, small: int | None) -> dict:
+            check_limits: bool, small: int | None, ci: bool = False) -> dict:
+    import resource
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -86,7 +88,14 @@ def run_one(name: str, budget: str, policy: str, onnx: bool, tolerance: float, w
                     "reason": f"cannot be created: {type(err).__name__}: {str(err)[:300]}"}
         if not elig["eligible"]:
             return {"model": name, "status": "skipped", "stage": "limits", "reason": elig["reason"], **elig}
-    rec = check_case(name, budget=budget, policy=policy, tolerance=tolerance, onnx=onnx, small=small)
+    if ci:  # exactly the CI sample's configuration of this model
+        from fxprune.testing.timm_cases import CI_SAMPLE
+
+        kwargs, shape = CI_SAMPLE[name]
+        rec = check_case(name, budget=budget, policy=policy, tolerance=tolerance, onnx=onnx,
+                         create_kwargs=kwargs, input_size=shape)
+    else:
+        rec = check_case(name, budget=budget, policy=policy, tolerance=tolerance, onnx=onnx, small=small)
     if check_limits:
         rec["eligibility"] = elig
     if with_oracle and rec["status"] != "skipped":
@@ -100,6 +109,8 @@ def run_one(name: str, budget: str, policy: str, onnx: bool, tolerance: float, w
                 rec.update(status="fail", stage="oracle")
         rec["oracle_seconds"] = round(time.perf_counter() - t1, 2)
     rec["wall_seconds"] = round(time.perf_counter() - t, 2)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    rec["cpu_seconds"] = round(ru.ru_utime + ru.ru_stime, 2)  # whole child process, all threads
     return rec
 
 
@@ -112,6 +123,7 @@ def _child_cmd(name: str, args) -> list[str]:
     cmd += ["--oracle"] if args.oracle else []
     cmd += ["--no-limits"] if args.no_limits else []
     cmd += ["--small", str(args.small)] if args.small else []
+    cmd += ["--ci"] if args.ci else []
     return cmd
 
 
@@ -251,13 +263,15 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per model (default 1800)")
     ap.add_argument("--summary", metavar="JSONL", help="print the table and summary of a results file and exit")
     ap.add_argument("--ci-sample", type=int, metavar="N", help="print N eligible models drawn by --seed and exit")
+    ap.add_argument("--ci", action="store_true",
+                    help="run the CI sample (fxprune.testing.timm_cases.CI_SAMPLE) at its CI configurations")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.one:
         try:
             rec = run_one(args.one, args.budget, args.policy, not args.no_onnx, args.tolerance, args.oracle,
-                          not args.no_limits, args.small)
+                          not args.no_limits and not args.ci, args.small, args.ci)
         except Exception as err:  # report, never hide
             rec = {"model": args.one, "status": "crash", "stage": "harness",
                    "reason": f"{type(err).__name__}: {str(err)[:400]}"}
@@ -279,7 +293,11 @@ def main() -> int:
         print("}")
         return 0
 
-    if args.all:
+    if args.ci:
+        from fxprune.testing.timm_cases import CI_SAMPLE
+
+        models = list(args.models or CI_SAMPLE)
+    elif args.all:
         import timm
 
         models = sorted(timm.list_models())

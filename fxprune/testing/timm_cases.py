@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ["MODELS", "PUBLISHED_GMACS", "ORACLE_INPUTS", "randomize_constant_tensors", "reference_macs",
-           "oracle_model", "eligibility", "small_config", "check_case", "STAGES", "MAX_PARAMS", "MAX_MACS"]
+           "oracle_model", "eligibility", "small_config", "check_case", "STAGES", "MAX_PARAMS", "MAX_MACS",
+           "CI_SAMPLE"]
 
 MODELS = (
     "resnet50d", "efficientnet_b0", "mobilenetv3_large_100", "convnext_nano", "regnetx_016",
@@ -92,6 +93,54 @@ def reference_macs(name: str, x: torch.Tensor, *, fused_attn: bool = False, **kw
     with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     return int(counter.get_total_flops()) // 2
+
+
+# A seeded sample of 40 architectures from the sweep's eligible list (at most 100 M parameters and
+# 30 GMACs at the default input size), each with the small configuration the CI checks it at
+# (create_model kwargs, input shape: ~64 px where the model accepts it). Regenerate with
+#   python tools/sweep_timm.py --ci-sample 40 --seed 0 --small 64
+CI_SAMPLE: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
+    'resnet101d': ({}, (3, 64, 64)),
+    'regnetz_b16_evos': ({}, (3, 64, 64)),
+    'crossvit_18_240': ({}, (3, 64, 64)),
+    'efficientnetv2_s': ({}, (3, 64, 64)),
+    'tf_efficientnetv2_b3': ({}, (3, 64, 64)),
+    'cs3darknet_focus_x': ({}, (3, 64, 64)),
+    'resnext101_64x4d': ({}, (3, 64, 64)),
+    'vit_betwixt_patch16_gap_256': ({'img_size': 64}, (3, 64, 64)),
+    'deit3_small_patch16_384': ({'img_size': 64}, (3, 64, 64)),
+    'bat_resnext26ts': ({}, (3, 256, 256)),
+    'nextvit_large': ({}, (3, 64, 64)),
+    'vit_base_patch32_224': ({'img_size': 64}, (3, 64, 64)),
+    'maxxvit_rmlp_small_rw_256': ({'img_size': 64}, (3, 64, 64)),
+    'tf_efficientnetv2_m': ({}, (3, 64, 64)),
+    'vit_base_patch16_224': ({'img_size': 64}, (3, 64, 64)),
+    'nf_seresnet26': ({}, (3, 64, 64)),
+    'dla102x2': ({}, (3, 64, 64)),
+    'tiny_vit_11m_224': ({}, (3, 64, 64)),
+    'mobileone_s2': ({}, (3, 64, 64)),
+    'mvitv2_tiny': ({}, (3, 64, 64)),
+    'densenet161': ({}, (3, 64, 64)),
+    'resnet33ts': ({}, (3, 64, 64)),
+    'efficientformerv2_s2': ({'img_size': 64}, (3, 64, 64)),
+    'maxvit_pico_rw_256': ({'img_size': 64}, (3, 64, 64)),
+    'efficientvit_l1': ({}, (3, 64, 64)),
+    'twins_svt_base': ({}, (3, 64, 64)),
+    'resnetv2_50d': ({}, (3, 64, 64)),
+    'efficientnet_el_pruned': ({}, (3, 64, 64)),
+    'coatnet_0_rw_224': ({'img_size': 64}, (3, 64, 64)),
+    'vit_small_patch16_18x2_224': ({'img_size': 64}, (3, 64, 64)),
+    'tf_efficientnet_b2': ({}, (3, 64, 64)),
+    'res2net101_26w_4s': ({}, (3, 64, 64)),
+    'efficientnet_b3_g8_gn': ({}, (3, 64, 64)),
+    'crossvit_tiny_240': ({}, (3, 64, 64)),
+    'maxvit_rmlp_pico_rw_256': ({'img_size': 64}, (3, 64, 64)),
+    'tiny_vit_5m_224': ({}, (3, 64, 64)),
+    'hgnet_tiny': ({}, (3, 64, 64)),
+    'nest_base': ({'img_size': 64}, (3, 64, 64)),
+    'resnext101_32x8d': ({}, (3, 64, 64)),
+    'regnetx_006': ({}, (3, 64, 64)),
+}
 
 
 # ------------------------------------------------------------------------------ sweep over timm
