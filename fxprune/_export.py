@@ -51,6 +51,7 @@ and rewrite and that behaves like a model, not like a trace:
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import inspect
 import logging
@@ -219,7 +220,7 @@ def _export(model, args, kwargs, names, specs, notes):
         dynamic_shapes = (_shapes_structure(model, n_args, list(kwargs), shapes_list)
                           if spec_list is not None else None)
         try:
-            with _size_oblivious(sized):
+            with _size_oblivious(sized), _symbolic_int(model, sized):
                 program = torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dynamic_shapes,
                                               strict=False, **_deferred_asserts(sized))
         except Exception as err:  # torch.export raises many types (UserError, data-dependent guards...)
@@ -262,6 +263,65 @@ def _size_oblivious(on: bool):
         return fx_config.patch(backed_size_oblivious=True)
     except Exception:  # pragma: no cover - an older torch without the option
         return contextlib.nullcontext()
+
+
+class _SymbolicIntMeta(type):
+    def __call__(cls, *args, **kwargs):
+        if len(args) == 1 and not kwargs:
+            x = args[0]
+            if isinstance(x, torch.SymInt):
+                return x
+            if isinstance(x, torch.SymFloat):
+                return torch.sym_int(x)
+        return builtins.int(*args, **kwargs)
+
+    def __instancecheck__(cls, obj):  # isinstance(n, int) in model code keeps working
+        return isinstance(obj, (builtins.int, torch.SymInt))
+
+    def __subclasscheck__(cls, sub):
+        return issubclass(sub, (builtins.int, torch.SymInt))
+
+    def __getattr__(cls, name):  # int.from_bytes, int.bit_length ...
+        return getattr(builtins.int, name)
+
+
+class _SymbolicInt(metaclass=_SymbolicIntMeta):
+    """``int`` for model code during a capture with symbolic sizes: a symbolic size stays symbolic.
+
+    Model code rounds sizes with ``int(...)`` (HF MobileViT: ``int(math.ceil(h / p) * p)``), and
+    ``int()`` of a symbolic size fixes it to the example's value, so the patch grid of every
+    MobileViT block would be frozen to the example image. Inside the model's own modules ``int``
+    returns a symbolic integer unchanged (a symbolic float is truncated symbolically); anything
+    that really needs a Python int (``range``, list indices) still asks for one and specialises
+    there. torch.export itself patches ``min``/``max`` the same way in non-strict mode.
+    """
+
+
+@contextlib.contextmanager
+def _symbolic_int(model: nn.Module, on: bool):
+    """Patch ``int`` in the globals of the modules that define the model's layers (see _SymbolicInt)."""
+    if not on:
+        yield
+        return
+    import sys
+
+    names = {type(m).__module__ for m in model.modules()}
+    patched = []
+    shim = _SymbolicInt
+    for name in sorted(names):
+        mod = sys.modules.get(name)
+        if mod is None or name.startswith(("torch.", "fxprune.")) or name == "torch":
+            continue
+        patched.append((mod, "int" in mod.__dict__, mod.__dict__.get("int")))
+        mod.__dict__["int"] = shim
+    try:
+        yield
+    finally:
+        for mod, had, old in patched:
+            if had:
+                mod.__dict__["int"] = old
+            else:
+                mod.__dict__.pop("int", None)
 
 
 def _deferred_asserts(on: bool) -> dict[str, bool]:

@@ -135,7 +135,11 @@ def probe_sizes(size: int, family: str) -> list[int]:
     if family == "sequence":
         cands = [size - 1, size - 2, size + 1]
     elif family == "spatial":
-        cands = [_round(size * 3 / 4, 8), _round(size * 5 / 4, 8, 4)]
+        # 3/4 of the example; 8 * (2^n + 1), odd at every halving after a stride of 8 (MobileViT
+        # interpolates odd patch grids); 5/4 rounded to 4 mod 8, an odd grid after a stride of 4
+        # (Swin pads its windows and patch merges)
+        odd = min((8 * (2 ** n + 1) for n in range(2, 12)), key=lambda v: (abs(v - size), v))
+        cands = [_round(size * 3 / 4, 8), odd, _round(size * 5 / 4, 8, 4)]
     else:  # time
         cands = [size * 4 // 5, size + size // 4 + 1]
     out = []
@@ -348,7 +352,7 @@ def _recapture(model, inputs, bad: list[_Probe], everything: list[_Probe], n_arg
     """A capture at one of the failing probe sizes that reproduces the model at the example and at
     every accepted probe, or ``(None, "")``."""
     example_want = None
-    for p in reversed(bad):  # the irregular size first
+    for p in reversed(bad):  # the irregular sizes first
         try:
             gm2 = recapture(p.inputs)
         except Exception as err:

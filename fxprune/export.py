@@ -40,6 +40,7 @@ from fxprune.errors import ExportError
 
 __all__ = [
     "EXPORTERS",
+    "example_sizes",
     "OutputParity",
     "ParityResult",
     "export_onnx",
@@ -388,13 +389,15 @@ def _size_axes(model: nn.Module, spec: _ExportSpec, outputs: list[torch.Tensor])
     used: dict[str, int] = {}
     kept = []
     for probe in probes:
-        names: dict[tuple[int, int], str] = {}  # (example size, probe size) -> axis name
+        names: dict[tuple[str, int, int], str] = {}  # (role, example size, probe size) -> axis name
+        follows: dict[tuple[int, int], list[tuple[int, str]]] = {}  # sizes -> [(input dim, name)]
         for (i, d), role in probe.cls.roles.items():
-            key = (int(spec.inputs[i].shape[d]), probe.sizes[(i, d)])
+            key = (role, int(spec.inputs[i].shape[d]), probe.sizes[(i, d)])
             if key not in names:
                 base = _AXIS_NAMES.get(role, role)
                 used[base] = used.get(base, 0) + 1
                 names[key] = base if used[base] == 1 else f"{base}_{used[base]}"
+                follows.setdefault(key[1:], []).append((d, names[key]))
             axes.setdefault(spec.input_names[i], {})[d] = names[key]
         if len(probe.outputs) != len(outputs):
             continue
@@ -403,8 +406,11 @@ def _size_axes(model: nn.Module, spec: _ExportSpec, outputs: list[torch.Tensor])
                 continue
             for d in range(1, a.dim()):
                 if a.shape[d] != b.shape[d]:
-                    axes.setdefault(name, {})[d] = names.get((int(a.shape[d]), int(b.shape[d])),
-                                                             f"{_dim_name(name)}_dim{d}")
+                    # an output dim that follows an input dim shares its name (the same position
+                    # first: height and width of a segmentation map)
+                    cands = follows.get((int(a.shape[d]), int(b.shape[d])), [])
+                    same = [n for dd, n in cands if dd == d] or [n for _, n in cands]
+                    axes.setdefault(name, {})[d] = same[0] if same else f"{_dim_name(name)}_dim{d}"
         kept.append(probe)
     return axes, kept
 
@@ -457,25 +463,71 @@ def export_onnx(
             if file.parent and not file.parent.exists():
                 raise ExportError(f"ONNX export: directory {file.parent} does not exist.")
             failures: list[_StepFailed] = []
-            for attempt in ("dynamic sizes", "fixed sizes"):
-                for name in order:
+            for name in order:
+                try:
+                    proto = _try_exporter(name, model, spec, file, opset, check)
+                except _StepFailed as failed:
+                    logger.info("ONNX export of %s with the %s exporter failed at %s",
+                                _model_name(model), name, failed)
+                    failures.append(failed)
+                    if failed.step != "dynamic sizes" or not spec.size_axes:
+                        continue
+                    # the exporter baked a size in: the same (fast) exporter with fixed sizes
+                    # before a slower one with dynamic sizes
+                    _drop_size_axes(spec)
                     try:
                         proto = _try_exporter(name, model, spec, file, opset, check)
-                    except _StepFailed as failed:
-                        logger.info("ONNX export of %s with the %s exporter failed at %s",
-                                    _model_name(model), name, failed)
-                        failures.append(failed)
+                    except _StepFailed as again:
+                        failures.append(again)
                         continue
-                    if failures:
-                        logger.warning("ONNX export of %s: %s; exported with the %s exporter%s instead",
-                                       _model_name(model), "; ".join(str(f) for f in failures), name,
-                                       " and fixed input sizes" if attempt == "fixed sizes" else "")
-                    logger.info("exported %s to ONNX with the %s exporter", _model_name(model), name)
-                    return proto
-                if not spec.size_axes or not any(f.step == "dynamic sizes" for f in failures):
-                    break
-                _drop_size_axes(spec)
+                if failures:
+                    logger.warning("ONNX export of %s: %s; exported with the %s exporter%s instead",
+                                   _model_name(model), "; ".join(str(f) for f in failures), name,
+                                   "" if spec.size_axes or not any(f.step == "dynamic sizes" for f in failures)
+                                   else " and the input sizes of the example")
+                logger.info("exported %s to ONNX with the %s exporter", _model_name(model), name)
+                _record_example_sizes(proto, spec, file if path is not None else None)
+                return proto
     raise _export_error(model, failures)
+
+
+EXAMPLE_SIZES_KEY = "fxprune.example_sizes"
+
+
+def _record_example_sizes(proto: onnx.ModelProto, spec: _ExportSpec, file: Path | None) -> None:
+    """Store the example's sizes of the named dynamic dims (``{"height": 224, ...}``) in the model's
+    metadata, so ``fxprune bench`` times it at those sizes without ``--dim``."""
+    import json
+
+    sizes = example_sizes(proto, spec.inputs)
+    if not sizes:
+        return
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                        EXAMPLE_SIZES_KEY: json.dumps(sizes, sort_keys=True)})
+    if file is not None and proto.ByteSize() < 2**31 - 1:
+        from fxprune._io import atomic_write
+
+        atomic_write(file, proto.SerializeToString())
+
+
+def example_sizes(proto: onnx.ModelProto, example_inputs: Any) -> dict[str, int]:
+    """``{dim_param: size}`` of the exported model's named non-batch input dims at ``example_inputs``
+    (what a benchmark of a compile result should feed: the sizes it was compiled at)."""
+    try:
+        args, kwargs = normalize_inputs(example_inputs)
+    except Exception:
+        return {}
+    tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+    by_name = dict(kwargs)
+    out: dict[str, int] = {}
+    for i, value in enumerate(proto.graph.input):
+        t = by_name.get(value.name, tensors[i] if i < len(tensors) else None)
+        if not isinstance(t, torch.Tensor):
+            continue
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if axis > 0 and dim.dim_param and axis < t.dim():
+                out.setdefault(dim.dim_param, int(t.shape[axis]))
+    return out
 
 
 def _drop_size_axes(spec: _ExportSpec) -> None:

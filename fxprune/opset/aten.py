@@ -26,7 +26,7 @@ from fxprune.opset._base import (
     rewritten_sizes,
     set_arg,
 )
-from fxprune.opset.attention import EinsumRule, MatmulRule, SDPARule
+from fxprune.opset.attention import EinsumRule, MatmulRule, SDPARule, feeds_softmax, mark_weight_operand
 from fxprune.opset.layers import (
     BatchNormRule,
     ChannelPassRule,
@@ -93,6 +93,7 @@ register_function(*_ops("sym_size", "sym_numel", "sym_stride", "sym_storage_offs
                         "sym_constrain_range_for_size"))(MetaRule)
 
 _ELEMENTWISE = (
+    "multiply", "subtract", "divide",
     "add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "pow", "where", "masked_fill",
     "eq", "ne", "gt", "lt", "ge", "le", "maximum", "minimum", "fmax", "fmin", "__and__", "__or__", "__xor__",
     "bitwise_and", "bitwise_or", "bitwise_xor", "logical_and", "logical_or", "logical_xor", "fmod",
@@ -384,6 +385,9 @@ class AtenIndexRule(OpRule):
         name = _name(node)
         if name == "index" and xs is not None and os_ is not None and self._one_index(node, b, x, xs, os_):
             return
+        if name in ("gather", "take_along_dim") and xs is not None and os_ is not None and \
+                self._along_dim(node, b, x, xs, os_):
+            return
         if name == "index_select" and xs is not None and os_ is not None and len(xs) == len(os_):
             dim = norm_dim(int(const(node.args[1])), len(xs))
             for d in range(len(xs)):
@@ -394,6 +398,31 @@ class AtenIndexRule(OpRule):
                     b.tie(b.space(x, d), b.space(node, d))
             return
         b.freeze_node(node, f"gathered by a tensor index ({name} '{node.name}')")
+
+    @staticmethod
+    def _along_dim(node, b, x, xs, os_) -> bool:
+        """``gather(x, dim, index)``: ``out[..., k, ...] = x[..., index[..., k, ...], ...]`` along ``dim``;
+        every other dim of ``x``, ``index`` and the output is aligned element for element (DeBERTa
+        gathers its relative-position scores this way, per batch*head row)."""
+        index = arg(node, 2, "index") if _name(node) == "gather" else arg(node, 1, "indices")
+        dim = arg(node, 1, "dim") if _name(node) == "gather" else arg(node, 2, "dim")
+        ins = ishape(index) if isinstance(index, torch.fx.Node) else None
+        if ins is None or not isinstance(const(dim), int) or len(ins) != len(xs) or tuple(ins) != tuple(os_):
+            return False
+        d = norm_dim(int(const(dim)), len(xs))
+        reason = f"gathered by a tensor index ({node.name})"
+        b.freeze(b.space(x, d), reason)
+        b.tie(b.space(index, d), b.space(node, d))
+        for k in range(len(xs)):
+            if k == d:
+                continue
+            if xs[k] != os_[k]:
+                b.freeze(b.space(x, k), reason)
+                b.freeze(b.space(node, k), reason)
+                continue
+            b.tie(b.space(x, k), b.space(node, k))
+            b.tie(b.space(index, k), b.space(node, k))
+        return True
 
     @staticmethod
     def _one_index(node, b, x, xs, os_) -> bool:
@@ -525,6 +554,36 @@ def _param_name(gm, a) -> str | None:
     return str(a.target) if attr in owner._parameters else None
 
 
+class AtenIm2colRule(OpRule):
+    """``aten.im2col`` (``F.unfold`` / ``nn.Unfold``): ``[B, C, H, W] -> [B, C*kh*kw, L]``; channel
+    ``c`` owns the ``kh*kw`` rows ``c*kh*kw ...``, so the rows follow the input's channels."""
+
+    name = "aten_im2col"
+
+    def couple(self, node, b):
+        x = node.args[0]
+        xs, os_ = ishape(x), ishape(node)
+        if xs is None or os_ is None or len(xs) not in (3, 4) or len(os_) != len(xs) - 1:
+            b.freeze_node(node, f"im2col with unexpected shapes ({node.name})")
+            return
+        batched = len(xs) == 4
+        c_in, c_out = (1, 1) if batched else (0, 0)
+        k = os_[c_out] // xs[c_in] if xs[c_in] else 0
+        if k * xs[c_in] != os_[c_out]:
+            b.freeze_node(node, f"im2col with unexpected shapes ({node.name})")
+            return
+        if batched:
+            b.tie(b.space(x, 0), b.space(node, 0))
+        j = np.arange(os_[c_out])
+        b.tie_map(b.space(node, c_out), j, b.space(x, c_in), j // k)
+        for d in range(c_in + 1, len(xs)):
+            b.freeze(b.space(x, d), f"unfolded positions ({node.name})")
+        b.freeze(b.space(node, len(os_) - 1), f"unfolded positions ({node.name})")
+
+
+register_function(*_ops("im2col"))(AtenIm2colRule)
+
+
 class AddmmRule(OpRule):
     """``aten.addmm(bias, a, b)`` / ``torch.addmm`` / ``baddbmm``: ``bias + a @ b``.
 
@@ -565,6 +624,12 @@ class AddmmRule(OpRule):
         if isinstance(bias, torch.fx.Node) and ishape(bias) is not None:
             if not tie_broadcast(b, node, [bias]):
                 b.freeze_node(node, f"unexpected bias broadcast in '{node.name}'")
+                return
+        if w_name is None:
+            mark_weight_operand(b, node, w, len(so) - 1)  # a transposed/cast weight (W.t())
+        if _name(node) == "baddbmm" and feeds_softmax(node, b.gm):  # scores with a bias (Bloom's ALiBi)
+            b.freeze(b.space(x, len(sx) - 1), f"head dim of attention scores '{node.name}' (heads are pruned whole)")
+            b.role(b.space(node, 0), "heads")
 
     def macs(self, node, m):
         x = node.args[1]

@@ -454,6 +454,29 @@ class RepeatRule(OpRule):
                 b.freeze_node(node, f"repeat with uneven sizes ({node.name})")
                 return
 
+    def rewrite(self, node, r):
+        """A repeat count computed as ``total // <size of the repeated dim>`` (DeBERTa repeats its
+        per-head relative-position projections ``q.size(0) // num_heads`` times to fill batch*heads)
+        divides by the dim's new size once its heads were pruned."""
+        if node.op != "call_method" or len(node.args) < 2:
+            return
+        x = node.args[0]
+        xs = ishape(x)
+        counts = list(node.args[1]) if isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
+        off = len(counts) - len(xs)
+        changed = False
+        for d in range(len(xs)):
+            c = counts[d + off] if 0 <= d + off < len(counts) else None
+            old, new = xs[d], r.new_size(x, d)
+            if new == old or not isinstance(c, torch.fx.Node) or c.op != "call_function" or \
+                    c.target is not operator.floordiv or len(c.args) != 2 or c.args[1] != old:
+                continue
+            with r.gm.graph.inserting_before(node):
+                counts[d + off] = r.gm.graph.call_function(operator.floordiv, (c.args[0], new))
+            changed = True
+        if changed:
+            node.args = (x, counts) if isinstance(node.args[1], (list, tuple)) else (x, *counts)
+
 
 register_method("repeat", "tile")(RepeatRule)
 register_function(torch.tile)(RepeatRule)

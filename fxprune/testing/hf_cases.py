@@ -374,8 +374,32 @@ def run_case(name: str, *, budget: str = "50%", onnx: bool = True, seed: int = 0
             rec["onnx_seconds"] = round(time.perf_counter() - t, 2)
     except Exception as err:  # a record, never a crash of the sweep
         rec["error"] = f"{step}: {_first_line(err)}"
+        known = known_limitation(err)
+        if known:
+            rec["known_limitation"] = known
     rec["passed"] = passed(rec)
     return rec
+
+
+#: Failures owned by work elsewhere in fxprune, recognised by their message: (marker, explanation).
+KNOWN_LIMITATIONS = (
+    ("DynamicCache", "decoder built with the default use_cache=True: its forward returns a KV cache "
+                     "(DynamicCache) that capture cannot handle yet; capture is to disable the cache on its "
+                     "own copy (the 'llm' work item)"),
+)
+
+
+def known_limitation(err: BaseException) -> str | None:
+    """The explanation of a failure that is a known, tracked limitation elsewhere in fxprune."""
+    text = str(err)
+    cause = err.__cause__
+    while cause is not None:
+        text += " " + str(cause)
+        cause = cause.__cause__
+    for marker, why in KNOWN_LIMITATIONS:
+        if marker in text:
+            return why
+    return None
 
 
 def _onnx_dynamic_axes(proto) -> dict[str, list[str]]:
