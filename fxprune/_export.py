@@ -366,15 +366,21 @@ def _record_dynamic(gm, names, specs, args, kwargs, notes) -> dict[str, list[int
         name = names[i] if i < len(names) else node.name
         val = node.meta.get("val")
         roles = size_roles(examples[i])
-        dyn = []
+        dyn, static = [], []
         for d in spec:
             size = val.shape[d] if val is not None and d < val.dim() else None
             if size is not None and not isinstance(size, int):
                 dyn.append(d)
             else:
-                what = "batch" if d == 0 else roles.get(d, "size")
-                notes.append(f"input {name!r} dim {d} ({what}) is static ({examples[i].shape[d]}) in the "
-                             "captured graph: the model specialises it")
+                static.append(d)
+        # a 3-D float input names two candidate time dims: the other one being static is expected
+        either = examples[i].dim() == 3 and examples[i].is_floating_point() and any(d in roles for d in dyn)
+        for d in static:
+            if either and d in roles:
+                continue
+            what = "batch" if d == 0 else roles.get(d, "size")
+            notes.append(f"input {name!r} dim {d} ({what}) is static ({examples[i].shape[d]}) in the "
+                         "captured graph: the model specialises it")
         out[name] = dyn
     return out
 

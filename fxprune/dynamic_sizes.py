@@ -62,8 +62,9 @@ logger = logging.getLogger(__name__)
 #: ``gm.meta`` key: ``{input name: {dim: a size the captured graph was checked to accept}}``.
 META_SIZE_PROBE = "fxprune.size_probe"
 
-#: Dims of one family and one example size vary together in a probe.
-ROLE_FAMILY = {"sequence": "sequence", "height": "spatial", "width": "spatial", "time": "time"}
+#: Dims of one family and one example size vary together in a probe (token ids, their mask and
+#: an audio signal of the same length are one length).
+ROLE_FAMILY = {"sequence": "length", "time": "length", "height": "spatial", "width": "spatial"}
 
 
 def size_roles(t: Any) -> dict[int, str]:
@@ -76,8 +77,8 @@ def size_roles(t: Any) -> dict[int, str]:
         return {1: "sequence"} if nd == 2 else {}
     if nd == 2:
         return {1: "time"}
-    if nd == 3:
-        return {2: "time"}
+    if nd == 3:  # [B, features, T] (Whisper) or [B, T, features] (Speech2Text): whichever varies
+        return {1: "time", 2: "time"}
     if nd == 4:
         return {2: "height", 3: "width"}
     if nd == 5:
@@ -132,16 +133,16 @@ def _round(x: float, multiple: int, offset: int = 0) -> int:
 
 def probe_sizes(size: int, family: str) -> list[int]:
     """Other sizes to try for a dim of example size ``size`` (the irregular one last)."""
-    if family == "sequence":
+    if family == "length":
         cands = [size - 1, size - 2, size + 1]
     elif family == "spatial":
         # 3/4 of the example; 8 * (2^n + 1), odd at every halving after a stride of 8 (MobileViT
-        # interpolates odd patch grids); 5/4 rounded to 4 mod 8, an odd grid after a stride of 4
-        # (Swin pads its windows and patch merges)
+        # interpolates odd patch grids); 5/4 rounded to 1 mod 8: odd pixels (models pad to whole
+        # patches) and an odd grid after a stride of 4 (Swin pads its windows and patch merges)
         odd = min((8 * (2 ** n + 1) for n in range(2, 12)), key=lambda v: (abs(v - size), v))
-        cands = [_round(size * 3 / 4, 8), odd, _round(size * 5 / 4, 8, 4)]
-    else:  # time
-        cands = [size * 4 // 5, size + size // 4 + 1]
+        cands = [_round(size * 3 / 4, 8), odd, _round(size * 5 / 4, 8, 1)]
+    else:
+        cands = [size - 1, size + 1]
     out = []
     for c in cands:
         if c >= 2 and c != size and c not in out:
@@ -299,8 +300,8 @@ def settle_sizes(model: nn.Module, gm: nn.Module, inputs: Sequence[Any], names: 
                 rejected.append(f"{_fmt(cls, inputs, sizes)}: {_first_line(err)}")
                 continue
             accepted.append(_Probe(cls, target, new_inputs, sizes, want))
-            if cls.family == "sequence":
-                break  # one other length the model accepts is enough for a sequence
+            if cls.family == "length":
+                break  # one other length the model accepts is enough
         accepted_by[k] = accepted
         if not accepted:
             fixed.add(k)

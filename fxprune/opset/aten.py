@@ -448,7 +448,7 @@ class AtenIndexRule(OpRule):
         return True
 
 
-register_function(*_ops("index", "gather", "index_select", "take_along_dim", "masked_select",
+register_function(torch.index_select, *_ops("index", "gather", "index_select", "take_along_dim", "masked_select",
                         "take"))(AtenIndexRule)
 
 
