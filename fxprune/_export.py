@@ -499,6 +499,31 @@ _TORCH_FORMS: dict[str, Callable[..., tuple]] = {
     "constant_pad_nd": lambda x, pad, value=0: (
         "call_function", torch.nn.functional.pad, (x, list(pad), "constant", value), {}),
 }
+
+
+def _interpolate_form(mode: str, antialias: bool = False):
+    """``aten.upsample_*(x, output_size, [align_corners,] ...)`` with a run-time size -> ``F.interpolate``
+    (DINOv2 and MobileViT resize position tables and patch grids to the input's size)."""
+    def form(x, size, *rest, **kw):
+        if size is None or not isinstance(size, (list, tuple)):
+            raise TypeError("scale factors only")
+        align = rest[0] if rest and isinstance(rest[0], bool) else kw.get("align_corners")
+        kwargs = {"size": list(size), "mode": mode}
+        if mode in ("linear", "bilinear", "bicubic", "trilinear"):
+            kwargs["align_corners"] = bool(align)
+        if antialias:
+            kwargs["antialias"] = True
+        return ("call_function", torch.nn.functional.interpolate, (x,), kwargs)
+    return form
+
+
+for _name, _mode, _aa in (("upsample_bicubic2d", "bicubic", False), ("upsample_bilinear2d", "bilinear", False),
+                          ("_upsample_bilinear2d_aa", "bilinear", True), ("upsample_nearest2d", "nearest", False),
+                          ("upsample_nearest1d", "nearest", False), ("upsample_linear1d", "linear", False),
+                          ("_upsample_nearest_exact2d", "nearest-exact", False),
+                          ("upsample_nearest3d", "nearest", False), ("upsample_trilinear3d", "trilinear", False)):
+    _TORCH_FORMS[_name] = _interpolate_form(_mode, _aa)
+
 # tensor-scalar arithmetic and comparisons with a run-time size: ``torch.ge(x, n)``
 for _name in ("add", "sub", "mul", "div", "remainder", "fmod", "pow",
               "eq", "ne", "ge", "gt", "le", "lt", "minimum", "maximum", "clamp", "clamp_min", "clamp_max"):
