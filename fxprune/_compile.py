@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -23,7 +25,8 @@ import torch.nn as nn
 from fxprune.budget import format_macs, parse_mac_budget
 from fxprune.capture import Captured, capture
 from fxprune.cost_models.mac import MacCountAnalysis, MacTerm, PlanCost
-from fxprune.errors import FxpruneError, InvalidBudgetError, PolicyError, PostconditionError, PreconditionError
+from fxprune.errors import (ConfigError, FxpruneError, InvalidBudgetError, PolicyError, PostconditionError,
+                            PreconditionError)
 from fxprune.passes._infra import AnalysisManager, PassManager, TimingInstrument
 from fxprune.passes.dependency_groups import DependencyGraph, DependencyGroupsAnalysis, Group
 from fxprune.passes.fuse_projections import FuseProjectionsPass
@@ -190,7 +193,7 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
     am = AnalysisManager(cap.gm)
     PassManager([ShapePropPass(cap.inputs)]).run(cap.gm, am)
     t2 = time.perf_counter()
-    ignore_names, ignore_fn = _ignore_spec(ignore, cap.gm)
+    ignore_names, ignore_fn = _ignore_spec(ignore, cap.gm, model)
     graph = am.get(DependencyGroupsAnalysis(ignore=ignore_names, ignore_fn=ignore_fn))
     count = am.get(MacCountAnalysis())
     terms = count.terms
@@ -244,7 +247,8 @@ def _example_data(cap: Captured) -> list:
     return [(tuple(cap.inputs), None)]
 
 
-def _ignore_spec(ignore: Any, gm: torch.fx.GraphModule) -> tuple[tuple[str, ...], Callable[[str], bool] | None]:
+def _ignore_spec(ignore: Any, gm: torch.fx.GraphModule,
+                 model: nn.Module | None = None) -> tuple[tuple[str, ...], Callable[[str], bool] | None]:
     if ignore is None:
         return (), None
     if callable(ignore):
@@ -260,21 +264,50 @@ def _ignore_spec(ignore: Any, gm: torch.fx.GraphModule) -> tuple[tuple[str, ...]
         return (), fn
     if isinstance(ignore, str):
         ignore = [ignore]
+    if not isinstance(ignore, Iterable):
+        raise ConfigError(f"ignore must be a list of module names or a predicate (name, module) -> bool, got "
+                          f"{ignore!r:.60}")
     names = []
     for item in ignore:
         if isinstance(item, str):
             names.append(item)
         else:
             raise InvalidBudgetError(f"ignore must list module names (strings) or be a predicate, got {item!r}")
+    _check_ignore_names(names, gm, model)
     return tuple(names), None
+
+
+def _check_ignore_names(names: list[str], gm: torch.fx.GraphModule, model: nn.Module | None) -> None:
+    """Every ``ignore`` name must be a module path (or a prefix of one) of the model: a typo would
+    otherwise silently prune the module the user meant to keep."""
+    import difflib
+
+    known: set[str] = set()
+    for root in (gm, model):
+        if root is None:
+            continue
+        known.update(name for name, _ in root.named_modules() if name)
+        known.update(name.rpartition(".")[0] for name, _ in root.named_parameters() if "." in name)
+    unknown = [n for n in names if not any(k == n or k.startswith(n + ".") for k in known)]
+    if not unknown:
+        return
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.5)
+        parts.append(f"{name!r} (closest: {', '.join(repr(c) for c in close)})" if close else repr(name))
+    raise ConfigError(
+        f"ignore= names that match no module of the model: {'; '.join(parts)}. Use module paths as printed by "
+        "model.named_modules() (or `fxprune profile MODEL`), e.g. ignore=['layer4.1.conv2'].")
 
 
 def _importance(gm, graph: DependencyGraph, criterion: str, data, loss_fn, seed) -> dict[int, np.ndarray]:
     if not graph.groups:
         return {}
+    from fxprune._buffers import preserve_buffers
     from fxprune.importance import group_importance
 
-    scores = group_importance(gm, graph.unit_groups(), criterion, data=data, loss_fn=loss_fn, seed=seed)
+    with preserve_buffers(gm):
+        scores = group_importance(gm, graph.unit_groups(), criterion, data=data, loss_fn=loss_fn, seed=seed)
     return {int(k): np.asarray(v, dtype=np.float64) for k, v in scores.items()}
 
 
@@ -436,12 +469,13 @@ def compile(  # noqa: A001 - the product's name for the operation
         raise InvalidBudgetError(
             "target=, dtype= and batch_size= say where a latency budget is measured; give latency_budget=... too "
             "(to time a MAC-budget result on a runtime, use result.benchmark(runtime=...))")
-    if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
-        raise InvalidBudgetError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
-    if not isinstance(channel_multiple, int) or channel_multiple < 1:
-        raise InvalidBudgetError(f"channel_multiple must be a positive int, got {channel_multiple!r}")
-    if not 0 < min_keep_ratio <= 1:
-        raise InvalidBudgetError(f"min_keep_ratio must be in (0, 1], got {min_keep_ratio!r}")
+    if isinstance(leaf_modules, Iterable) and not isinstance(leaf_modules, (str, type)):
+        leaf_modules = tuple(leaf_modules)  # a generator is read once, here
+    _check_options(tolerance=tolerance, channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio,
+                   policy=policy, policy_options=policy_options, seed=seed, evaluate=evaluate,
+                   leaf_modules=leaf_modules, latency_options=latency_options, importance=importance)
+    if mac_budget is not None:
+        parse_mac_budget(mac_budget, 1)  # a budget that cannot parse fails now, before the capture
     if latency_budget is not None:
         from fxprune.latency import compile_to_latency
 
@@ -478,6 +512,39 @@ def compile(  # noqa: A001 - the product's name for the operation
                                  seed=seed, verify=verify, policy_options=policy_options)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _check_options(*, tolerance, channel_multiple, min_keep_ratio, policy, policy_options, seed, evaluate,
+                   leaf_modules, latency_options, importance) -> None:
+    """Every option of :func:`compile`, checked before any work starts (clear errors, never a raw one)."""
+    if not (_is_number(tolerance) and 0 < tolerance < 1):
+        raise InvalidBudgetError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
+    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, numbers.Integral) or channel_multiple < 1:
+        raise InvalidBudgetError(f"channel_multiple must be a positive int, got {channel_multiple!r}")
+    if not (_is_number(min_keep_ratio) and 0 < min_keep_ratio <= 1):
+        raise InvalidBudgetError(f"min_keep_ratio must be a number in (0, 1], got {min_keep_ratio!r}"
+                                 + (" (a string; pass a float such as 0.1)" if isinstance(min_keep_ratio, str) else ""))
+    if policy_options is not None and not isinstance(policy_options, Mapping):
+        raise ConfigError(f"policy_options must be a dict such as {{'max_attempts': 10}}, got "
+                          f"{type(policy_options).__name__} {policy_options!r:.60}")
+    if latency_options is not None and not isinstance(latency_options, Mapping):
+        raise ConfigError(f"latency_options must be a dict such as {{'threads': 1}}, got "
+                          f"{type(latency_options).__name__} {latency_options!r:.60}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ConfigError(f"seed must be an int, got {seed!r:.60}")
+    if evaluate is not None and not callable(evaluate):
+        raise ConfigError(f"evaluate must be a function evaluate(model) -> float, got {type(evaluate).__name__}")
+    if not isinstance(importance, str):
+        raise ConfigError(f"importance must be a criterion name such as 'l1' or 'taylor', got {importance!r:.60}")
+    if isinstance(leaf_modules, (str, type)) or not isinstance(leaf_modules, Iterable) or not all(
+            isinstance(c, type) and issubclass(c, nn.Module) for c in leaf_modules):
+        raise ConfigError(f"leaf_modules must be a list of nn.Module classes, got {leaf_modules!r:.80}")
+    if not hasattr(policy, "select"):
+        get_policy(policy, dict(policy_options or {}))  # unknown names and bad options fail now, not after analysis
+
+
 def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, start: float, *,
                       report: Report | None = None, tolerance: float, policy: Any, channel_multiple: int,
                       min_keep_ratio: float, importance: str, evaluate: Callable[[nn.Module], float] | None,
@@ -504,6 +571,7 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
     proj = project(problem, problem.dense(plan.keep).astype(np.float64))
     report.timings["policy"] = time.perf_counter() - t0
     report.solver_notes += proj.notes
+    report.warnings += [n for n in proj.notes if "not honoured" in n]  # the printed report shows warnings
     if plan.rationale:
         report.notes.append(f"policy: {plan.rationale}")
     if session.layout is not None:
@@ -622,9 +690,12 @@ def _search_context(session, problem, model, evaluate, calibration_data, seed, r
 def _fidelity(session: PruneSession, cand: nn.Module, data: Any) -> float:
     from fxprune.quality import fidelity
 
+    from fxprune._buffers import preserve_buffers
+
     if data is None:
         data = [session.captured.inputs]
-    return float(fidelity(session.gm, cand, data))
+    with preserve_buffers(session.gm):
+        return float(fidelity(session.gm, cand, data))
 
 
 _ = (Iterable, FxpruneError)

@@ -70,10 +70,12 @@ class ShapePropPass(Pass):
     name: ClassVar[str] = "shape-prop"
 
     def call(self, gm: torch.fx.GraphModule, am: AnalysisManager) -> PassResult:
+        from fxprune._buffers import preserve_buffers
+
         was_training = gm.training
         gm.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), preserve_buffers(gm):  # a forward that updates buffers leaves them as they were
                 out = _Recorder(gm).run(*self.inputs)
         finally:
             gm.train(was_training)

@@ -97,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed ``args``; print the table and/or write JSON."""
     if args.json not in (None, _STDOUT):
         _check_json_target(Path(args.json), args.models)
+        from fxprune._io import check_writable
+
+        problem = check_writable(args.json, "--json")
+        if problem:
+            raise BenchmarkError(f"cannot write the JSON report: {problem}. Nothing was measured.")
     runtime = args.runtime or f"ort-{args.provider}"
     config = BenchConfig(
         runtime=runtime,

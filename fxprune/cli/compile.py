@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -52,8 +53,35 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _check_outputs(args) -> None:
+    """Every file the run will write must be writable, checked before the (long) compile starts."""
+    from fxprune._io import check_writable
+    from fxprune.errors import ConfigError
+
+    targets = [(args.output, "-o/--output"), (args.save, "--save"), (args.report, "--report")]
+    given = [(path, flag) for path, flag in targets if path]
+    for path, flag in given:
+        problem = check_writable(path, flag)
+        if problem:
+            raise ConfigError(f"{problem}. Nothing was compiled.")
+    if args.save_pretrained:  # a directory: it may exist (as a directory) or be created in a writable parent
+        d = args.save_pretrained
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise ConfigError(f"--save-pretrained {d!r} exists and is not a directory. Nothing was compiled.")
+        parent = d if os.path.isdir(d) else (os.path.dirname(os.path.abspath(d)) or ".")
+        if not os.path.isdir(parent):
+            raise ConfigError(f"--save-pretrained {d!r}: the directory {parent!r} does not exist; create it first. "
+                              "Nothing was compiled.")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--save-pretrained {d!r}: {parent!r} is not writable. Nothing was compiled.")
+    paths = [os.path.realpath(path) for path, _ in given]
+    if len(set(paths)) != len(paths):
+        raise ConfigError("-o, --save and --report must name different files. Nothing was compiled.")
+
+
 def run(args) -> int:
     import fxprune
+    from fxprune._io import atomic_write
     from fxprune.models import parse_shape, resolve_model
 
     from fxprune.errors import InvalidBudgetError
@@ -63,6 +91,7 @@ def run(args) -> int:
     if args.latency_budget is None and (args.target or args.dtype or args.batch_size):
         raise InvalidBudgetError("--target, --dtype and --batch-size say where --latency-budget is measured; "
                                  "give --latency-budget too")
+    _check_outputs(args)
     shape = parse_shape(args.input_shape) if args.input_shape else None
     spec = resolve_model(args.model, input_shape=shape, pretrained=args.pretrained)
     t = time.perf_counter()
@@ -92,8 +121,12 @@ def run(args) -> int:
         save_pretrained(result, args.save_pretrained)
     total = time.perf_counter() - t
     if args.report:
-        with open(args.report, "w") as f:
-            f.write(result.report.dumps())
+        try:
+            atomic_write(args.report, result.report.dumps())
+        except OSError as err:
+            from fxprune.errors import ConfigError
+
+            raise ConfigError(f"cannot write the report {args.report}: {err}") from err
     if args.json:
         json.dump(result.report.to_json(), sys.stdout, indent=2, default=str)
         print()
