@@ -8,12 +8,19 @@ fake tensors instead and records an ATen-level graph (the pre-dispatch "training
 :func:`capture_export` turns that program into a ``torch.fx.GraphModule`` that fxprune can analyse
 and rewrite and that behaves like a model, not like a trace:
 
-* **Dynamic sizes.** Dim 0 of every tensor input (the batch) and dim 1 of 2-D integer/bool inputs
-  (token ids and attention masks: the sequence) are exported as ``Dim.AUTO``: dynamic where the
-  model allows it, specialised (with a capture note) where it does not. A dynamic dim whose example
-  size is 1 is widened to 2 for the export only, so it is not specialised to 1. View/reshape sizes
-  are therefore computed from the inputs (``x.size(0)``) and the captured model runs at any batch
-  size and sequence length. Shape guards and the runtime asserts torch.export adds
+* **Dynamic sizes.** Dim 0 of every tensor input (the batch) and its size dims
+  (``dynamic_sizes.size_roles``: dim 1 of 2-D integer/bool inputs, the token sequence; height and
+  width of images; the time dim of audio) are exported as ``Dim.AUTO``: dynamic where the model
+  allows it, specialised (with a capture note) where it does not. A dynamic dim whose example size
+  is 1 is widened to 2 for the export only, so it is not specialised to 1. With image/audio sizes,
+  shapes are reasoned about size-obliviously with guards deferred (minutes -> seconds on windowed
+  attention) and ``int()`` in the model's own code keeps sizes symbolic; if that export fails, the
+  batch and sequence alone are dynamic (noted). A symbolic size dim is then *checked*
+  (``dynamic_sizes.settle_sizes``): the graph must reproduce the model at other sizes the model
+  accepts, else the model is captured again at an irregular size (where size-dependent branches
+  take their general path: pad-and-crop, interpolate), else the dim stays fixed with a note. View/
+  reshape sizes are computed from the inputs (``x.size(0)``), so the captured model runs at any
+  batch size and accepted size. Shape guards and the runtime asserts torch.export adds
   (``_guards_fn``, ``_assert_scalar``, ``_assert_tensor_metadata``) are removed.
 * **Run-time sizes in torch form.** ``aten.sym_size.int(x, d)`` becomes ``x.size(d)`` and ATen calls
   that take such sizes (``view``, ``reshape``, ``expand``, ``slice``, ``arange``, ``new_ones`` ...)

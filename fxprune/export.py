@@ -11,6 +11,11 @@ plus any extra dynamic axes the caller names. Two exporters are tried in order:
    so it is given the example inputs repeated to a batch of 2 when the batch is dynamic. It handles
    graphs the TorchScript tracer cannot (e.g. a non-tensor placeholder such as timm's ``is_causal``).
 
+Input sizes the model accepts (sequence length, image height/width, audio length) are dynamic
+axes too, named ``sequence``, ``height``, ``width``, ``time``: see :func:`export_onnx` and
+:mod:`fxprune.dynamic_sizes`. Each is checked on ONNX Runtime at another size before the file
+is written.
+
 ``onnx_parity`` runs the exported model on ONNX Runtime (CPU) and the PyTorch model (eval, no_grad)
 on the same random inputs at several batch sizes, so the dynamic batch is really exercised.
 """
@@ -438,9 +443,13 @@ def export_onnx(
             ``{"input_ids": {0: "batch", 1: "sequence"}}`` (a list of axes is accepted too).
             Input names are the graph's placeholder names; outputs are ``output`` (one output),
             ``output_0``, ``output_1``, ... or the keys of a dict output.
-            When ``None`` and the model was captured with dynamic dims (``capture="export"``, e.g.
-            Hugging Face models with a dynamic sequence), those dims are made dynamic too, on the
-            inputs and on the outputs that follow them.
+            When ``None``, the input sizes the model accepts are dynamic too: sequence lengths,
+            image height/width, audio length (the dims a ``torch.export`` capture settled as
+            dynamic; for other models, the size classes it runs at another size), on the inputs
+            and on the outputs that follow them. The exported model must then reproduce PyTorch at
+            that other size; an exporter that bakes a size in is run again with the example's
+            sizes (logged). The example's sizes are stored in the metadata
+            (``fxprune.example_sizes``) for ``fxprune bench``.
         opset: ONNX opset version; ``None`` takes the exporter's default.
         check: run ``onnx.checker.check_model`` on the result.
         exporter: ``"auto"`` (TorchScript exporter, then the dynamo exporter if it fails),
