@@ -63,7 +63,7 @@ import contextlib
 import inspect
 import logging
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
@@ -86,7 +86,8 @@ _KEEP_META = ("nn_module_stack", "stack_trace")
 # ------------------------------------------------------------------------------ entry point
 
 def capture_export(model: nn.Module, args: tuple, kwargs: dict,
-                   notes: list[str] | None = None) -> torch.fx.GraphModule:
+                   notes: list[str] | None = None,
+                   size_dims: Sequence[Sequence[int]] | None = None) -> torch.fx.GraphModule:
     """Capture ``model`` (a private copy, in eval mode) with ``torch.export`` as a ``GraphModule``.
 
     Args:
@@ -94,6 +95,10 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict,
         args / kwargs: example inputs (tensors).
         notes: capture notes are appended here (dims that could not be dynamic, layers kept as
             ATen calls).
+        size_dims: the size dims of each input (args, then kwargs), when the caller knows them
+            (a module inside a model, whose inputs need not follow the image/sequence layouts
+            ``dynamic_sizes.size_roles`` assumes: TinyViT's blocks take ``[B, H, W, C]``). They
+            are exported as dynamic with the batch dim and not probed again (the caller checks).
 
     Raises:
         TraceError: torch.export failed; the message gives torch.export's reason and what to do.
@@ -101,6 +106,10 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict,
     notes = notes if notes is not None else []
     names = _input_names(model, args, kwargs)
     examples = list(args) + list(kwargs.values())
+    if size_dims is not None:
+        specs = [{d: torch.export.Dim.AUTO for d in sorted({0, *dims}) if d < t.dim()}
+                 for t, dims in zip(examples, size_dims)]
+        return _capture_once(model, args, kwargs, names, specs, notes)[0]
     specs = [_dynamic_spec(t) for t in examples]
     out, dyn = _capture_once(model, args, kwargs, names, specs, notes)
     # size dims (sequence, height/width, time): symbolic is not proof, probe them (dynamic_sizes)

@@ -23,8 +23,10 @@ on the same random inputs at several batch sizes, so the dynamic batch is really
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
+import math
 import os
 import re
 import tempfile
@@ -207,7 +209,7 @@ def _model_name(model: nn.Module) -> str:
 def _export_torchscript(model: nn.Module, spec: _ExportSpec, file: Path, opset: int | None) -> None:
     with _quiet_exporter(), contextlib.redirect_stderr(_LogStream()):
         torch.onnx.export(
-            model,
+            _traceable_size_math(model),
             spec.inputs,
             str(file),
             dynamo=False,
@@ -217,6 +219,48 @@ def _export_torchscript(model: nn.Module, spec: _ExportSpec, file: Path, opset: 
             opset_version=opset,
             do_constant_folding=True,
         )
+
+
+def _size_max(a: Any, b: Any) -> Any:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+    return torch.sym_max(a, b)
+
+
+def _size_min(a: Any, b: Any) -> Any:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+    return torch.sym_min(a, b)
+
+
+def _size_ceil(a: Any) -> Any:
+    return torch.ceil(a).to(torch.int64) if isinstance(a, torch.Tensor) else math.ceil(a)
+
+
+def _size_floor(a: Any) -> Any:
+    return torch.floor(a).to(torch.int64) if isinstance(a, torch.Tensor) else math.floor(a)
+
+
+_TRACEABLE_SIZE_MATH = {torch.sym_max: _size_max, torch.sym_min: _size_min, math.ceil: _size_ceil,
+                        math.floor: _size_floor}
+
+
+def _traceable_size_math(model: nn.Module) -> nn.Module:
+    """``model``, or a graph-module twin sharing its modules, whose integer size arithmetic also
+    accepts the 0-d tensors the TorchScript exporter hands out for sizes (so a size such as timm's
+    TF-``SAME`` padding, ``max(ceil(x / s) ... - x, 0)``, stays a computation in the ONNX graph)."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return model
+    nodes = [n for n in model.graph.nodes if n.op == "call_function" and n.target in _TRACEABLE_SIZE_MATH]
+    if not nodes:
+        return model
+    graph = copy.deepcopy(model.graph)
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in _TRACEABLE_SIZE_MATH:
+            n.target = _TRACEABLE_SIZE_MATH[n.target]
+    twin = torch.fx.GraphModule(model, graph, type(model).__name__)
+    twin.train(model.training)
+    return twin
 
 
 def _dim_name(name: str) -> str:

@@ -52,6 +52,63 @@ def _record_inputs(gm: torch.fx.GraphModule, names: set[str], args: tuple, kwarg
     return seen
 
 
+def _varying_dims(gm: torch.fx.GraphModule, names: set[str], args: tuple, kwargs: dict,
+                  at_example: dict[str, tuple]) -> tuple[list[tuple], dict[str, list[list[int]]]]:
+    """The dims of each leaf input that follow the model's input sizes.
+
+    The graph runs again at the other input sizes the model accepts (``dynamic_sizes`` probes:
+    smaller and larger images, odd sizes, other sequence lengths); a dim of a leaf's input whose
+    size changed at any of them follows the input sizes and is exported as dynamic, whatever the
+    leaf's layout (NHWC blocks, token sequences). Several probes, because a deep stage can have the
+    same size at two input sizes (64 and 48 px both give 2x2 after a stride of 32).
+    Returns ``([(args, kwargs) of each probe], {node name: [dims per input]})``; without a probe
+    only the batch dim is dynamic.
+    """
+    from fxprune.dynamic_sizes import probe_inputs, probe_sizes, size_classes
+
+    examples = list(args) + list(kwargs.values())
+    n_args = len(args)
+    probes: list[tuple] = []
+    varying: dict[str, list[set[int]]] = {}
+    for cls in size_classes(examples):
+        for target in probe_sizes(cls.size, cls.family):
+            new_inputs, _ = probe_inputs(cls, examples, target)
+            p_args, p_kwargs = tuple(new_inputs[:n_args]), dict(zip(kwargs, new_inputs[n_args:]))
+            try:
+                other = _record_inputs(gm, names, p_args, p_kwargs)
+            except Exception as err:
+                logger.debug("leaf inputs at another size: %s", err)
+                continue
+            probes.append((p_args, p_kwargs))
+            for name, (a, kw) in at_example.items():
+                b, kwb = other.get(name, ((), {}))
+                t1 = list(a) + list(kw.values())
+                t2 = list(b) + list(kwb.values())
+                dims = varying.setdefault(name, [set() for _ in t1])
+                for k, (x, y) in enumerate(zip(t1, t2)):
+                    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dim() == y.dim():
+                        dims[k].update(d for d in range(x.dim()) if x.shape[d] != y.shape[d])
+    return probes, {name: [sorted(d) for d in dims] for name, dims in varying.items()}
+
+
+def _same_at(gm: torch.fx.GraphModule, new: torch.fx.GraphModule, probe: tuple) -> bool:
+    """``new`` computes what ``gm`` computes at the probe inputs."""
+    from torch.utils._pytree import tree_leaves
+
+    from fxprune.capture import buffers_restored
+
+    p_args, p_kwargs = probe
+    try:
+        with torch.no_grad(), buffers_restored(gm), buffers_restored(new):
+            want = [t for t in tree_leaves(gm(*p_args, **p_kwargs)) if isinstance(t, torch.Tensor)]
+            got = [t for t in tree_leaves(new(*p_args, **p_kwargs)) if isinstance(t, torch.Tensor)]
+    except Exception as err:
+        logger.debug("spliced leaves at another size: %s", err)
+        return False
+    return len(want) == len(got) and all(
+        w.shape == g.shape and torch.allclose(w.float(), g.float(), rtol=1e-3, atol=1e-4) for w, g in zip(want, got))
+
+
 def _container(sub: torch.fx.GraphModule) -> nn.Module:
     """A plain module holding what the exported graph refers to (submodules, parameters, constants)."""
     box = nn.Module()
@@ -124,9 +181,8 @@ def export_leaves(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, is_target
                   same_outputs: Callable[[torch.fx.GraphModule], bool], notes: list[str]) -> torch.fx.GraphModule:
     """``gm`` with every opaque ``call_module`` leaf for which ``is_target(module)`` holds captured with
     ``torch.export`` and inlined; ``gm`` itself when none can be or the result differs
-    (``same_outputs(new_gm)`` is False)."""
-    from fxprune._export import capture_export
-
+    (``same_outputs(new_gm)`` is False). The dims of the leaves' inputs that follow the model's
+    input sizes stay symbolic, checked at other input sizes the model accepts."""
     targets = [n for n in gm.graph.nodes if n.op == "call_module" and is_target(gm.get_submodule(n.target))]
     calls: dict[str, int] = {}
     for n in gm.graph.nodes:
@@ -135,11 +191,48 @@ def export_leaves(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, is_target
     targets = [n for n in targets if calls[n.target] == 1]  # a module called twice stays opaque
     if not targets:
         return gm
+    names = {n.name for n in targets}
     try:
-        inputs = _record_inputs(gm, {n.name for n in targets}, args, kwargs)
+        inputs = _record_inputs(gm, names, args, kwargs)
     except Exception as err:  # pragma: no cover - the traced graph ran in capture already
         logger.debug("recording leaf inputs failed: %s", err)
         return gm
+    probes, varying = _varying_dims(gm, names, args, kwargs, inputs)
+    new, kinds, kept = _spliced(gm, targets, inputs, varying)
+    if new is None:
+        return gm
+    if not same_outputs(new):
+        notes.append("timm: modules recorded with torch.export did not reproduce the model's outputs; kept "
+                     "opaque: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())))
+        return gm
+    what = ("timm: captured with torch.export (not traceable by torch.fx): "
+            + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))
+            + (f"; kept opaque: {', '.join(kept[:4])}" if kept else ""))
+    if all(_same_at(gm, new, p) for p in probes):
+        notes.append(what)
+        return new
+    # a size branch of the example was recorded (TinyViT at 224 px: its last stage is exactly one
+    # window, so the padding path is skipped): record the leaves again at a probe size, the
+    # irregular one first, where the general path runs, and keep that if it reproduces everywhere
+    for p in reversed(probes):
+        try:
+            at_probe = _record_inputs(gm, names, *p)
+        except Exception:  # pragma: no cover - the probe ran in _varying_dims
+            continue
+        again, _, _ = _spliced(gm, targets, at_probe, varying)
+        if again is not None and same_outputs(again) and all(_same_at(gm, again, q) for q in probes):
+            notes.append(what + "; recorded at another input size, where the modules take their general path")
+            return again
+    notes.append(what + "; the recorded modules follow the example's input size only: the input size is "
+                 "fixed to the example's")
+    return new
+
+
+def _spliced(gm: torch.fx.GraphModule, targets: list[torch.fx.Node], inputs: dict[str, tuple],
+             varying: dict[str, list[list[int]]]) -> tuple[torch.fx.GraphModule | None, dict[str, int], list[str]]:
+    """``gm`` with each target leaf exported at ``inputs[node name]`` and spliced in (None: none could be)."""
+    from fxprune._export import capture_export
+
     graph = copy.deepcopy(gm.graph)
     by_name = {n.name: n for n in graph.nodes}
     root = copy.copy(gm)
@@ -153,7 +246,7 @@ def export_leaves(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, is_target
             kept.append(orig.target)
             continue
         try:
-            sub = capture_export(mod, tuple(a), dict(kw), [])
+            sub = capture_export(mod, tuple(a), dict(kw), [], size_dims=varying.get(orig.name))
         except Exception as err:
             logger.debug("torch.export of leaf %s failed: %s", orig.target, err)
             kept.append(orig.target)
@@ -164,19 +257,12 @@ def export_leaves(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, is_target
         _install(root, str(orig.target), _container(sub))
         kinds[type(mod).__name__] = kinds.get(type(mod).__name__, 0) + 1
     if not kinds:
-        return gm
+        return None, kinds, kept
     graph.lint()
     new = torch.fx.GraphModule(root, graph, type(gm).__name__)
     new.meta = dict(getattr(gm, "meta", {}))
     new.eval()
-    if not same_outputs(new):
-        notes.append("timm: modules recorded with torch.export did not reproduce the model's outputs; kept "
-                     "opaque: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())))
-        return gm
-    notes.append("timm: captured with torch.export (not traceable by torch.fx): "
-                 + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))
-                 + (f"; kept opaque: {', '.join(kept[:4])}" if kept else ""))
-    return new
+    return new, kinds, kept
 
 
 _ = Sequence

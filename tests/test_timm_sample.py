@@ -24,3 +24,50 @@ def test_timm_sample(name):
     assert rec["status"] == "pass", {k: rec.get(k) for k in ("status", "stage", "failed", "errors", "reason",
                                                              "healed", "err_pct")}
     assert not rec.get("healed"), rec["healed"]  # the safety net is not what makes the sample pass
+
+
+def test_tf_same_padding_stays_dynamic_in_onnx(tmp_path):
+    """timm's TF-"SAME" padding computes its pad from the input size (``max(ceil(x/s)...-x, 0)``);
+    the TorchScript exporter hands sizes out as 0-d tensors, and the ONNX keeps height and width
+    symbolic and matches at another size."""
+    import numpy as np
+    import onnxruntime as ort
+    import timm
+    import torch
+
+    import fxprune
+
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_b0").eval()
+    res = fxprune.compile(model, (torch.randn(1, 3, 64, 64),), mac_budget="50%")
+    path = tmp_path / "m.onnx"
+    res.export_onnx(path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [d if isinstance(d, str) else None for d in sess.get_inputs()[0].shape[2:]] == ["height", "width"]
+    x = torch.randn(2, 3, 75, 90)
+    with torch.no_grad():
+        want = res.model(x).numpy()
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_leaf_recorded_with_torch_export_follows_the_input_size():
+    """TinyViT's blocks are opaque to torch.fx and take ``[B, H, W, C]``; the spliced torch.export
+    record keeps H and W symbolic (found by running at other input sizes, not by layout), and is
+    recorded at a size where the padding path runs when the example skips it (224 px: the last
+    stage is exactly one 7x7 window)."""
+    import timm
+    import torch
+
+    from fxprune.capture import capture
+
+    torch.manual_seed(0)
+    model = timm.create_model("tiny_vit_5m_224").eval()
+    cap = capture(model, (torch.randn(1, 3, 224, 224),))
+    gm = cap.gm if hasattr(cap, "gm") else cap
+    assert not any(n.op == "call_module" and type(gm.get_submodule(n.target)).__name__ == "TinyVitBlock"
+                   for n in gm.graph.nodes)
+    for side in (160, 256):
+        x = torch.randn(2, 3, side, side)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
