@@ -9,6 +9,7 @@ Each step is a named pass or analysis; the policy only sees a serialisable ``Pru
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import math
 import time
@@ -20,14 +21,18 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from fxprune import progress
 from fxprune.budget import format_macs, parse_mac_budget
-from fxprune.capture import Captured, capture
+from fxprune.capture import Captured, capture, share_tensors
 from fxprune.cost_models.mac import MacCountAnalysis, MacTerm, PlanCost
-from fxprune.errors import FxpruneError, InvalidBudgetError, PolicyError, PostconditionError, PreconditionError
+from fxprune.errors import (ConfigError, FxpruneError, InvalidBudgetError, PolicyError, PostconditionError,
+                            PreconditionError)
 from fxprune.passes._infra import AnalysisManager, PassManager, TimingInstrument
 from fxprune.passes.dependency_groups import DependencyGraph, DependencyGroupsAnalysis, Group
+from fxprune._plan import WEIGHTLESS_CRITERION, check_weightless, planned_params
+from fxprune.passes.own_tensors import OwnTensorsPass, storage_ids
 from fxprune.passes.prune_channels import PruneChannelsPass
-from fxprune.passes.shape_prop import ShapePropPass
+from fxprune.passes.shape_prop import ShapePropPass, has_meta_tensors
 from fxprune.policies.base import GroupSpec, PruningPlan, PruningProblem, SearchContext
 from fxprune.policies.solver import Projection, allowed_keeps, project
 from fxprune.report import FrozenInfo, GroupDecision, Report, environment
@@ -121,6 +126,7 @@ class PruneSession:
     loss_fn: Any = None
     seed: int = 0
     _score_cache: dict[str, dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
+    _shared: frozenset | None = field(default=None, repr=False)  # storages the user's model owns
     last_passes: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     @property
@@ -142,12 +148,22 @@ class PruneSession:
                 for g, k in zip(self.graph.groups, keep) if int(k) < g.n}
 
     def materialize(self, keep: np.ndarray, criterion: str | None = None) -> tuple[torch.fx.GraphModule, int]:
-        """Build the pruned model for ``keep`` (a copy; the session's graph is untouched)."""
-        gm = copy.deepcopy(self.gm)
+        """Build the pruned model for ``keep``; the session's graph and tensors are untouched.
+
+        One copy of the weights: the module structure is copied with the capture's tensors shared,
+        the rewrite replaces pruned tensors by ``index_select`` results, and only what it left
+        shared with the user's model is cloned (``OwnTensorsPass``): the result owns its memory
+        and nothing is copied twice. Shapes and MACs come from fake tensors (no forward pass).
+        """
+        state = list(self.gm.parameters()) + list(self.gm.buffers())
+        if self._shared is None:
+            self._shared = storage_ids(state)
+        gm = copy.deepcopy(self.gm, share_tensors(state))
         units = self.units(keep, criterion)
         timing = TimingInstrument()
         am = AnalysisManager(gm)
-        passes = ([PruneChannelsPass(self.graph, units)] if units else []) + [ShapePropPass(self.captured.inputs)]
+        passes = (([PruneChannelsPass(self.graph, units)] if units else [])
+                  + [OwnTensorsPass(self._shared), ShapePropPass(self.captured.inputs)])
         try:
             PassManager(passes, instruments=[timing]).run(gm, am)
         except PreconditionError as err:
@@ -168,16 +184,22 @@ class PruneSession:
 
 def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, importance: str = "l1",
                  calibration_data: Any = None, loss_fn: Any = None, capture_method: str = "auto",
-                 leaf_modules: Sequence[type] = (), seed: int = 0) -> PruneSession:
+                 leaf_modules: Sequence[type] = (), seed: int = 0, dynamic: bool = True) -> PruneSession:
     t0 = time.perf_counter()
-    cap = capture(model, example_inputs, method=capture_method, leaf_modules=leaf_modules)
+    # the capture shares the user's tensors (read-only): materialize() copies only what it prunes
+    with progress.stage("capture"):
+        cap = capture(model, example_inputs, method=capture_method, leaf_modules=leaf_modules, share_weights=True,
+                      dynamic=dynamic)
     t1 = time.perf_counter()
     am = AnalysisManager(cap.gm)
-    PassManager([ShapePropPass(cap.inputs)]).run(cap.gm, am)
+    prop = ShapePropPass(cap.inputs)(cap.gm, am)
+    if prop.info.get("note"):
+        cap.notes.append(prop.info["note"])
     t2 = time.perf_counter()
     ignore_names, ignore_fn = _ignore_spec(ignore, cap.gm)
-    graph = am.get(DependencyGroupsAnalysis(ignore=ignore_names, ignore_fn=ignore_fn))
-    count = am.get(MacCountAnalysis())
+    with progress.stage("dependency groups and MACs"):
+        graph = am.get(DependencyGroupsAnalysis(ignore=ignore_names, ignore_fn=ignore_fn))
+        count = am.get(MacCountAnalysis())
     terms = count.terms
     t3 = time.perf_counter()
     sizes = {}
@@ -265,15 +287,20 @@ class CompileResult:
     """What ``fxprune.compile`` returns.
 
     Attributes:
-        model: the pruned model (a ``torch.fx.GraphModule``, eval mode).
-        macs / base_macs: MACs of the pruned / original model on the example inputs.
-        params / base_params: parameter counts.
+        model: the pruned model (a ``torch.fx.GraphModule``, eval mode). It owns all its tensors
+            (none shares storage with the user's model). ``None`` for a plan (``plan_only``).
+        macs / base_macs: MACs of the pruned / original model on the example inputs. For a plan,
+            ``macs`` is the exact plan cost model's count (what the rewrite would count).
+        params / base_params: parameter counts (for a plan, computed from the groups' slices).
         report: every decision (``report.to_json()`` for pipelines, ``str(report)`` for people).
         example_inputs: the inputs the model was compiled with.
-        original: the captured, unpruned model (for benchmarks and ONNX of the baseline).
+        original: the captured, unpruned model (for benchmarks and ONNX of the baseline). It
+            shares the user's tensors (no copy): treat it as read-only.
+        keep: units (channels or heads) each dependency group keeps, by group id.
+        plan_only: True when only the plan was computed (``compile(..., plan_only=True)``).
     """
 
-    model: torch.fx.GraphModule
+    model: torch.fx.GraphModule | None
     macs: int
     base_macs: int
     params: int
@@ -282,22 +309,32 @@ class CompileResult:
     example_inputs: tuple
     original: torch.fx.GraphModule | None = None
     keep: dict[int, int] = field(default_factory=dict)
+    plan_only: bool = False
+
+    def _need_model(self, what: str) -> None:
+        if self.model is None:
+            raise ConfigError(f"{what} needs a pruned model, and this result is a plan (plan_only=True): "
+                              "compile again without plan_only, with the model's weights loaded")
 
     def export_onnx(self, path: str | None = None, **kwargs: Any):
         """Export the pruned model to ONNX (dynamic batch dimension); returns the ``onnx.ModelProto``."""
         from fxprune.export import export_onnx
 
-        return export_onnx(self.model, self.example_inputs, path, **kwargs)
+        self._need_model("export_onnx")
+        with progress.stage("ONNX export"):
+            return export_onnx(self.model, self.example_inputs, path, **kwargs)
 
     def save(self, path: str) -> None:
         from fxprune.serialization import save
 
+        self._need_model("save")
         save(self.model, path)
 
     def benchmark(self, config: Any = None, **kwargs: Any):
         """Measure original vs pruned latency on ONNX Runtime (see ``fxprune.latency``)."""
         from fxprune.latency import benchmark_result
 
+        self._need_model("benchmark")
         return benchmark_result(self, config, **kwargs)
 
     def __str__(self) -> str:
@@ -327,6 +364,7 @@ def compile(  # noqa: A001 - the product's name for the operation
     capture: str = "auto",
     leaf_modules: Sequence[type] = (),
     latency_options: dict[str, Any] | None = None,
+    plan_only: bool = False,
 ) -> CompileResult:
     """Compile ``model`` to a MAC budget: a physically smaller model with MACs in the band.
 
@@ -348,6 +386,10 @@ def compile(  # noqa: A001 - the product's name for the operation
         evaluate: ``evaluate(model) -> float`` (higher is better) used by search policies.
         seed: the run's seed (same inputs and seed give the same result).
         verify: check that counted MACs equal the estimate and the band holds.
+        plan_only: return the plan only (``result.keep`` per group, exact ``macs`` from the plan
+            cost model, ``params``, the report; ``result.model`` is None): no pruned model is
+            built. A model whose weights are on the meta device can only be planned; it is
+            planned with the structure-only ``uniform`` criterion (see ``fxprune._plan``).
 
     Returns:
         A :class:`CompileResult`.
@@ -367,6 +409,15 @@ def compile(  # noqa: A001 - the product's name for the operation
         raise InvalidBudgetError(f"channel_multiple must be a positive int, got {channel_multiple!r}")
     if not 0 < min_keep_ratio <= 1:
         raise InvalidBudgetError(f"min_keep_ratio must be in (0, 1], got {min_keep_ratio!r}")
+    weightless_note = None
+    if has_meta_tensors(model):  # built on the meta device: shapes only (see fxprune._plan)
+        check_weightless(plan_only=plan_only, policy=policy, evaluate=evaluate, latency_budget=latency_budget)
+        weightless_note = (f"the model's weights are on the meta device: planned from shapes alone with the "
+                           f"structure-only '{WEIGHTLESS_CRITERION}' criterion (importance={importance!r} needs "
+                           "weights), which keeps the first units of each group")
+        importance, calibration_data = WEIGHTLESS_CRITERION, None
+    if plan_only and latency_budget is not None:
+        raise ConfigError("plan_only plans to a MAC budget; a latency budget is met by timing built models")
     if latency_budget is not None:
         from fxprune.latency import compile_to_latency
 
@@ -382,9 +433,11 @@ def compile(  # noqa: A001 - the product's name for the operation
         torch.manual_seed(seed)
         session = open_session(model, example_inputs, ignore=ignore, importance=importance,
                                calibration_data=calibration_data, loss_fn=loss_fn, capture_method=capture,
-                               leaf_modules=leaf_modules, seed=seed)
+                               leaf_modules=leaf_modules, seed=seed, dynamic=not plan_only)
         budget = parse_mac_budget(mac_budget, session.base_macs)
         report = _new_report(model, session, policy, importance, mac_budget, budget, tolerance, channel_multiple, seed)
+        if weightless_note:
+            report.notes.append(weightless_note)
         if budget >= session.base_macs or not session.graph.groups:
             note = ("budget at or above the original's MACs: model returned unchanged" if budget >= session.base_macs
                     else "nothing in this model can be pruned: model returned unchanged")
@@ -395,18 +448,21 @@ def compile(  # noqa: A001 - the product's name for the operation
                 raise BudgetUnreachableError(
                     f"{note.split(':')[0]}; the budget {format_macs(budget)} is below the original "
                     f"{format_macs(session.base_macs)}", min_macs=session.base_macs, budget=budget)
-            return _result(session, session.gm, session.base_macs, report, {}, start)
+            if plan_only:
+                return _plan_result(session, report, {}, start)
+            unchanged, _ = session.materialize(np.array([g.n for g in session.graph.groups], dtype=np.int64))
+            return _result(session, unchanged, session.base_macs, report, {}, start)  # owns its tensors
         return compile_at_budget(model, session, budget, start, report=report, tolerance=tolerance, policy=policy,
                                  channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio,
                                  importance=importance, evaluate=evaluate, calibration_data=calibration_data,
-                                 seed=seed, verify=verify, policy_options=policy_options)
+                                 seed=seed, verify=verify, policy_options=policy_options, plan_only=plan_only)
 
 
 def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, start: float, *,
                       report: Report | None = None, tolerance: float, policy: Any, channel_multiple: int,
                       min_keep_ratio: float, importance: str, evaluate: Callable[[nn.Module], float] | None,
                       calibration_data: Any, seed: int, verify: bool,
-                      policy_options: dict[str, Any] | None) -> CompileResult:
+                      policy_options: dict[str, Any] | None, plan_only: bool = False) -> CompileResult:
     """Plan, project, rewrite and verify at an absolute MAC ``budget`` below the original's.
 
     The session (capture, analyses, importance) is reused, so the latency search can build
@@ -417,17 +473,35 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
     problem = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio)
     report.lower_macs = problem.lower
     pol = get_policy(policy, policy_options)
-    ctx = _search_context(session, problem, model, evaluate, calibration_data, seed, report,
-                          {"criterion": importance, "model_name": type(model).__name__, **(policy_options or {})})
     t0 = time.perf_counter()
-    plan = pol.select(problem, ctx)
+    scored: list = []  # the "candidates scored" bar, opened by the first candidate a search policy builds
+
+    def candidate_done() -> None:
+        if not scored:
+            scored.append(progress.bar(desc="candidates scored", unit="candidate"))
+        scored[0].update(1)
+
+    ctx = _search_context(session, problem, model, evaluate, calibration_data, seed, report,
+                          {"criterion": importance, "model_name": type(model).__name__, **(policy_options or {})},
+                          on_candidate=candidate_done)
+    try:
+        with progress.stage(f"policy ({getattr(pol, 'name', type(pol).__name__)})"):
+            plan = pol.select(problem, ctx)
+    finally:
+        for b in scored:
+            b.close()
     proj = project(problem, problem.dense(plan.keep).astype(np.float64))
     report.timings["policy"] = time.perf_counter() - t0
     report.solver_notes += proj.notes
     if plan.rationale:
         report.notes.append(f"policy: {plan.rationale}")
+    if plan_only:
+        report.estimated_macs = proj.macs
+        _group_decisions(report, problem, proj)
+        return _plan_result(session, report, {g.id: int(k) for g, k in zip(problem.groups, proj.keep)}, start)
     t0 = time.perf_counter()
-    pruned, macs = session.materialize(proj.keep, plan.criterion or None)
+    with progress.stage("rewrite"):
+        pruned, macs = session.materialize(proj.keep, plan.criterion or None)
     if plan.criterion and plan.criterion != importance:
         report.criterion = plan.criterion
     report.timings["rewrite"] = time.perf_counter() - t0
@@ -435,11 +509,28 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
         _verify(problem, proj, macs)
     report.estimated_macs = proj.macs
     keep = {g.id: int(k) for g, k in zip(problem.groups, proj.keep)}
+    _group_decisions(report, problem, proj)
+    return _result(session, pruned, macs, report, keep, start)
+
+
+def _group_decisions(report: Report, problem: PruningProblem, proj: Projection) -> None:
     report.groups = [
         GroupDecision(g.id, g.name, g.kind, g.bucket, g.size, int(k), g.unit, g.mac_share, g.exact, g.members)
         for g, k in zip(problem.groups, proj.keep)
     ]
-    return _result(session, pruned, macs, report, keep, start)
+
+
+def _plan_result(session: PruneSession, report: Report, keep: dict[int, int], start: float) -> CompileResult:
+    """A plan (``plan_only``): keep counts, exact MACs and params from the cost model, no model built."""
+    macs = int(session.cost(np.array([[keep.get(g.id, g.n) for g in session.graph.groups]], dtype=np.int64))[0]) \
+        if session.graph.groups else session.base_macs
+    report.macs = macs
+    report.params = planned_params(session.gm, session.graph, keep)
+    report.notes.append("plan only: no pruned model was built (result.model is None); macs come from the exact "
+                        "plan cost model, params from the groups' parameter slices")
+    report.timings["total"] = time.perf_counter() - start
+    return CompileResult(None, macs, session.base_macs, report.params, report.base_params, report,
+                         session.captured.inputs, session.gm, keep, plan_only=True)
 
 
 def _verify(problem: PruningProblem, proj: Projection, macs: int) -> None:
@@ -493,7 +584,8 @@ def _result(session: PruneSession, pruned, macs, report: Report, keep, start) ->
                          session.captured.inputs, session.gm, keep)
 
 
-def _search_context(session, problem, model, evaluate, calibration_data, seed, report, options) -> SearchContext:
+def _search_context(session, problem, model, evaluate, calibration_data, seed, report, options,
+                    on_candidate: Callable[[], None] | None = None) -> SearchContext:
     """The quality signal for search policies: the user's evaluate, else label-free fidelity."""
     cache: dict[bytes, float] = {}
 
@@ -503,10 +595,18 @@ def _search_context(session, problem, model, evaluate, calibration_data, seed, r
         key += (plan.criterion or "").encode()
         if key not in cache:
             cand, _ = session.materialize(keep, plan.criterion or None)
-            if evaluate is not None:
-                cache[key] = float(evaluate(cand))
-            else:
-                cache[key] = _fidelity(session, cand, calibration_data)
+            try:
+                if evaluate is not None:
+                    cache[key] = float(evaluate(cand))
+                else:
+                    cache[key] = _fidelity(session, cand, calibration_data)
+            finally:
+                # a GraphModule and its graph reference each other: only the cycle collector frees
+                # a candidate, so collect now, or memory would grow with the number of candidates
+                del cand
+                gc.collect()
+                if on_candidate is not None:
+                    on_candidate()
         return cache[key]
 
     name = "evaluate(model) (user)" if evaluate is not None else (

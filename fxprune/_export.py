@@ -60,6 +60,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from fxprune._probe import bind_tensors, follow_dtypes, make_probe, no_stack_traces
 from fxprune.errors import TraceError
 
 __all__ = ["capture_export", "dynamic_dims", "META_DYNAMIC_DIMS"]
@@ -77,7 +78,7 @@ _KEEP_META = ("nn_module_stack", "stack_trace")
 # ------------------------------------------------------------------------------ entry point
 
 def capture_export(model: nn.Module, args: tuple, kwargs: dict,
-                   notes: list[str] | None = None) -> torch.fx.GraphModule:
+                   notes: list[str] | None = None, dynamic: bool = True) -> torch.fx.GraphModule:
     """Capture ``model`` (a private copy, in eval mode) with ``torch.export`` as a ``GraphModule``.
 
     Args:
@@ -85,22 +86,30 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict,
         args / kwargs: example inputs (tensors).
         notes: capture notes are appended here (dims that could not be dynamic, layers kept as
             ATen calls).
+        dynamic: export batch/sequence dims as dynamic (the default). ``False`` captures static
+            shapes, several times faster: enough for counting and planning, where no model is built.
 
     Raises:
         TraceError: torch.export failed; the message gives torch.export's reason and what to do.
     """
     notes = notes if notes is not None else []
     names = _input_names(model, args, kwargs)
-    specs = [_dynamic_spec(t) for t in list(args) + list(kwargs.values())]
-    program = _export(model, args, kwargs, names, specs, notes)
+    specs = [_dynamic_spec(t) if dynamic else {} for t in list(args) + list(kwargs.values())]
+    with no_stack_traces():  # scale: fxprune never reads them, and they cost a quarter of the export
+        probe, program = _export_probe(model, args, kwargs, names, specs, notes)  # scale: weightless capture
+        if program is None:
+            program = _export(model, args, kwargs, names, specs, notes)
     gm = program.module(check_guards=False) if _has_check_guards() else program.module()
     dyn = _record_dynamic(gm, names, specs, args, kwargs, notes)
     _drop_guards_and_asserts(gm)
     _sym_size_to_method(gm)
     _symbolic_sizes_to_torch(gm)
     _dunder_ops_to_named(gm)
-    _live_devices(gm, args, kwargs)
+    _live_devices(gm, *((probe.args, probe.kwargs) if probe is not None else (args, kwargs)))
     converted, kept = _layers_to_modules(gm)
+    if probe is not None:  # scale: dtype arguments follow the weights; the model's tensors are bound
+        follow_dtypes(gm, probe)
+        bind_tensors(gm, probe, _tensor_device(model, args, kwargs))
     _strip_meta(gm)
     if kept:
         notes.append("layers kept as ATen calls (their parameters are not owned by one module): "
@@ -120,6 +129,35 @@ def dynamic_dims(gm: torch.fx.GraphModule) -> dict[str, list[int]]:
 
 
 # ------------------------------------------------------------------------------- torch.export
+
+def _export_probe(model, args, kwargs, names, specs, notes):
+    """``torch.export`` on the weightless probe of ``fxprune._probe``: ``(probe, program)``, or
+    ``(None, None)`` when the probe cannot be exported (the caller exports the real model, and a
+    note says that dtype casts stay as recorded). A model whose weights are on the meta device has
+    no real fallback: its export error is raised."""
+    probe = make_probe(model, args, kwargs)
+    probe_notes: list[str] = []
+    try:
+        program = _export(probe.model, probe.args, probe.kwargs, names, specs, probe_notes)
+    except TraceError as err:
+        if probe.weightless:
+            raise
+        logger.debug("weightless capture of %s failed: %s", type(model).__name__, err)
+        notes.append(f"captured on the model's real tensors: the weightless (meta-device) capture failed "
+                     f"({_first_line(err.__cause__ or err)}); dtype arguments recorded at capture stay "
+                     "fixed, so the pruned model may not follow .to(dtype)")
+        return None, None
+    notes.extend(probe_notes)
+    return probe, program
+
+
+def _tensor_device(model: nn.Module, args: tuple, kwargs: dict) -> torch.device | None:
+    """The device of the model's first non-meta tensor, else of the first non-meta input."""
+    for t in list(model.parameters()) + list(model.buffers()) + list(args) + list(kwargs.values()):
+        if isinstance(t, torch.Tensor) and not t.is_meta:
+            return t.device
+    return None
+
 
 def _has_check_guards() -> bool:
     try:

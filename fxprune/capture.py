@@ -157,13 +157,35 @@ def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
+def _share_projections(dec: DecomposedMultiheadAttention, mha: nn.MultiheadAttention) -> None:
+    """Point the decomposed projections at (views of) the attention's own tensors: no copy."""
+    if mha._qkv_same_embed_dim:
+        wq, wk, wv = mha.in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    pairs = [(dec.q_proj, "weight", wq), (dec.k_proj, "weight", wk), (dec.v_proj, "weight", wv),
+             (dec.out_proj, "weight", mha.out_proj.weight)]
+    if mha.in_proj_bias is not None:
+        bq, bk, bv = mha.in_proj_bias.chunk(3)
+        pairs += [(dec.q_proj, "bias", bq), (dec.k_proj, "bias", bk), (dec.v_proj, "bias", bv)]
+    if mha.out_proj.bias is not None:
+        pairs.append((dec.out_proj, "bias", mha.out_proj.bias))
+    for layer, name, src in pairs:
+        layer._parameters[name] = nn.Parameter(src.detach(), requires_grad=src.requires_grad)
+
+
 def _decompose_attention(model: nn.Module, notes: list[str]) -> None:
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if type(child) is nn.MultiheadAttention:
                 path = f"{name}.{child_name}" if name else child_name
                 if DecomposedMultiheadAttention.supports(child):
-                    setattr(mod, child_name, DecomposedMultiheadAttention(child))
+                    # scale: built on meta (no allocation, no random init), then sharing the
+                    # attention's tensors: the capture holds no second copy of the weights
+                    with torch.device("meta"):
+                        dec = DecomposedMultiheadAttention(child)
+                    _share_projections(dec, child)
+                    setattr(mod, child_name, dec)
                 else:
                     notes.append(f"{path}: nn.MultiheadAttention with add_bias_kv/add_zero_attn kept opaque")
 
@@ -374,11 +396,31 @@ def _live_training_flags(gm: torch.fx.GraphModule, traced_training: bool) -> int
     return n
 
 
+def share_tensors(tensors) -> dict[int, Any]:
+    """A deepcopy memo that shares each tensor's storage under a new tensor object.
+
+    Parameters become new ``nn.Parameter`` objects on the same storage (same ``requires_grad``),
+    buffers ``detach()``-ed views: ``.to()``, ``.half()`` or ``requires_grad_`` on the copy never
+    reach the original's tensors, and nothing is read or copied (memory-mapped weights stay
+    unread). In-place writes to the data would reach the original: the copy is read-only.
+    """
+    memo: dict[int, Any] = {}
+    for t in tensors:
+        if id(t) in memo:
+            continue
+        if type(t) is nn.Parameter:
+            memo[id(t)] = nn.Parameter(t.detach(), requires_grad=t.requires_grad)
+        elif type(t) is torch.Tensor:
+            memo[id(t)] = t.detach()
+        else:  # tensor subclasses (quantized, DTensor ...): keep the object itself
+            memo[id(t)] = t
+    return memo
+
+
 def _copy_model(model: nn.Module, share_weights: bool) -> nn.Module:
     memo: dict[int, Any] = {}
     if share_weights:
-        for t in list(model.parameters()) + list(model.buffers()):
-            memo[id(t)] = t
+        memo = share_tensors(list(model.parameters()) + list(model.buffers()))
     try:
         return copy.deepcopy(model, memo)
     except Exception as err:
@@ -395,6 +437,7 @@ def capture(
     method: str = "auto",
     leaf_modules: Sequence[type] = (),
     share_weights: bool = False,
+    dynamic: bool = True,
 ) -> Captured:
     """Capture ``model`` as a torch.fx graph module (on a deep copy, in eval mode).
 
@@ -404,8 +447,13 @@ def capture(
         method: "fx" (torch.fx symbolic tracing), "export" (torch.export, ATen-level graph turned
             back into modules) or "auto" (fx first, then export).
         leaf_modules: module classes to keep opaque (not traced into, not pruned inside).
-        share_weights: copy the module structure but share parameter and buffer tensors with
-            ``model`` (fast; for read-only uses such as counting MACs). The default copies them.
+        share_weights: copy the module structure but share the storage of parameters and
+            buffers with ``model`` (no memory, nothing read; for read-only uses: counting MACs,
+            ``fxprune.compile``, which builds pruned tensors by index-select from these). The
+            captured tensors are new tensor objects, so ``.to()``/``.half()`` on the capture never
+            reach ``model``; writing into their data in place would. The default copies them.
+        dynamic: torch.export path only: batch/sequence dims dynamic (default). ``False`` is
+            faster and enough when no model will be built from the capture (counting, planning).
 
     Raises:
         TraceError: when the model cannot be captured; the message names the module and the
@@ -446,7 +494,7 @@ def capture(
     from fxprune._export import capture_export
 
     try:
-        gm = capture_export(work, args, kwargs, notes)
+        gm = capture_export(work, args, kwargs, notes, dynamic=dynamic)
     except TraceError as err:
         if fx_error is not None:
             raise TraceError(f"{fx_error}\nAlso tried torch.export: {err}", module_path=fx_error.module_path,

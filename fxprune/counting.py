@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from fxprune import progress
 from fxprune.capture import Captured, capture
 from fxprune.cost_models.mac import MacCostModel, MacCount
 from fxprune.passes.shape_prop import ShapePropPass
@@ -86,12 +87,15 @@ def count_macs(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[
         >>> fxprune.count_macs(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224))  # doctest: +SKIP
         4089184256
     """
-    return _count(capture(model, example_inputs, share_weights=True, leaf_modules=leaf_modules)).total
+    with progress.stage("capture"):
+        cap = capture(model, example_inputs, share_weights=True, leaf_modules=leaf_modules, dynamic=False)
+    return _count(cap).total
 
 
 def profile_macs(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[type] = ()) -> MacProfile:
     """Like :func:`count_macs`, with per-module and per-node breakdowns and the parameter count."""
-    cap = capture(model, example_inputs, share_weights=True, leaf_modules=leaf_modules)
+    with progress.stage("capture"):
+        cap = capture(model, example_inputs, share_weights=True, leaf_modules=leaf_modules)
     c = _count(cap)
     params = sum(p.numel() for p in model.parameters())
     return MacProfile(c.total, params, c.per_module, c.per_node, c.uncounted, cap)

@@ -49,6 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from fxprune import progress
 from fxprune.bench import BenchConfig, Comparison, benchmark, compare
 from fxprune.budget import format_macs, parse_latency_budget
 from fxprune.cost_models.latency import (
@@ -399,8 +400,9 @@ def benchmark_result(result: Any, config: BenchConfig | None = None, **options: 
         if unknown:
             raise BenchmarkError(f"unknown benchmark option(s) {unknown}; known: {sorted(known)}")
         config = dataclasses.replace(config, **options)
-    original = export_onnx(result.original, result.example_inputs)
-    pruned = export_onnx(result.model, result.example_inputs)
+    with progress.stage("ONNX export (original and pruned)"):
+        original = export_onnx(result.original, result.example_inputs)
+        pruned = export_onnx(result.model, result.example_inputs)
     comparison = compare(original, pruned, config, labels=("original", "pruned"))
     row = comparison.rows[0]
     record = latency_record(
