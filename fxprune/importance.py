@@ -747,18 +747,19 @@ def _check_criterion(criterion: str, allowed: Sequence[str]) -> str:
     return criterion
 
 
-#: Elements reduced at a time: bounds the float64 temporaries of a reduction to ~32 MB whatever
+#: Elements reduced at a time: bounds the temporaries of a reduction to a few MB (cache-sized) whatever
 #: the tensor's size (a 128k x 4096 embedding is read in slabs, never copied whole).
-_CHUNK = 1 << 22
+_CHUNK = 1 << 20
 
 
 def _index_sums(values: torch.Tensor, dims: Iterable[int], power: int = 0) -> dict[int, np.ndarray]:
-    """For each dim in ``dims``: the float64 sum of ``values`` (``|values|**power`` when ``power``
-    is 1 or 2) over every other dim, as a numpy vector along that dim.
+    """For each dim in ``dims``: the sum of ``values`` (``|values|**power`` when ``power`` is 1 or
+    2) over every other dim, as a float64 numpy vector along that dim.
 
-    One pass over the tensor serves every dim: it is read in slabs of rows (dim 0), each slab
-    converted to float64 once and reduced along all requested dims, so the tensor is never copied
-    whole and each element is read once.
+    One pass over the tensor serves every dim: it is read in slabs of rows (dim 0) of at most
+    ``_CHUNK`` elements, each slab is reduced along all requested dims in float32 (float64 for
+    float64 tensors; half-precision slabs are widened first) and the slab results are accumulated
+    in float64. The tensor is never copied whole, and each element is read once.
     """
     v = values.detach()
     if v.dim() == 0:
@@ -770,11 +771,13 @@ def _index_sums(values: torch.Tensor, dims: Iterable[int], power: int = 0) -> di
     step = max(1, _CHUNK // per_row)
     with torch.no_grad():
         for i in range(0, rows, step):
-            c = v[i:i + step].to(torch.float64)
+            c = v[i:i + step]
+            if c.dtype != torch.float64:
+                c = c.to(torch.float32)
             if power == 1:
-                c = c.abs_()
+                c = c.abs()
             elif power == 2:
-                c = c.mul_(c)
+                c = c * c
             for d in want:
                 other = [x for x in range(c.dim()) if x != d]
                 red = c.sum(dim=other) if other else c

@@ -205,10 +205,12 @@ def child_compile(case: str, dtype_name: str, seq: int, threads: int, plan_only:
                            "params": sum(p.numel() for p in model.parameters()),
                            "rss_before": _status()}
     with PeakSampler() as sampler:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         res = fxprune.compile(model, example, mac_budget="50%", plan_only=plan_only)
-        total = time.perf_counter() - t
+        total, cpu = time.perf_counter() - t, time.process_time() - c
     rec["compile_seconds"] = round(total, 2)
+    rec["compile_cpu_seconds"] = round(cpu, 2)  # all threads; compare with wall time x threads
+    rec["load_average"] = os.getloadavg()
     rec["timings"] = {k: round(v, 2) for k, v in res.report.timings.items()}
     rec["peak"] = sampler.peak
     rec["vm_hwm"] = _status().get("VmHWM", 0)
