@@ -342,3 +342,14 @@ def test_cli_quiet_before_or_after_the_subcommand():
     assert p.parse_args(["--quiet", "profile", "torchvision:resnet18"]).quiet
     assert p.parse_args(["compile", "torchvision:resnet18", "--mac-budget", "50%", "-q"]).quiet
     assert not p.parse_args(["profile", "torchvision:resnet18"]).quiet
+
+
+def test_cli_plan_only(capsys, tmp_path):
+    from fxprune.cli import main
+
+    assert main(["-q", "compile", "torchvision:resnet18", "--mac-budget", "50%", "--plan-only",
+                 "--input-shape", "1,3,64,64"]) == 0
+    assert "IN BAND" in capsys.readouterr().out
+    assert main(["compile", "torchvision:resnet18", "--mac-budget", "50%", "--plan-only",
+                 "-o", str(tmp_path / "m.onnx")]) == 2
+    assert "--plan-only builds no model" in capsys.readouterr().err

@@ -32,6 +32,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrained", action="store_true", help="load the source's pretrained weights (may download)")
     p.add_argument("--groups", action="store_true", help="also print the per-group table")
+    p.add_argument("--plan-only", action="store_true",
+                   help="print the plan (keep counts per group, exact MACs, params) without building the model")
     p.add_argument("--threads", type=int, default=None,
                    help="with --latency-budget: ONNX Runtime intra-op threads (default: physical cores)")
     p.add_argument("--opt-level", choices=OPT_LEVELS, default="all",
@@ -43,6 +45,10 @@ def run(args) -> int:
     import fxprune
     from fxprune.models import parse_shape, resolve_model
 
+    if args.plan_only and (args.output or args.save or args.latency_budget):
+        from fxprune.errors import ConfigError
+
+        raise ConfigError("--plan-only builds no model: drop -o/--save, and give --mac-budget (not --latency-budget)")
     shape = parse_shape(args.input_shape) if args.input_shape else None
     spec = resolve_model(args.model, input_shape=shape, pretrained=args.pretrained)
     t = time.perf_counter()
@@ -52,6 +58,7 @@ def run(args) -> int:
         policy=args.policy, channel_multiple=args.channel_multiple, min_keep_ratio=args.min_keep_ratio,
         importance=args.importance, ignore=args.ignore or None, seed=args.seed,
         latency_options={"threads": args.threads, "opt_level": args.opt_level} if args.latency_budget else None,
+        plan_only=args.plan_only,
     )
     result.report.model = spec.label
     export_s = None
