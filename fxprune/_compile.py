@@ -29,6 +29,7 @@ from fxprune.errors import (ConfigError, FxpruneError, InvalidBudgetError, Polic
                             PreconditionError)
 from fxprune.passes._infra import AnalysisManager, PassManager, TimingInstrument
 from fxprune.passes.dependency_groups import DependencyGraph, DependencyGroupsAnalysis, Group
+from fxprune._memory import release_free_memory
 from fxprune._plan import WEIGHTLESS_CRITERION, check_weightless, planned_params
 from fxprune.passes.own_tensors import OwnTensorsPass, storage_ids
 from fxprune.passes.prune_channels import PruneChannelsPass
@@ -200,6 +201,7 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
     with progress.stage("dependency groups and MACs"):
         graph = am.get(DependencyGroupsAnalysis(ignore=ignore_names, ignore_fn=ignore_fn))
         count = am.get(MacCountAnalysis())
+    release_free_memory()  # the analysis' temporaries, before the pruned weights are allocated
     terms = count.terms
     t3 = time.perf_counter()
     sizes = {}
@@ -215,6 +217,7 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
                                  "this is a bug in fxprune (please report it with the model)")
     scores = _importance(cap.gm, graph, importance,
                          calibration_data if calibration_data is not None else [cap.inputs], loss_fn, seed)
+    release_free_memory()
     t4 = time.perf_counter()
     timings = {"capture": t1 - t0, "shape_prop": t2 - t1, "analysis": t3 - t2, "importance": t4 - t3}
     return PruneSession(cap, graph, terms, base, cost, scores, importance, timings, calibration_data, loss_fn, seed)
@@ -605,6 +608,7 @@ def _search_context(session, problem, model, evaluate, calibration_data, seed, r
                 # a candidate, so collect now, or memory would grow with the number of candidates
                 del cand
                 gc.collect()
+                release_free_memory()
                 if on_candidate is not None:
                     on_candidate()
         return cache[key]

@@ -1,6 +1,8 @@
 """Capture: turn a user's ``nn.Module`` into a ``torch.fx.GraphModule`` fxprune can prune.
 
-The user's model is never touched: capture works on a deep copy. Before tracing, modules whose
+The user's model is never touched: capture works on a copy of its module structure (whose
+tensors are copies too, or, with ``share_weights=True`` as ``fxprune.compile`` uses, new tensor
+objects on the user's storage, read-only: no second copy of the weights). Before tracing, modules whose
 internals matter for pruning but that torch.fx would keep opaque are replaced by equivalent,
 traceable ones (``nn.MultiheadAttention`` becomes q/k/v/out ``nn.Linear`` layers around
 ``F.scaled_dot_product_attention``). After tracing, library ops that bake in a width are swapped
