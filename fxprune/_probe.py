@@ -205,7 +205,7 @@ def follow_dtypes(gm: torch.fx.GraphModule, probe: Probe) -> int:
         return value
 
     for node in list(graph.nodes):
-        if node.op != "call_function" or node in anchor_nodes.values():
+        if node.op not in ("call_function", "call_method", "call_module") or node in anchor_nodes.values():
             continue
         node.args = tuple(sub(a) for a in node.args)
         node.kwargs = {k: sub(v) for k, v in node.kwargs.items()}

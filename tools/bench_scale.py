@@ -446,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=128, help="LLaMA example sequence length")
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--checkpoint-dir", default=os.path.expanduser("~/.cache/fxprune/bench_llama7b"))
+    ap.add_argument("--checkpoint-case", default="llama-7b",
+                    help="configuration of the llama-7b checkpoint (llama-tiny / llama-300m to smoke-test the path)")
     ap.add_argument("--zoo-models", default=None, help="comma-separated torchvision names (default all 80)")
     ap.add_argument("--png", default="compile_vs_nodes.png")
     ap.add_argument("--out", default=None, help="directory for JSON (and the PNG with 'all')")
@@ -490,11 +492,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{_fmt_gb(r['vm_hwm'])} GB (target < 1 GB), plan MACs {r['macs']:,} of {r['base_macs']:,}")
         results["plan_meta"] = recs
     if args.command in ("llama-7b", "all"):
-        ck = write_checkpoint("llama-7b", Path(args.checkpoint_dir))
-        rec = run_child(["--case", "llama-7b", "--dtype", "bf16", "--checkpoint", str(ck), *common], args.timeout)
+        ck = write_checkpoint(args.checkpoint_case, Path(args.checkpoint_dir))
+        rec = run_child(["--case", args.checkpoint_case, "--dtype", "bf16", "--checkpoint", str(ck), *common],
+                        args.timeout)
         print_compile_table([rec])
         if "error" not in rec:
-            print(f"llama-7b bf16 (memory-mapped checkpoint {ck}): compiled to {rec['macs'] / rec['base_macs']:.1%} "
+            print(f"{args.checkpoint_case} bf16 (memory-mapped checkpoint {ck}): compiled to {rec['macs'] / rec['base_macs']:.1%} "
                   f"of the MACs in {rec['compile_seconds']:.1f} s; peak RSS {_fmt_gb(rec['vm_hwm'])} GB, of which "
                   f"anonymous {_fmt_gb(rec['peak'].get('RssAnon'))} GB")
         results["llama_7b"] = rec
