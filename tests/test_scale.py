@@ -353,3 +353,36 @@ def test_cli_plan_only(capsys, tmp_path):
     assert main(["compile", "torchvision:resnet18", "--mac-budget", "50%", "--plan-only",
                  "-o", str(tmp_path / "m.onnx")]) == 2
     assert "--plan-only builds no model" in capsys.readouterr().err
+
+
+class _DtypeHeavy(nn.Module):
+    """Derived dtypes in every form torch.export bakes: a factory with a symbolic size and
+    ``dtype=x.dtype``, a ``finfo(x.dtype).min`` mask, literal fp32 upcasts (softmax, RMS norm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        b, n = x.shape[0], x.shape[1]
+        h = self.lin(x)
+        h = h + h.new_zeros((b, n, 8), dtype=h.dtype)
+        mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device).triu(1)
+        rms = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        h = (h * torch.rsqrt(rms + 1e-6)).to(h.dtype)
+        att = torch.softmax(h @ h.transpose(1, 2) + mask, -1, dtype=torch.float32).to(h.dtype)
+        return self.out(att @ h)
+
+
+def test_export_capture_follows_dtype_in_factories_masks_and_casts():
+    torch.manual_seed(0)
+    model, x = _DtypeHeavy().eval(), torch.randn(2, 6, 8)
+    res = fxprune.compile(model, x, mac_budget="100%", capture="export")
+    targets = {str(n.target) for n in res.model.graph.nodes}
+    assert "fxprune.ops.finfo_value" in targets or any("finfo_value" in t for t in targets)
+    ref = res.model(x).double()
+    for dtype, tol in ((torch.float64, 1e-6), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)):
+        out = copy.deepcopy(res.model).to(dtype)(x.to(dtype))
+        assert out.dtype == dtype and torch.isfinite(out).all()  # fp16's own finfo.min: no -inf + inf
+        assert (out.double() - ref).abs().max() <= tol * ref.abs().max(), dtype
