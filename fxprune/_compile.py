@@ -129,6 +129,8 @@ class PruneSession:
     _score_cache: dict[str, dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
     _shared: frozenset | None = field(default=None, repr=False)  # storages the user's model owns
     last_passes: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    layout: Any = None  # fxprune.hf.Layout: tied / whole groups (layer_uniform)
+    hf_source: Any = None  # fxprune.hf.HFSource of a Hugging Face model fxprune can rebuild
 
     @property
     def gm(self) -> torch.fx.GraphModule:
@@ -139,7 +141,7 @@ class PruneSession:
         if not criterion or criterion == self.criterion:
             return self.scores
         if criterion not in self._score_cache:
-            data = self.data if self.data is not None else [self.captured.inputs]
+            data = self.data if self.data is not None else _example_data(self.captured)
             self._score_cache[criterion] = _importance(self.gm, self.graph, criterion, data, self.loss_fn, self.seed)
         return self._score_cache[criterion]
 
@@ -185,7 +187,8 @@ class PruneSession:
 
 def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, importance: str = "l1",
                  calibration_data: Any = None, loss_fn: Any = None, capture_method: str = "auto",
-                 leaf_modules: Sequence[type] = (), seed: int = 0, dynamic: bool = True) -> PruneSession:
+                 leaf_modules: Sequence[type] = (), seed: int = 0, layer_uniform: bool | None = None,
+                 dynamic: bool = True) -> PruneSession:
     t0 = time.perf_counter()
     # the capture shares the user's tensors (read-only): materialize() copies only what it prunes
     with progress.stage("capture"):
@@ -216,11 +219,42 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
         raise PostconditionError("the plan cost model disagrees with the MAC count of the unpruned graph; "
                                  "this is a bug in fxprune (please report it with the model)")
     scores = _importance(cap.gm, graph, importance,
-                         calibration_data if calibration_data is not None else [cap.inputs], loss_fn, seed)
+                         calibration_data if calibration_data is not None else _example_data(cap), loss_fn, seed)
     release_free_memory()
     t4 = time.perf_counter()
     timings = {"capture": t1 - t0, "shape_prop": t2 - t1, "analysis": t3 - t2, "importance": t4 - t3}
-    return PruneSession(cap, graph, terms, base, cost, scores, importance, timings, calibration_data, loss_fn, seed)
+    session = PruneSession(cap, graph, terms, base, cost, scores, importance, timings, calibration_data, loss_fn, seed)
+    _set_layout(session, model, layer_uniform)
+    return session
+
+
+def _set_layout(session: PruneSession, model: nn.Module, layer_uniform: bool | None) -> None:
+    """Ties of per-layer groups (on by default for Hugging Face models fxprune can rebuild)."""
+    from fxprune.hf import Layout, layout_for, source_of
+    from fxprune.tying import layer_ties
+
+    cap = session.captured
+    session.hf_source = source_of(model, cap.args, cap.kwargs)
+    if layer_uniform is None:
+        layer_uniform = session.hf_source is not None
+    if not layer_uniform:
+        return
+    if session.hf_source is not None:
+        session.layout = layout_for(session.hf_source, session.graph.groups)
+    else:
+        ties = layer_ties(session.graph.groups)
+        session.layout = Layout(ties, {}, [f"layer_uniform: {sum(len(t.members) for t in ties)} groups decided as "
+                                           f"{len(ties)} (the same keep count in every layer)"] if ties else [])
+
+
+def _example_data(cap: Captured) -> list:
+    """The example inputs as one unlabelled calibration batch (keyword inputs keep their names, so
+    an ``attention_mask`` is recognised as such)."""
+    if cap.kwargs and not cap.args:
+        return [dict(cap.kwargs)]
+    if len(cap.inputs) == 1:
+        return [cap.inputs[0]]
+    return [(tuple(cap.inputs), None)]
 
 
 def _ignore_spec(ignore: Any, gm: torch.fx.GraphModule) -> tuple[tuple[str, ...], Callable[[str], bool] | None]:
@@ -280,7 +314,12 @@ def build_problem(session: PruneSession, budget: int, tolerance: float, channel_
     fixed = int(session.cost(np.zeros((1, G), dtype=np.int64))[0]) if G else session.base_macs
     frozen = tuple(f"{f.name} ({f.n}): {'; '.join(f.reasons[:2])}" for f in session.graph.frozen)
     lower = int(math.ceil(budget * (1.0 - tolerance)))
-    return PruningProblem(tuple(specs), session.base_macs, int(budget), lower, min_macs, fixed, session.cost, frozen)
+    problem = PruningProblem(tuple(specs), session.base_macs, int(budget), lower, min_macs, fixed, session.cost, frozen)
+    if session.layout is not None:  # ties: one decision per role across layers (fxprune.tying)
+        from fxprune.tying import apply_layout
+
+        problem = apply_layout(problem, session.layout.ties, session.layout.fixed)
+    return problem
 
 
 # ------------------------------------------------------------------------------------- result
@@ -312,12 +351,21 @@ class CompileResult:
     example_inputs: tuple
     original: torch.fx.GraphModule | None = None
     keep: dict[int, int] = field(default_factory=dict)
+    hf_source: Any = field(default=None, repr=False)
     plan_only: bool = False
 
     def _need_model(self, what: str) -> None:
         if self.model is None:
             raise ConfigError(f"{what} needs a pruned model, and this result is a plan (plan_only=True): "
                               "compile again without plan_only, with the model's weights loaded")
+
+    def to_hf(self, *, verify: bool = True) -> nn.Module:
+        """The pruned Hugging Face model as an instance of its original class (``generate``,
+        ``save_pretrained``); see :func:`fxprune.hf.to_hf`."""
+        from fxprune.hf import to_hf
+
+        self._need_model("to_hf")
+        return to_hf(self, verify=verify)
 
     def export_onnx(self, path: str | None = None, **kwargs: Any):
         """Export the pruned model to ONNX (dynamic batch dimension); returns the ``onnx.ModelProto``."""
@@ -367,6 +415,7 @@ def compile(  # noqa: A001 - the product's name for the operation
     capture: str = "auto",
     leaf_modules: Sequence[type] = (),
     latency_options: dict[str, Any] | None = None,
+    layer_uniform: bool | None = None,
     plan_only: bool = False,
 ) -> CompileResult:
     """Compile ``model`` to a MAC budget: a physically smaller model with MACs in the band.
@@ -389,6 +438,9 @@ def compile(  # noqa: A001 - the product's name for the operation
         evaluate: ``evaluate(model) -> float`` (higher is better) used by search policies.
         seed: the run's seed (same inputs and seed give the same result).
         verify: check that counted MACs equal the estimate and the band holds.
+        layer_uniform: keep the same number of units in every layer for groups that play the same
+            role (one decision variable per role). ``None``: on for Hugging Face models that
+            ``result.to_hf()`` can rebuild (their config has one width per role), off otherwise.
         plan_only: return the plan only (``result.keep`` per group, exact ``macs`` from the plan
             cost model, ``params``, the report; ``result.model`` is None): no pruned model is
             built. A model whose weights are on the meta device can only be planned; it is
@@ -436,7 +488,8 @@ def compile(  # noqa: A001 - the product's name for the operation
         torch.manual_seed(seed)
         session = open_session(model, example_inputs, ignore=ignore, importance=importance,
                                calibration_data=calibration_data, loss_fn=loss_fn, capture_method=capture,
-                               leaf_modules=leaf_modules, seed=seed, dynamic=not plan_only)
+                               leaf_modules=leaf_modules, seed=seed, layer_uniform=layer_uniform,
+                               dynamic=not plan_only)
         budget = parse_mac_budget(mac_budget, session.base_macs)
         report = _new_report(model, session, policy, importance, mac_budget, budget, tolerance, channel_multiple, seed)
         if weightless_note:
@@ -498,28 +551,36 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
     report.solver_notes += proj.notes
     if plan.rationale:
         report.notes.append(f"policy: {plan.rationale}")
+    if session.layout is not None:
+        report.notes += [n for n in session.layout.notes if n not in report.notes]
+    from fxprune.tying import expand_keep, full_problem
+
+    keep_all = expand_keep(problem, proj.keep)  # one count per dependency group (ties expanded)
     if plan_only:
         report.estimated_macs = proj.macs
-        _group_decisions(report, problem, proj)
-        return _plan_result(session, report, {g.id: int(k) for g, k in zip(problem.groups, proj.keep)}, start)
+        _group_decisions(report, problem, keep_all)
+        return _plan_result(session, report, {g.id: int(k) for g, k in zip(full_problem(problem).groups, keep_all)},
+                            start)
     t0 = time.perf_counter()
     with progress.stage("rewrite"):
-        pruned, macs = session.materialize(proj.keep, plan.criterion or None)
+        pruned, macs = session.materialize(keep_all, plan.criterion or None)
     if plan.criterion and plan.criterion != importance:
         report.criterion = plan.criterion
     report.timings["rewrite"] = time.perf_counter() - t0
     if verify:
         _verify(problem, proj, macs)
     report.estimated_macs = proj.macs
-    keep = {g.id: int(k) for g, k in zip(problem.groups, proj.keep)}
-    _group_decisions(report, problem, proj)
+    keep = {g.id: int(k) for g, k in zip(full_problem(problem).groups, keep_all)}
+    _group_decisions(report, problem, keep_all)
     return _result(session, pruned, macs, report, keep, start)
 
 
-def _group_decisions(report: Report, problem: PruningProblem, proj: Projection) -> None:
+def _group_decisions(report: Report, problem: PruningProblem, keep_all: np.ndarray) -> None:
+    from fxprune.tying import full_problem
+
     report.groups = [
         GroupDecision(g.id, g.name, g.kind, g.bucket, g.size, int(k), g.unit, g.mac_share, g.exact, g.members)
-        for g, k in zip(problem.groups, proj.keep)
+        for g, k in zip(full_problem(problem).groups, keep_all)
     ]
 
 
@@ -584,7 +645,7 @@ def _result(session: PruneSession, pruned, macs, report: Report, keep, start) ->
     report.timings["total"] = time.perf_counter() - start
     pruned.eval()
     return CompileResult(pruned, macs, session.base_macs, report.params, report.base_params, report,
-                         session.captured.inputs, session.gm, keep)
+                         session.captured.inputs, session.gm, keep, session.hf_source)
 
 
 def _search_context(session, problem, model, evaluate, calibration_data, seed, report, options,
@@ -593,11 +654,13 @@ def _search_context(session, problem, model, evaluate, calibration_data, seed, r
     cache: dict[bytes, float] = {}
 
     def quality(plan: PruningPlan) -> float:
+        from fxprune.tying import expand_keep
+
         keep = problem.dense(plan.keep)
         key = keep.tobytes()
         key += (plan.criterion or "").encode()
         if key not in cache:
-            cand, _ = session.materialize(keep, plan.criterion or None)
+            cand, _ = session.materialize(expand_keep(problem, keep), plan.criterion or None)
             try:
                 if evaluate is not None:
                     cache[key] = float(evaluate(cand))

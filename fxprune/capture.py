@@ -22,6 +22,7 @@ import operator
 import sys
 import traceback
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -55,17 +56,18 @@ class Captured:
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    """Accept a tensor, a tuple/list of tensors, or a dict of keyword tensors."""
+    """Accept a tensor, a tuple/list of tensors, or a mapping of keyword tensors (a dict, a
+    tokenizer's ``BatchEncoding``...)."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
-    if isinstance(example_inputs, dict):
+    if isinstance(example_inputs, Mapping):
         return (), dict(example_inputs)
     if isinstance(example_inputs, (tuple, list)):
-        if len(example_inputs) == 2 and isinstance(example_inputs[1], dict) and isinstance(example_inputs[0], (tuple, list)):
+        if len(example_inputs) == 2 and isinstance(example_inputs[1], Mapping) and isinstance(example_inputs[0], (tuple, list)):
             return tuple(example_inputs[0]), dict(example_inputs[1])
         return tuple(example_inputs), {}
     raise TraceError(
-        f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors, "
+        f"example_inputs must be a tensor, a tuple of tensors or a mapping (dict) of keyword tensors, "
         f"got {type(example_inputs).__name__}. Pass e.g. example_inputs=(torch.randn(1, 3, 224, 224),)."
     )
 
@@ -432,6 +434,24 @@ def _copy_model(model: nn.Module, share_weights: bool) -> nn.Module:
         ) from err
 
 
+def _disable_kv_cache(model: nn.Module, notes: list[str]) -> None:
+    """Hugging Face decoders return a KV cache object by default (``config.use_cache``), which no
+    graph capture can return; capture runs the model's *copy* with the cache off (the user's
+    model and its config are untouched)."""
+    seen: set[int] = set()
+    for mod in model.modules():
+        cfg = getattr(mod, "config", None)
+        if cfg is None or id(cfg) in seen or not getattr(cfg, "use_cache", False):
+            continue
+        seen.add(id(cfg))
+        try:
+            cfg.use_cache = False
+        except Exception:  # a read-only config: leave it, the capture error will say why
+            continue
+    if seen:
+        notes.append("config.use_cache=False on the captured copy (a KV cache cannot be a graph output)")
+
+
 def capture(
     model: nn.Module,
     example_inputs: Any,
@@ -472,6 +492,7 @@ def capture(
     notes: list[str] = []
     work = _copy_model(model, share_weights)
     work.eval()
+    _disable_kv_cache(work, notes)
     _decompose_attention(work, notes)
     if "timm" in sys.modules:  # timm attention through SDPA, LeViT attention substitutes
         from fxprune.opset.timm_ops import prepare_model

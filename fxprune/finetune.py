@@ -11,6 +11,11 @@
   2015) and the mean squared error between outputs otherwise (embeddings, hidden states). Both
   together mix as ``(1 - kd_alpha)·hard + kd_alpha·kd``; either alone is used as is. Batches
   with neither labels, a teacher nor a ``loss_fn`` are a :class:`DataError`.
+* **Causal language models** (the output has 3-D ``logits``, as Hugging Face ``*ForCausalLM`` and
+  their pruned graphs return): distillation is token-level, ``T²·KL(p_teacher || p_student)`` over
+  the vocabulary at every position, averaged over the tokens whose ``attention_mask`` is 1
+  (padding is masked out); ``T`` defaults to 1 for them. Labels (``labels`` in the batch dict,
+  ``-100`` ignored) give the shifted next-token cross-entropy as the hard loss.
 * **Optimiser**: SGD with Nesterov momentum (lr 0.01, weight decay 1e-4 by default) or AdamW
   (lr 1e-4, weight decay 0.01). Weight decay applies to tensors with more than one dim only
   (conv/linear weights, not biases or norm affines). Frozen parameters stay frozen.
@@ -63,7 +68,7 @@ from fxprune.importance import (
     to_batch,
 )
 
-__all__ = ["FinetuneResult", "finetune", "distillation_loss"]
+__all__ = ["FinetuneResult", "finetune", "distillation_loss", "token_distillation_loss", "causal_lm_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +277,38 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     return F.mse_loss(student, teacher)
 
 
+def token_logits(out: Any) -> torch.Tensor | None:
+    """The ``[batch, tokens, vocab]`` logits of a causal LM output (``out.logits`` / ``out["logits"]``),
+    else None."""
+    logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.is_floating_point() else None
+
+
+def token_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor | None,
+                            temperature: float = 1.0) -> torch.Tensor:
+    """``T²·KL(softmax(t/T) || softmax(s/T))`` over the vocabulary per token, averaged over the tokens
+    where ``attention_mask`` is 1 (all tokens without a mask)."""
+    teacher = teacher.detach().to(student.dtype)
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # [batch, tokens]
+    if attention_mask is not None and tuple(attention_mask.shape) == tuple(kl.shape):
+        w = attention_mask.to(kl.dtype)
+        return (kl * w).sum() / w.sum().clamp(min=1.0) * temperature**2
+    return kl.mean() * temperature**2
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Next-token cross-entropy: ``logits[:, t]`` predicts ``labels[:, t + 1]``; label ``-100`` and
+    padding (``attention_mask`` 0) are ignored."""
+    labels = labels.clone()
+    if attention_mask is not None and attention_mask.shape == labels.shape:
+        labels[attention_mask == 0] = -100
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -285,13 +322,17 @@ class _Step:
     teacher: nn.Module | None
     loss_fn: LossFn | None
     kd_alpha: float
-    kd_temperature: float
+    kd_temperature: float | None
     output_key: str | None
     device: torch.device
 
     def loss(self, item: Any, index: int) -> torch.Tensor:
         batch = to_batch(item, index).to(self.device)
-        out = output_tensor(forward(self.net, batch, index=index), self.output_key)
+        raw = forward(self.net, batch, index=index)
+        logits = token_logits(raw) if self.output_key is None else None
+        if logits is not None:
+            return self._lm_loss(batch, logits, index)
+        out = output_tensor(raw, self.output_key)
         hard = None
         if batch.target is not None or self.loss_fn is not None:
             hard = compute_loss(out, batch.target, self.loss_fn, index=index)
@@ -304,7 +345,31 @@ class _Step:
             return hard
         with torch.no_grad():
             t_out = output_tensor(forward(self.teacher, batch, index=index), self.output_key)
-        kd = distillation_loss(out, t_out, self.kd_temperature)
+        kd = distillation_loss(out, t_out, self.kd_temperature if self.kd_temperature is not None else 4.0)
+        return kd if hard is None else (1.0 - self.kd_alpha) * hard + self.kd_alpha * kd
+
+    def _lm_loss(self, batch: Any, logits: torch.Tensor, index: int) -> torch.Tensor:
+        """Causal LM: token-level distillation (padding masked) and/or next-token cross-entropy."""
+        mask = batch.kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) else None
+        hard = None
+        if batch.target is not None:
+            hard = causal_lm_loss(logits, batch.target, mask)
+        elif self.loss_fn is not None:
+            hard = compute_loss(logits, None, self.loss_fn, index=index)
+        if self.teacher is None:
+            if hard is None:
+                raise DataError(f"batch {index} has no labels: pass a teacher= to distil, or 'labels' in the batch")
+            return hard
+        with torch.no_grad():
+            t_raw = forward(self.teacher, batch, index=index)
+            t_logits = token_logits(t_raw)
+            t_logits = t_logits if t_logits is not None else output_tensor(t_raw)
+        if t_logits.shape != logits.shape:
+            raise DataError(f"batch {index}: the teacher's logits {list(t_logits.shape)} do not match the student's "
+                            f"{list(logits.shape)}")
+        kd = token_distillation_loss(logits, t_logits, mask,
+                                     self.kd_temperature if self.kd_temperature is not None else 1.0)
         return kd if hard is None else (1.0 - self.kd_alpha) * hard + self.kd_alpha * kd
 
 
@@ -321,7 +386,7 @@ def _check_args(
         raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if not 0.0 <= kd_alpha <= 1.0:
         raise ConfigError(f"kd_alpha must be in [0, 1], got {kd_alpha}")
-    if kd_temperature <= 0:
+    if kd_temperature is not None and kd_temperature <= 0:
         raise ConfigError(f"kd_temperature must be > 0, got {kd_temperature}")
 
 
@@ -336,7 +401,7 @@ def finetune(
     weight_decay: float | None = None,
     loss_fn: LossFn | None = None,
     kd_alpha: float = 0.5,
-    kd_temperature: float = 4.0,
+    kd_temperature: float | None = None,
     schedule: str = "cosine",
     max_steps: int | None = None,
     batch_size: int = 64,
@@ -359,7 +424,8 @@ def finetune(
         weight_decay: decay of weights with more than one dim (default 1e-4 SGD, 0.01 AdamW).
         loss_fn: ``loss_fn(output, y)``, or ``loss_fn(output)`` on unlabelled batches.
         kd_alpha: weight of the distillation term when labels and a teacher are both present.
-        kd_temperature: distillation temperature ``T``.
+        kd_temperature: distillation temperature ``T`` (default 4 for class logits, 1 for causal LM
+            token logits).
         schedule: ``"cosine"`` or ``"constant"``.
         max_steps: stop after this many optimiser steps (over all epochs).
         batch_size: batch size used when ``train_data`` is raw tensors.
@@ -415,7 +481,7 @@ class _Options:
     weight_decay: float | None
     loss_fn: LossFn | None
     kd_alpha: float
-    kd_temperature: float
+    kd_temperature: float | None
     schedule: str
     max_steps: int | None
     batch_size: int

@@ -38,6 +38,17 @@ of the same loss, ``P(u)`` the elements of every parameter slice that unit ``u``
 * ``uniform``: every unit scores 1 (structure only: reads no weight and no data). Policies then
   allocate by MAC cost alone and the first units of each group are kept. It is what
   ``compile(..., plan_only=True)`` uses for a model whose weights are on the meta device.
+* ``activation`` / ``activation_l2`` (Minitron, Muralidharan et al. 2024): the size of what the unit
+  feeds into the layers that read it, on calibration data. For every *consumer* slice (a linear's
+  input columns, a dense conv's input channels, a Conv1D's input rows) the input activations ``x``
+  of that layer are aggregated per channel over every calibration token: ``activation`` is
+  ``Σ_{c ∈ u} mean_t |x_c|``, ``activation_l2`` is ``sqrt(Σ_{c ∈ u} mean_t x_c²)`` (the RMS norm of the
+  unit's activations). For an MLP neuron that is its activation (the input of ``down_proj``), for a
+  head its attention output (the input of ``o_proj``), for an embedding channel the normalised
+  hidden state every layer reads (the inputs of q/k/v/gate/up and the LM head). Tokens where the
+  batch's ``attention_mask`` is 0 (padding) are left out. Consumers are normalised and averaged
+  like the magnitude criteria; groups without a consumer whose input can be observed fall back to
+  ``l2`` (with a note).
 
 Saliency criteria are all in the same unit (a change of ``L`` or ``R``), so they are *summed* over
 the unit's slices without normalisation; buffers carry no gradient and are skipped.
@@ -102,9 +113,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CRITERIA = ("l1", "l2", "bn_scale", "taylor", "snip", "grasp", "synflow", "random", "uniform")
+CRITERIA = ("l1", "l2", "bn_scale", "taylor", "snip", "grasp", "synflow", "random", "activation", "activation_l2",
+            "uniform")
 SALIENCY_CRITERIA = ("taylor", "snip", "grasp", "synflow")
-DATA_CRITERIA = ("taylor", "snip", "grasp")
+ACTIVATION_CRITERIA = ("activation", "activation_l2")
+DATA_CRITERIA = ("taylor", "snip", "grasp", "activation", "activation_l2")
 ROLES = ("producer", "consumer", "norm", "other")
 
 LossFn = Callable[..., torch.Tensor]
@@ -958,6 +971,8 @@ def group_importance(
                   for g in progress.bar(groups, desc=f"importance ({criterion})", unit="group")}
     elif criterion == "taylor":
         scores = _taylor_scores(model, groups, table, data, loss_fn, max_batches)
+    elif criterion in ACTIVATION_CRITERIA:
+        scores = _activation_scores(model, groups, table, data, criterion, max_batches, notes)
     else:
         saliency = _saliencies(model, (criterion,), data, loss_fn, max_batches)[criterion]
         sums = _IndexSums(groups, table, saliency)
@@ -1111,3 +1126,182 @@ def group_features(
             f.update(_stats(name, _saliency_scores(g, table, saliency_sums[name], name), saliency_total[name]))
         features[g.id] = f
     return features
+
+
+# --------------------------------------------------------------------------------------------
+# Activation importance (Minitron)
+# --------------------------------------------------------------------------------------------
+
+
+class _ChannelStats:
+    """Per-channel ``Σ|x|``, ``Σx²`` and the token count of one layer input (float64, CPU)."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.abs: torch.Tensor | None = None
+        self.sq: torch.Tensor | None = None
+        self.count = 0.0
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        x = x.detach()
+        if not x.is_floating_point():
+            return
+        d = self.dim % x.dim()
+        x = x.movedim(d, -1).double()
+        w = None
+        if mask is not None:
+            lead = x.shape[:-1]
+            if tuple(mask.shape) == tuple(lead[: mask.dim()]) and mask.dim() == len(lead):
+                w = mask.to(x.device, torch.float64)
+            elif mask.numel() == lead.numel():
+                w = mask.reshape(lead).to(x.device, torch.float64)
+        flat = x.reshape(-1, x.shape[-1])
+        if w is None:
+            a, q, n = flat.abs().sum(0), flat.pow(2).sum(0), float(flat.shape[0])
+        else:
+            wf = w.reshape(-1, 1)
+            a, q, n = (flat.abs() * wf).sum(0), (flat.pow(2) * wf).sum(0), float(wf.sum())
+        a, q = a.cpu(), q.cpu()
+        self.abs = a if self.abs is None else self.abs + a
+        self.sq = q if self.sq is None else self.sq + q
+        self.count += n
+
+
+def _consumer_sites(model: nn.Module, names: set[str], table: Mapping[str, _Tensor]) -> dict[str, Any]:
+    """Where each consumer tensor is read: ``{canonical name: [(site, input position, channel dim)]}``.
+
+    A site is a module (its forward input) or, in a ``torch.fx.GraphModule``, a call_function node
+    (``F.linear`` / ``aten.linear`` / ``addmm`` on a ``get_attr`` of the tensor). Only reads whose
+    channel dim is known are listed: linear weight dim 1 (input's last dim), dense conv weight dim 1
+    (input dim 1), Conv1D/addmm weight dim 0 (input's last dim).
+    """
+    import torch.fx
+
+    by_id: dict[int, str] = {}
+    for name in names:
+        by_id[id(table[name].tensor)] = name
+    sites: dict[tuple[str, int], list[tuple[Any, int, int]]] = {}
+
+    def add(name, dim, site, pos, cdim):
+        sites.setdefault((name, dim), []).append((site, pos, cdim))
+
+    for path, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or id(w) not in by_id:
+            continue
+        name = by_id[id(w)]
+        if isinstance(mod, nn.Linear):
+            add(name, 1, mod, 0, -1)
+        elif isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed and mod.groups == 1:
+            add(name, 1, mod, 0, 1)
+    if isinstance(model, torch.fx.GraphModule):
+        linear = {F.linear, torch.ops.aten.linear.default}
+        addmm = {torch.addmm, torch.ops.aten.addmm.default}
+        for node in model.graph.nodes:
+            if node.op != "call_function" or node.target not in linear | addmm:
+                continue
+            pos_w, pos_x, wdim = (1, 0, 1) if node.target in linear else (2, 1, 0)
+            if len(node.args) <= pos_w:
+                continue
+            w = node.args[pos_w]
+            if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
+                continue
+            try:
+                t = model.get_parameter(str(w.target))
+            except AttributeError:
+                continue
+            if id(t) in by_id:
+                add(by_id[id(t)], wdim, node, pos_x, -1)
+    return sites
+
+
+def _record(model: nn.Module, batches: Sequence[Batch], sites: Mapping, device: torch.device) -> dict:
+    """Run the calibration batches, accumulating the input statistics of every site."""
+    import torch.fx
+
+    stats = {}
+    module_sites: dict[int, list] = {}
+    node_sites: dict[Any, list] = {}
+    for key, entries in sites.items():
+        for site, pos, cdim in entries:
+            st = stats.setdefault((key, id(site), pos), _ChannelStats(cdim))
+            (module_sites.setdefault(id(site), []) if isinstance(site, nn.Module)
+             else node_sites.setdefault(site, [])).append((pos, st))
+    mask_box: list[torch.Tensor | None] = [None]
+    handles = []
+    modules = {id(m): m for m in model.modules()}
+    for mid, entries in module_sites.items():
+        def hook(mod, args, kwargs, entries=entries):
+            for pos, st in entries:
+                x = args[pos] if pos < len(args) else None
+                if isinstance(x, torch.Tensor):
+                    st.add(x, mask_box[0])
+        handles.append(modules[mid].register_forward_pre_hook(hook, with_kwargs=True))
+    interp = None
+    if node_sites and isinstance(model, torch.fx.GraphModule):
+        class _Tap(torch.fx.Interpreter):
+            def run_node(self, n):
+                if n in node_sites:
+                    args, _ = self.fetch_args_kwargs_from_env(n)
+                    for pos, st in node_sites[n]:
+                        if pos < len(args) and isinstance(args[pos], torch.Tensor):
+                            st.add(args[pos], mask_box[0])
+                return super().run_node(n)
+
+        interp = _Tap(model)
+        placeholders = [str(n.target) for n in model.graph.nodes if n.op == "placeholder"]
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                batch = batch.to(device)
+                mask = batch.kwargs.get("attention_mask")
+                mask_box[0] = mask if isinstance(mask, torch.Tensor) else None
+                if interp is not None:
+                    flat = list(batch.args)
+                    for name in placeholders[len(flat):]:
+                        if name not in batch.kwargs:
+                            raise DataError(f"batch {i}: the graph's input {name!r} is missing (got {batch.describe()})")
+                        flat.append(batch.kwargs[name])
+                    interp.run(*flat)
+                else:
+                    forward(model, batch, index=i)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _activation_scores(model: nn.Module, groups: Sequence[UnitGroup], table: Mapping[str, _Tensor], data: Any,
+                       criterion: str, max_batches: int, notes: dict[int, str]) -> dict[int, np.ndarray]:
+    """``activation`` / ``activation_l2`` (see the module doc)."""
+    if data is None:
+        raise DataError(f"criterion {criterion!r} needs calibration data (data=...), got None")
+    batches = collect_batches(data, max_batches)
+    consumers = {g.id: [sl for sl in g.slices if sl.role == "consumer" and table[sl.param].is_param] for g in groups}
+    names = {table[sl.param].canonical for sls in consumers.values() for sl in sls}
+    canonical_table = {table[n].canonical: table[n] for n in table}
+    sites = _consumer_sites(model, names, canonical_table)
+    with preserved_state(model, train=False):
+        stats = _record(model, batches, sites, model_device(model))
+    per_key: dict[tuple[str, int], list[_ChannelStats]] = {}
+    for (key, _, _), st in stats.items():
+        if st.count > 0 and st.abs is not None:
+            per_key.setdefault(key, []).append(st)
+    out: dict[int, np.ndarray] = {}
+    cache = _IndexSums(groups, table)  # the l2 fallback reduces each tensor once
+    for g in groups:
+        vectors = []
+        for sl in consumers[g.id]:
+            for st in per_key.get((table[sl.param].canonical, sl.dim % table[sl.param].tensor.dim()), []):
+                if criterion == "activation":
+                    per_channel = (st.abs / st.count).numpy()
+                    vectors.append(per_channel[sl.index].sum(axis=1))
+                else:
+                    per_channel = (st.sq / st.count).numpy()
+                    vectors.append(np.sqrt(per_channel[sl.index].sum(axis=1)))
+        scores = _normalised_mean(vectors) if vectors else None
+        if scores is None:
+            notes[g.id] = "no layer reading this group's channels could be observed: scored with l2"
+            scores = _magnitude_scores(g, table, "l2", notes, cache)
+        out[g.id] = scores
+    return out

@@ -8,7 +8,11 @@ otherwise with :func:`fidelity` on calibration data (higher is better, 1.0 = ide
   outputs) and the mean over samples (and positions). In (0, 1].
 * ``"cosine"``: mean over samples of the cosine similarity of the outputs flattened per sample
   (embeddings, hidden states, feature maps). In [-1, 1]; two all-zero outputs count as 1.
-* ``"auto"``: ``"kl"`` for 2-D outputs with more than one column (class logits), else ``"cosine"``.
+* ``"token_kl"``: ``exp(-mean KL)`` per token over the *last* dim, for causal language models
+  (``[batch, tokens, vocab]`` logits); tokens where the batch's ``attention_mask`` is 0 are left out.
+* ``"auto"``: ``"token_kl"`` when the model returns 3-D ``logits`` (Hugging Face ``*ForCausalLM`` and
+  their pruned graphs), ``"kl"`` for 2-D outputs with more than one column (class logits), else
+  ``"cosine"``.
 
 Models may return tuples, lists or dicts (Hugging Face ``ModelOutput``): the first tensor is
 compared, or ``output[output_key]``. Both models run in eval mode under ``no_grad`` and get their
@@ -43,24 +47,46 @@ __all__ = ["METRICS", "FidelityScorer", "fidelity", "accuracy"]
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("auto", "kl", "cosine")
+METRICS = ("auto", "kl", "cosine", "token_kl")
 
 
-def _outputs(model: nn.Module, batches: list[Batch], output_key: str | None) -> list[torch.Tensor]:
-    """Outputs of ``model`` on every batch, in eval mode without gradients (mode restored)."""
+def _outputs(model: nn.Module, batches: list[Batch], output_key: str | None,
+             lm: list[bool] | None = None) -> list[torch.Tensor]:
+    """Outputs of ``model`` on every batch, in eval mode without gradients (mode restored).
+
+    ``lm``: appended True when the model returns causal-LM token logits (3-D ``logits``)."""
+    from fxprune.finetune import token_logits
+
     device = model_device(model)
+    outs = []
     with preserved_state(model, train=False), torch.no_grad():
-        return [
-            output_tensor(forward(model, b.to(device), index=i), output_key) for i, b in enumerate(batches)
-        ]
+        for i, b in enumerate(batches):
+            raw = forward(model, b.to(device), index=i)
+            if lm is not None and output_key is None and token_logits(raw) is not None:
+                lm.append(True)
+            outs.append(output_tensor(raw, output_key))
+    return outs
 
 
-def _resolve_metric(metric: str, out: torch.Tensor) -> str:
+def _resolve_metric(metric: str, out: torch.Tensor, lm: bool = False) -> str:
     if metric not in METRICS:
         raise ConfigError(f"unknown fidelity metric {metric!r}; expected one of {METRICS}")
     if metric != "auto":
         return metric
+    if lm:
+        return "token_kl"
     return "kl" if out.dim() == 2 and out.shape[1] > 1 else "cosine"
+
+
+def _token_kl_sum(ref: torch.Tensor, cand: torch.Tensor, mask: Any) -> tuple[float, int]:
+    """Sum over non-padding tokens of KL(softmax(ref) || softmax(cand)) along the last dim, and the count."""
+    log_p = F.log_softmax(ref.double(), dim=-1)
+    log_q = F.log_softmax(cand.double(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(kl.shape):
+        w = mask.to(kl.device, kl.dtype)
+        return float((kl * w).sum()), int(w.sum())
+    return float(kl.sum()), kl.numel()
 
 
 def _kl_sum(ref: torch.Tensor, cand: torch.Tensor) -> tuple[float, int]:
@@ -111,8 +137,9 @@ class FidelityScorer:
     ):
         self.batches = collect_batches(data, max_batches)
         self.output_key = output_key
-        self.reference = _outputs(original, self.batches, output_key)
-        self.metric = _resolve_metric(metric, self.reference[0])
+        lm: list[bool] = []
+        self.reference = _outputs(original, self.batches, output_key, lm)
+        self.metric = _resolve_metric(metric, self.reference[0], bool(lm))
 
     def __call__(self, candidate: nn.Module) -> float:
         """Fidelity of ``candidate`` (higher is better, 1.0 = identical outputs)."""
@@ -125,10 +152,13 @@ class FidelityScorer:
                     f"{list(ref.shape)}: pruning must not change the output shape"
                 )
             out = out.to(ref.device)
-            s, n = _kl_sum(ref, out) if self.metric == "kl" else _cosine_sum(ref, out)
+            if self.metric == "token_kl":
+                s, n = _token_kl_sum(ref, out, self.batches[i].kwargs.get("attention_mask"))
+            else:
+                s, n = _kl_sum(ref, out) if self.metric == "kl" else _cosine_sum(ref, out)
             total, count = total + s, count + n
         mean = total / max(count, 1)
-        score = math.exp(-max(mean, 0.0)) if self.metric == "kl" else min(mean, 1.0)
+        score = math.exp(-max(mean, 0.0)) if self.metric in ("kl", "token_kl") else min(mean, 1.0)
         if not math.isfinite(score):
             logger.warning("candidate produced non-finite outputs (%s = %s): fidelity 0.0", self.metric, mean)
             return 0.0

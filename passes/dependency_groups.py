@@ -195,6 +195,13 @@ class _Builder:
         self.dsu = _DSU()
         self.params = dict(gm.named_parameters(remove_duplicate=False))
         self.buffers = dict(gm.named_buffers(remove_duplicate=False))
+        # tied tensors (an embedding shared with the output Linear) are one tensor under several
+        # names: every name maps to the first, so their channel spaces are the same spaces and
+        # the tie can never be pruned apart (rows of one alias sliced, columns of the other)
+        first: dict[int, str] = {}
+        self.canonical: dict[str, str] = {}
+        for name, t in list(self.params.items()) + list(self.buffers.items()):
+            self.canonical[name] = first.setdefault(id(t), name)
 
     # -- spaces
     def _get(self, key: SpaceKey, size: int) -> int:
@@ -217,6 +224,7 @@ class _Builder:
         return self._get(("n", node.name, d), info.shape[d])
 
     def pspace(self, param: str, dim: int) -> int:
+        param = self.canonical.get(param, param)
         t = self.params.get(param)
         if t is None:
             t = self.buffers.get(param)
@@ -285,6 +293,11 @@ class _Builder:
         self.blocks_.append((space, int(n), reason))
 
     def role(self, space: int, role: str) -> None:
+        if role == "consumer" and self.roles.get(space) == "producer" and self.keys[space][0] == "p":
+            # one tensor read on both sides (an embedding tied to the output Linear): removing a
+            # channel of it also removes the channel from the layer that reads it, like a consumer
+            self.roles[space] = role
+            return
         self.roles.setdefault(space, role)
 
     def reshape(self, node, src, flexible) -> None:

@@ -20,6 +20,9 @@ def register(sub) -> None:
     budget.add_argument("--latency-budget", help="measured ONNX Runtime latency ('20ms', '60%%' of the original)")
     p.add_argument("-o", "--output", help="write the pruned model as ONNX to this file (dynamic batch)")
     p.add_argument("--save", help="also save the pruned model in fxprune's format (.fxp)")
+    p.add_argument("--save-pretrained", metavar="DIR",
+                   help="Hugging Face decoders (LLaMA, Mistral, Qwen2/3, Phi-3, GPT-2): save the pruned model as "
+                        "its original class with save_pretrained (loads with from_pretrained)")
     p.add_argument("--report", help="write the full JSON report to this file")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
     p.add_argument("--policy", default="global", help="uniform | global | isomorphic | agentic | rl (default global)")
@@ -69,6 +72,10 @@ def run(args) -> int:
         result.report.timings["onnx_export"] = export_s
     if args.save:
         result.save(args.save)
+    if args.save_pretrained:
+        from fxprune.hf import save_pretrained
+
+        save_pretrained(result, args.save_pretrained)
     total = time.perf_counter() - t
     if args.report:
         with open(args.report, "w") as f:
@@ -85,5 +92,7 @@ def run(args) -> int:
         print(f"wrote {args.output} (ONNX, dynamic batch; export {export_s:.2f}s)")
     if args.save:
         print(f"wrote {args.save}")
+    if args.save_pretrained:
+        print(f"wrote {args.save_pretrained} (save_pretrained; load with from_pretrained)")
     print(f"done in {total:.2f}s")
     return 0

@@ -463,19 +463,55 @@ class AtenRollRule(RollRule):
 register_function(*_ops("roll", "flip"))(AtenRollRule)
 
 
+def _param_name(gm, a) -> str | None:
+    """The qualified name of the parameter a ``get_attr`` node reads (None for anything else)."""
+    if not (isinstance(a, torch.fx.Node) and a.op == "get_attr"):
+        return None
+    path, _, attr = str(a.target).rpartition(".")
+    try:
+        owner = gm.get_submodule(path) if path else gm
+    except AttributeError:
+        return None
+    return str(a.target) if attr in owner._parameters else None
+
+
 class AddmmRule(OpRule):
-    """``aten.addmm(bias, a, b)`` / ``baddbmm``: ``bias + a @ b`` (matmul coupling, bias broadcast)."""
+    """``aten.addmm(bias, a, b)`` / ``torch.addmm`` / ``baddbmm``: ``bias + a @ b``.
+
+    On two computed tensors it is a matmul (coupling, bias broadcast). When ``b`` is a 2-D
+    parameter it is a layer: transformers' ``Conv1D`` (GPT-2, GPT-J's MLPs...) computes
+    ``addmm(bias, x.view(-1, nx), weight)`` with ``weight`` of shape ``[nx, nf]``, so the output
+    features are produced by weight dim 1 (an origin, like ``nn.Linear``'s dim 0) and the input
+    features are read by weight dim 0.
+    """
 
     name = "addmm"
 
     def couple(self, node, b):
         bias, x, w = node.args[0], node.args[1], node.args[2]
         sx, sw, so = ishape(x), ishape(w), ishape(node)
-        b.tie(b.space(x, len(sx) - 1), b.space(w, len(sw) - 2))
-        b.tie(b.space(x, len(sx) - 2), b.space(node, len(so) - 2))
-        b.tie(b.space(w, len(sw) - 1), b.space(node, len(so) - 1))
-        for d in range(len(so) - 2):
-            b.tie(b.space(x, d), b.space(node, d))
+        w_name = _param_name(b.gm, w) if len(sw) == 2 else None
+        if w_name is not None:
+            out_f, in_f = b.space(node, len(so) - 1), b.space(x, len(sx) - 1)
+            b.tie(b.space(x, len(sx) - 2), b.space(node, len(so) - 2))
+            w_in, w_out = b.pspace(w_name, 0), b.pspace(w_name, 1)
+            b.tie(in_f, w_in)
+            b.tie(out_f, w_out)
+            b.origin(out_f)
+            b.role(w_out, "producer")
+            b.role(w_in, "consumer")
+            bias_name = _param_name(b.gm, bias)
+            if bias_name is not None and len(ishape(bias)) == 1:
+                bs = b.pspace(bias_name, 0)
+                b.tie(out_f, bs)
+                b.role(bs, "other")
+                return
+        else:
+            b.tie(b.space(x, len(sx) - 1), b.space(w, len(sw) - 2))
+            b.tie(b.space(x, len(sx) - 2), b.space(node, len(so) - 2))
+            b.tie(b.space(w, len(sw) - 1), b.space(node, len(so) - 1))
+            for d in range(len(so) - 2):
+                b.tie(b.space(x, d), b.space(node, d))
         if isinstance(bias, torch.fx.Node) and ishape(bias) is not None:
             if not tie_broadcast(b, node, [bias]):
                 b.freeze_node(node, f"unexpected bias broadcast in '{node.name}'")
@@ -486,5 +522,5 @@ class AddmmRule(OpRule):
         m.term(1, [(node, d) for d in range(len(so))] + [(x, len(ishape(x)) - 1)])
 
 
-register_function(*_ops("addmm", "baddbmm"))(AddmmRule)
+register_function(*_ops("addmm", "baddbmm"), torch.addmm)(AddmmRule)
 

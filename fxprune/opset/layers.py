@@ -471,12 +471,17 @@ class EmbeddingRule(OpRule):
             b.tie(b.space(x, d), b.space(node, d))
         if node.op == "call_module":
             s = b.pspace(f"{node.target}.weight", 1)
+            rows = b.pspace(f"{node.target}.weight", 0)
         else:
-            s = b.space(arg(node, 1, "weight"), 1)
+            w = arg(node, 1, "weight")
+            s, rows = b.space(w, 1), b.space(w, 0)
         out = b.space(node, len(os_) - 1)
         b.tie(out, s)
         b.origin(out)
         b.role(s, "producer")
+        # the rows are what the indices select: never pruned (a weight tied to an output Linear
+        # shares them with that Linear's outputs, which are then frozen too)
+        b.freeze(rows, f"vocabulary rows of embedding '{node.target if node.op == 'call_module' else node.name}'")
 
     def rewrite(self, node, r):
         if node.op == "call_module":

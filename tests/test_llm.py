@@ -1,0 +1,278 @@
+"""Language models stay language models: Hugging Face decoders pruned into models that still generate.
+
+Small configs with random weights and the default ``use_cache=True``: LLaMA (multi-head), Qwen2
+(grouped-query attention, attention bias), Mistral (GQA), Phi-3 (fused ``qkv_proj`` and
+``gate_up_proj``) and GPT-2 (transformers' ``Conv1D``, tied embeddings). Each compiles at 50% of
+its MACs, comes back through ``result.to_hf()`` as its own class with an updated config,
+generates with the KV cache exactly what a full-prefix greedy loop on the pruned graph produces,
+and round-trips through ``save_pretrained`` / ``from_pretrained`` with identical logits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+transformers = pytest.importorskip("transformers")
+
+import fxprune  # noqa: E402
+from fxprune.errors import ConfigError  # noqa: E402
+from fxprune.policies.base import GroupSpec, PruningProblem  # noqa: E402
+from fxprune.tying import Tie, collapse, expand_keep, layer_ties  # noqa: E402
+
+VOCAB = 128
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=128)
+
+
+def make(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**_COMMON)
+        return transformers.LlamaForCausalLM(cfg).eval()
+    if family == "qwen2":
+        cfg = transformers.Qwen2Config(**_COMMON, num_key_value_heads=2)
+        return transformers.Qwen2ForCausalLM(cfg).eval()
+    if family == "mistral":
+        cfg = transformers.MistralConfig(**_COMMON, num_key_value_heads=2)
+        return transformers.MistralForCausalLM(cfg).eval()
+    if family == "phi3":
+        cfg = transformers.Phi3Config(**_COMMON, num_key_value_heads=2, pad_token_id=0)
+        return transformers.Phi3ForCausalLM(cfg).eval()
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                      bos_token_id=0, eos_token_id=1)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    raise ValueError(family)
+
+
+def tokens(batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gpt2"]
+_WIDTHS = {"gpt2": ("n_embd", "n_head", "n_inner"),
+           "other": ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")}
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(family: str):
+    from transformers.tokenization_utils_base import BatchEncoding
+
+    model = make(family)
+    assert model.config.use_cache  # the default: the capture turns it off on its own copy
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # LLaMA gets a tokenizer's BatchEncoding (any Mapping of tensors is keyword inputs)
+    example = BatchEncoding(tokens()) if family == "llama" else tokens()
+    res = fxprune.compile(model, example, mac_budget="50%")
+    assert model.config.use_cache, "the caller's config must not change"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    return family, model, res
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def compiled(request):
+    return _compile(request.param)
+
+
+def test_decoder_compiles_in_band_and_rebuilds_as_its_own_class(compiled):
+    family, model, res = compiled
+    assert res.report.lower_macs <= res.macs <= res.report.budget_macs
+    assert any("layer_uniform" in n for n in res.report.notes)
+    hf = res.to_hf()
+    assert type(hf) is type(model)
+    keys = _WIDTHS["gpt2" if family == "gpt2" else "other"]
+    old = {k: getattr(model.config, k) for k in keys}
+    new = {k: getattr(hf.config, k) for k in keys}
+    assert new != old and all(new[k] <= (old[k] or new[k]) for k in keys), (old, new)
+    assert hf.config.use_cache
+    if family == "gpt2":  # what GPT-2's config can express: the attention width is the residual width
+        assert hf.config.n_embd == hf.config.n_head * (model.config.n_embd // model.config.n_head)
+    else:
+        assert hf.config.head_dim == model.config.hidden_size // model.config.num_attention_heads
+    # every layer has the same widths (the config has one), and the per-layer groups agree
+    by_role = {}
+    for g in res.report.groups:
+        if ".0." in g.name or ".1." in g.name:
+            by_role.setdefault((g.kind, g.name.replace(".1.", ".0.")), set()).add(g.keep)
+    assert by_role and all(len(v) == 1 for v in by_role.values()), by_role
+    # the rebuilt model computes what the pruned graph computes, at other shapes too
+    x = tokens(3, 11, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**x).logits, res.model(**x).logits, atol=1e-5, rtol=1e-4)
+    assert sum(p.numel() for p in hf.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_generate_with_kv_cache_equals_a_full_prefix_greedy_loop(compiled):
+    _, _, res = compiled
+    hf = res.to_hf()
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
+    steps = 20
+    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, min_new_tokens=steps,
+                      do_sample=False, use_cache=True)
+    seq = prompt
+    with torch.no_grad():  # the pruned graph, no cache: the whole prefix every step
+        for _ in range(steps):
+            logits = res.model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert out.shape == (1, 5 + steps)
+    assert torch.equal(out, seq)
+    # the rebuilt model is plain transformers code: it moves to another dtype (bf16) and still generates
+    short = hf.to(torch.bfloat16).generate(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert short.shape == (1, 8)
+
+
+def test_save_pretrained_from_pretrained_reproduces_the_logits(compiled, tmp_path):
+    from fxprune.hf import save_pretrained
+
+    family, model, res = compiled
+    hf = res.to_hf()
+    save_pretrained(res, tmp_path / "pruned")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert type(back) is type(model)
+    x = tokens(2, 9, seed=3)
+    with torch.no_grad():
+        assert torch.equal(back(**x).logits, hf(**x).logits)
+    assert not list(tmp_path.glob(".pruned*")), "no temporary directory left behind"
+
+
+# ------------------------------------------------------------------------------------------ GPT-2
+
+def test_gpt2_conv1d_layers_are_prunable():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    model = transformers.GPT2Model(cfg).eval()  # no LM head: before the Conv1D rule it had 0 groups
+    res = fxprune.compile(model, tokens(), mac_budget="50%")
+    kinds = {(g.kind, g.name.split(".")[-1]) for g in res.report.groups}
+    assert ("heads", "c_attn") in kinds and ("channels", "c_fc") in kinds
+    assert fxprune.count_macs(res.model, tokens()) == res.macs
+    hf = res.to_hf()
+    assert type(hf) is transformers.GPT2Model
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**tokens(2, 5)).last_hidden_state, res.model(**tokens(2, 5))[0],
+                                   atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- to_hf errors
+
+def test_to_hf_refuses_per_layer_widths_and_other_models():
+    from fxprune._compile import open_session
+
+    model = make("llama")
+    session = open_session(model, tokens(), layer_uniform=False)
+    assert session.layout is None
+    keep = np.array([g.n for g in session.graph.groups])
+    mlp = [i for i, g in enumerate(session.graph.groups) if g.name.endswith("gate_proj")]
+    keep[mlp[0]] = 64  # layer 0 keeps half its MLP, layer 1 all of it
+    gm, _ = session.materialize(keep)
+
+    class Result:
+        hf_source = session.hf_source
+        model = gm
+
+    with pytest.raises(ConfigError, match="per layer"):
+        fxprune.hf.to_hf(Result())
+    plain = fxprune.compile(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), torch.randn(2, 8),
+                            mac_budget="50%")
+    with pytest.raises(ConfigError, match="Hugging Face"):
+        plain.to_hf()
+
+
+# ------------------------------------------------------------------------------------------ tying
+
+def _spec(i, name, size, allowed, members, imp=None):
+    return GroupSpec(i, name, "channels", size, 1, tuple(allowed), "b", tuple(members), 0.0,
+                     tuple(imp) if imp is not None else None, True, 1, 1.0)
+
+
+def test_collapsed_problem_costs_what_its_expansion_costs():
+    # three groups: MLP of layer 0 and 1 (tied), residual tied to them with multiplier 2
+    coef = np.array([3, 5, 7])
+
+    def cost(k):
+        k = np.atleast_2d(k)
+        return (k * coef).sum(1) + k[:, 0] * k[:, 2]
+
+    groups = (_spec(0, "l.0.fc", 8, range(1, 9), ["l.0.fc"], np.arange(8, 0, -1)),
+              _spec(1, "l.1.fc", 8, range(1, 9), ["l.1.fc"]),
+              _spec(2, "res", 16, range(2, 17, 2), ["emb"]))
+    full = np.array([8, 8, 16])
+    problem = PruningProblem(groups, int(cost(full)[0]), 100, 90, 0, 0, cost)
+    ties = layer_ties(groups)
+    assert [t.members for t in ties] == [((0, 1), (1, 1))]
+    tied = collapse(problem, [Tie(ties[0].members + ((2, 2),))])
+    assert len(tied.groups) == 1 and tied.groups[0].allowed == tuple(range(1, 9))
+    for x in range(1, 9):
+        keep = expand_keep(tied, np.array([x]))
+        assert keep.tolist() == [x, x, 2 * x]
+        assert tied.cost(np.array([[x]]))[0] == cost(keep)[0]
+    # the tie ranks units by the summed, sorted importance of its members (most important first)
+    imp = np.asarray(tied.groups[0].importance)
+    assert np.all(np.diff(imp) <= 1e-12)
+    untied = collapse(problem, [])
+    assert untied is problem and expand_keep(untied, full).tolist() == full.tolist()
+
+
+class Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)) for _ in range(3))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+def test_layer_uniform_on_any_model_keeps_one_count_per_role():
+    torch.manual_seed(0)
+    model = Blocks().eval()
+    x = torch.randn(4, 32)
+    free = fxprune.compile(model, x, mac_budget="50%")
+    tied = fxprune.compile(model, x, mac_budget="50%", layer_uniform=True)
+    assert tied.report.lower_macs <= tied.macs <= tied.report.budget_macs
+    keeps = {g.keep for g in tied.report.groups if g.name.startswith("blocks.")}
+    assert len(keeps) == 1 and keeps != {64}
+    assert len({g.keep for g in free.report.groups}) >= 1  # (the untied plan may differ per block)
+    assert fxprune.count_macs(tied.model, x) == tied.macs
+
+
+# ---------------------------------------------------------------------------------- ONNX + KV cache
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_onnx_runtime_greedy_generation_with_kv_cache_matches_pytorch(family, tmp_path):
+    from fxprune.kv_onnx import OrtDecoder, export_decoder_onnx
+
+    _, _, res = _compile(family)
+    hf = res.to_hf()
+    path = export_decoder_onnx(res, tmp_path / f"{family}.onnx")
+    dec = OrtDecoder(path)
+    assert dec.n_layers == 2
+    prompt = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+    want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32,
+                       do_sample=False)
+    got = dec.generate(prompt, 32)
+    assert got.shape == (2, 38)
+    np.testing.assert_array_equal(got, want.numpy())
+
+
+def test_cli_save_pretrained_writes_a_loadable_model(tmp_path, capsys):
+    from fxprune.cli import main
+
+    src = tmp_path / "tiny-llama"
+    make("llama").save_pretrained(src)
+    out = tmp_path / "pruned"
+    assert main(["compile", f"hf:{src}", "--mac-budget", "50%", "--input-shape", "1,16",
+                 "--save-pretrained", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    back = transformers.AutoModel.from_pretrained(out)  # the CLI loads hf: models with AutoModel
+    orig = transformers.AutoModel.from_pretrained(src)
+    assert type(back) is type(orig)
+    assert sum(p.numel() for p in back.parameters()) < sum(p.numel() for p in orig.parameters())
+    with torch.no_grad():
+        assert back(**tokens(1, 7)).last_hidden_state.shape[:2] == (1, 7)
