@@ -395,8 +395,15 @@ def fit_zoo(recs: list[dict[str, Any]]) -> dict[str, float]:
     pred = slope * x + intercept
     r2 = 1 - ((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12)
     exponent, log_c = np.polyfit(np.log(x), np.log(y), 1)
+    # time = a * nodes + b * parameters + c: the graph's share and the weights' share (importance
+    # and the rewrite read every weight once), fitted together
+    p = np.array([r["params"] for r in ok], dtype=float) / 1e6
+    (a2, b2, c2), *_ = np.linalg.lstsq(np.stack([x, p, np.ones_like(x)], 1), y, rcond=None)
+    pred2 = a2 * x + b2 * p + c2
+    r2_2 = 1 - ((y - pred2) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12)
     return {"models": len(ok), "slope_ms_per_node": 1000 * slope, "intercept_s": intercept, "r2": r2,
-            "loglog_exponent": exponent}
+            "loglog_exponent": exponent, "two_var_ms_per_node": 1000 * a2, "two_var_ms_per_mparam": 1000 * b2,
+            "two_var_intercept_s": c2, "two_var_r2": r2_2}
 
 
 def plot_zoo(recs: list[dict[str, Any]], fit: dict[str, float], png: Path) -> None:
@@ -519,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nfit over {fit['models']} models: {fit['slope_ms_per_node']:.3f} ms per node "
               f"(+ {fit['intercept_s']:.2f} s, R² {fit['r2']:.2f}); log-log exponent {fit['loglog_exponent']:.2f} "
               "(<= 1: at most linear)")
+        print(f"with the weights as a second variable: {fit['two_var_ms_per_node']:.3f} ms per node + "
+              f"{fit['two_var_ms_per_mparam']:.3f} ms per million parameters + {fit['two_var_intercept_s']:.2f} s "
+              f"(R² {fit['two_var_r2']:.2f})")
         png = (out / Path(args.png).name) if out else Path(args.png)
         plot_zoo(recs, fit, png)
         print(f"wrote {png}")
