@@ -45,7 +45,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
@@ -350,13 +349,12 @@ class LatencyCache:
 
     def save(self, model: LatencyCostModel) -> Path | None:
         """Write ``model`` atomically; returns the file, or ``None`` if the directory is not writable."""
+        from fxprune._io import atomic_write
+
         path = self.path(model.key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(model.to_json(), handle, indent=1)
-            os.replace(tmp, path)
+            atomic_write(path, json.dumps(model.to_json(), indent=1))
         except OSError as err:
             logger.warning("could not write the latency cache %s: %s", path, err)
             return None

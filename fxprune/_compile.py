@@ -12,7 +12,9 @@ import copy
 import gc
 import logging
 import math
+import numbers
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -31,6 +33,7 @@ from fxprune.passes._infra import AnalysisManager, PassManager, TimingInstrument
 from fxprune.passes.dependency_groups import DependencyGraph, DependencyGroupsAnalysis, Group
 from fxprune._memory import release_free_memory
 from fxprune._plan import WEIGHTLESS_CRITERION, check_weightless, planned_params
+from fxprune.passes.fuse_projections import FuseProjectionsPass
 from fxprune.passes.own_tensors import OwnTensorsPass, storage_ids
 from fxprune.passes.prune_channels import PruneChannelsPass
 from fxprune.passes.shape_prop import ShapePropPass, has_meta_tensors
@@ -131,6 +134,7 @@ class PruneSession:
     last_passes: list[dict[str, Any]] = field(default_factory=list, repr=False)
     layout: Any = None  # fxprune.hf.Layout: tied / whole groups (layer_uniform)
     hf_source: Any = None  # fxprune.hf.HFSource of a Hugging Face model fxprune can rebuild
+    _deployed: torch.fx.GraphModule | None = field(default=None, repr=False)
 
     @property
     def gm(self) -> torch.fx.GraphModule:
@@ -166,7 +170,7 @@ class PruneSession:
         timing = TimingInstrument()
         am = AnalysisManager(gm)
         passes = (([PruneChannelsPass(self.graph, units)] if units else [])
-                  + [OwnTensorsPass(self._shared), ShapePropPass(self.captured.inputs)])
+                  + [FuseProjectionsPass(), OwnTensorsPass(self._shared), ShapePropPass(self.captured.inputs)])
         try:
             PassManager(passes, instruments=[timing]).run(gm, am)
         except PreconditionError as err:
@@ -184,6 +188,23 @@ class PruneSession:
         gm.eval()
         return gm, macs
 
+    def owned_original(self) -> torch.fx.GraphModule:
+        """The unpruned model as a result's ``model``: projections re-fused like
+        :meth:`deployed_original`, but owning every tensor (nothing shared with the user's model)."""
+        return self.materialize(np.array([g.n for g in self.graph.groups], dtype=np.int64))[0]
+
+    def deployed_original(self) -> torch.fx.GraphModule:
+        """The captured model with split projections re-fused (``FuseProjectionsPass``), so it runs as
+        fast as the user's model: ``result.original`` and the latency baseline. A copy of the module
+        structure on the capture's tensors (no copy of the weights: read-only, like the capture;
+        the fused q/k/v of an ``nn.MultiheadAttention`` is a view of its ``in_proj_weight``). Built once."""
+        if self._deployed is None:
+            gm = copy.deepcopy(self.gm, share_tensors(list(self.gm.parameters()) + list(self.gm.buffers())))
+            PassManager([FuseProjectionsPass(), ShapePropPass(self.captured.inputs)]).run(gm, AnalysisManager(gm))
+            gm.eval()
+            self._deployed = gm
+        return self._deployed
+
 
 def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, importance: str = "l1",
                  calibration_data: Any = None, loss_fn: Any = None, capture_method: str = "auto",
@@ -200,7 +221,7 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
     if prop.info.get("note"):
         cap.notes.append(prop.info["note"])
     t2 = time.perf_counter()
-    ignore_names, ignore_fn = _ignore_spec(ignore, cap.gm)
+    ignore_names, ignore_fn = _ignore_spec(ignore, cap.gm, model)
     with progress.stage("dependency groups and MACs"):
         graph = am.get(DependencyGroupsAnalysis(ignore=ignore_names, ignore_fn=ignore_fn))
         count = am.get(MacCountAnalysis())
@@ -257,7 +278,8 @@ def _example_data(cap: Captured) -> list:
     return [(tuple(cap.inputs), None)]
 
 
-def _ignore_spec(ignore: Any, gm: torch.fx.GraphModule) -> tuple[tuple[str, ...], Callable[[str], bool] | None]:
+def _ignore_spec(ignore: Any, gm: torch.fx.GraphModule,
+                 model: nn.Module | None = None) -> tuple[tuple[str, ...], Callable[[str], bool] | None]:
     if ignore is None:
         return (), None
     if callable(ignore):
@@ -273,26 +295,56 @@ def _ignore_spec(ignore: Any, gm: torch.fx.GraphModule) -> tuple[tuple[str, ...]
         return (), fn
     if isinstance(ignore, str):
         ignore = [ignore]
+    if not isinstance(ignore, Iterable):
+        raise ConfigError(f"ignore must be a list of module names or a predicate (name, module) -> bool, got "
+                          f"{ignore!r:.60}")
     names = []
     for item in ignore:
         if isinstance(item, str):
             names.append(item)
         else:
             raise InvalidBudgetError(f"ignore must list module names (strings) or be a predicate, got {item!r}")
+    _check_ignore_names(names, gm, model)
     return tuple(names), None
+
+
+def _check_ignore_names(names: list[str], gm: torch.fx.GraphModule, model: nn.Module | None) -> None:
+    """Every ``ignore`` name must be a module path (or a prefix of one) of the model: a typo would
+    otherwise silently prune the module the user meant to keep."""
+    import difflib
+
+    known: set[str] = set()
+    for root in (gm, model):
+        if root is None:
+            continue
+        known.update(name for name, _ in root.named_modules() if name)
+        known.update(name.rpartition(".")[0] for name, _ in root.named_parameters() if "." in name)
+    unknown = [n for n in names if not any(k == n or k.startswith(n + ".") for k in known)]
+    if not unknown:
+        return
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.5)
+        parts.append(f"{name!r} (closest: {', '.join(repr(c) for c in close)})" if close else repr(name))
+    raise ConfigError(
+        f"ignore= names that match no module of the model: {'; '.join(parts)}. Use module paths as printed by "
+        "model.named_modules() (or `fxprune profile MODEL`), e.g. ignore=['layer4.1.conv2'].")
 
 
 def _importance(gm, graph: DependencyGraph, criterion: str, data, loss_fn, seed) -> dict[int, np.ndarray]:
     if not graph.groups:
         return {}
+    from fxprune._buffers import preserve_buffers
     from fxprune.importance import group_importance
 
-    scores = group_importance(gm, graph.unit_groups(), criterion, data=data, loss_fn=loss_fn, seed=seed)
+    with preserve_buffers(gm):
+        scores = group_importance(gm, graph.unit_groups(), criterion, data=data, loss_fn=loss_fn, seed=seed)
     return {int(k): np.asarray(v, dtype=np.float64) for k, v in scores.items()}
 
 
 def build_problem(session: PruneSession, budget: int, tolerance: float, channel_multiple: int,
-                  min_keep_ratio: float) -> PruningProblem:
+                  min_keep_ratio: float, *, tie: bool = True) -> PruningProblem:
+    """The MAC problem of ``session`` (its layout's ties applied unless ``tie=False``)."""
     groups = session.graph.groups
     G = len(groups)
     full = np.array([g.n for g in groups], dtype=np.int64)
@@ -315,7 +367,7 @@ def build_problem(session: PruneSession, budget: int, tolerance: float, channel_
     frozen = tuple(f"{f.name} ({f.n}): {'; '.join(f.reasons[:2])}" for f in session.graph.frozen)
     lower = int(math.ceil(budget * (1.0 - tolerance)))
     problem = PruningProblem(tuple(specs), session.base_macs, int(budget), lower, min_macs, fixed, session.cost, frozen)
-    if session.layout is not None:  # ties: one decision per role across layers (fxprune.tying)
+    if tie and session.layout is not None:  # ties: one decision per role across layers (fxprune.tying)
         from fxprune.tying import apply_layout
 
         problem = apply_layout(problem, session.layout.ties, session.layout.fixed)
@@ -416,6 +468,9 @@ def compile(  # noqa: A001 - the product's name for the operation
     leaf_modules: Sequence[type] = (),
     latency_options: dict[str, Any] | None = None,
     layer_uniform: bool | None = None,
+    target: str | None = None,
+    dtype: Any = None,
+    batch_size: int | None = None,
     plan_only: bool = False,
 ) -> CompileResult:
     """Compile ``model`` to a MAC budget: a physically smaller model with MACs in the band.
@@ -425,8 +480,14 @@ def compile(  # noqa: A001 - the product's name for the operation
         example_inputs: a tensor, a tuple of tensors, or a dict of keyword tensors.
         mac_budget: absolute MACs (``1.8e9``, ``"1.8G"``, ``"500M"``) or a fraction of the
             original (``0.5``, ``"50%"``).
-        latency_budget: alternatively a measured-latency budget (``"20ms"``, ``"60%"``) on ONNX
-            Runtime; see ``latency_options``.
+        latency_budget: a measured-latency budget (``"20ms"``, ``"60%"`` of the original) on
+            ``target``: channels are allocated by a per-group latency model measured there
+            (importance lost per millisecond saved) and the result is verified by an interleaved
+            whole-model measurement; see ``latency_options``. With ``mac_budget`` too, both hold.
+        target: where latency is measured: ``"ort-cpu"`` (default), ``"ort-cuda"``, ``"ort-trt"``,
+            ``"torch-cuda"`` or ``"torch-cpu"`` (``fxprune.runtimes``).
+        dtype: ``"fp32"`` (default), ``"fp16"`` or ``"bf16"`` (PyTorch targets).
+        batch_size: the batch the latency is measured at (default 1).
         tolerance: the band is ``[budget * (1 - tolerance), budget]``.
         policy: "uniform", "global", "isomorphic", "agentic", "rl" or an object with ``select``.
         channel_multiple: kept channel counts are multiples of this where the group is large
@@ -456,14 +517,17 @@ def compile(  # noqa: A001 - the product's name for the operation
     """
     if mac_budget is None and latency_budget is None:
         raise InvalidBudgetError("give mac_budget (e.g. '50%', 0.5, '1.8G') or latency_budget (e.g. '20ms')")
-    if mac_budget is not None and latency_budget is not None:
-        raise InvalidBudgetError("give either mac_budget or latency_budget, not both")
-    if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
-        raise InvalidBudgetError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
-    if not isinstance(channel_multiple, int) or channel_multiple < 1:
-        raise InvalidBudgetError(f"channel_multiple must be a positive int, got {channel_multiple!r}")
-    if not 0 < min_keep_ratio <= 1:
-        raise InvalidBudgetError(f"min_keep_ratio must be in (0, 1], got {min_keep_ratio!r}")
+    if latency_budget is None and (target is not None or dtype is not None or batch_size is not None):
+        raise InvalidBudgetError(
+            "target=, dtype= and batch_size= say where a latency budget is measured; give latency_budget=... too "
+            "(to time a MAC-budget result on a runtime, use result.benchmark(runtime=...))")
+    if isinstance(leaf_modules, Iterable) and not isinstance(leaf_modules, (str, type)):
+        leaf_modules = tuple(leaf_modules)  # a generator is read once, here
+    _check_options(tolerance=tolerance, channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio,
+                   policy=policy, policy_options=policy_options, seed=seed, evaluate=evaluate,
+                   leaf_modules=leaf_modules, latency_options=latency_options, importance=importance)
+    if mac_budget is not None:
+        parse_mac_budget(mac_budget, 1)  # a budget that cannot parse fails now, before the capture
     weightless_note = None
     if has_meta_tensors(model):  # built on the meta device: shapes only (see fxprune._plan)
         check_weightless(plan_only=plan_only, policy=policy, evaluate=evaluate, latency_budget=latency_budget)
@@ -481,7 +545,8 @@ def compile(  # noqa: A001 - the product's name for the operation
             channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio, ignore=ignore,
             importance=importance, calibration_data=calibration_data, evaluate=evaluate, loss_fn=loss_fn,
             seed=seed, verify=verify, policy_options=policy_options, capture=capture,
-            leaf_modules=leaf_modules, options=latency_options or {},
+            leaf_modules=leaf_modules, options=latency_options or {}, mac_budget=mac_budget,
+            target=target, dtype=dtype, batch_size=batch_size,
         )
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -506,28 +571,65 @@ def compile(  # noqa: A001 - the product's name for the operation
                     f"{format_macs(session.base_macs)}", min_macs=session.base_macs, budget=budget)
             if plan_only:
                 return _plan_result(session, report, {}, start)
-            unchanged, _ = session.materialize(np.array([g.n for g in session.graph.groups], dtype=np.int64))
-            return _result(session, unchanged, session.base_macs, report, {}, start)  # owns its tensors
+            return _result(session, session.owned_original(), session.base_macs, report, {}, start)
         return compile_at_budget(model, session, budget, start, report=report, tolerance=tolerance, policy=policy,
                                  channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio,
                                  importance=importance, evaluate=evaluate, calibration_data=calibration_data,
                                  seed=seed, verify=verify, policy_options=policy_options, plan_only=plan_only)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _check_options(*, tolerance, channel_multiple, min_keep_ratio, policy, policy_options, seed, evaluate,
+                   leaf_modules, latency_options, importance) -> None:
+    """Every option of :func:`compile`, checked before any work starts (clear errors, never a raw one)."""
+    if not (_is_number(tolerance) and 0 < tolerance < 1):
+        raise InvalidBudgetError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
+    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, numbers.Integral) or channel_multiple < 1:
+        raise InvalidBudgetError(f"channel_multiple must be a positive int, got {channel_multiple!r}")
+    if not (_is_number(min_keep_ratio) and 0 < min_keep_ratio <= 1):
+        raise InvalidBudgetError(f"min_keep_ratio must be a number in (0, 1], got {min_keep_ratio!r}"
+                                 + (" (a string; pass a float such as 0.1)" if isinstance(min_keep_ratio, str) else ""))
+    if policy_options is not None and not isinstance(policy_options, Mapping):
+        raise ConfigError(f"policy_options must be a dict such as {{'max_attempts': 10}}, got "
+                          f"{type(policy_options).__name__} {policy_options!r:.60}")
+    if latency_options is not None and not isinstance(latency_options, Mapping):
+        raise ConfigError(f"latency_options must be a dict such as {{'threads': 1}}, got "
+                          f"{type(latency_options).__name__} {latency_options!r:.60}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ConfigError(f"seed must be an int, got {seed!r:.60}")
+    if evaluate is not None and not callable(evaluate):
+        raise ConfigError(f"evaluate must be a function evaluate(model) -> float, got {type(evaluate).__name__}")
+    if not isinstance(importance, str):
+        raise ConfigError(f"importance must be a criterion name such as 'l1' or 'taylor', got {importance!r:.60}")
+    if isinstance(leaf_modules, (str, type)) or not isinstance(leaf_modules, Iterable) or not all(
+            isinstance(c, type) and issubclass(c, nn.Module) for c in leaf_modules):
+        raise ConfigError(f"leaf_modules must be a list of nn.Module classes, got {leaf_modules!r:.80}")
+    if not hasattr(policy, "select"):
+        get_policy(policy, dict(policy_options or {}))  # unknown names and bad options fail now, not after analysis
+
+
 def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, start: float, *,
                       report: Report | None = None, tolerance: float, policy: Any, channel_multiple: int,
                       min_keep_ratio: float, importance: str, evaluate: Callable[[nn.Module], float] | None,
                       calibration_data: Any, seed: int, verify: bool,
-                      policy_options: dict[str, Any] | None, plan_only: bool = False) -> CompileResult:
+                      policy_options: dict[str, Any] | None, problem: PruningProblem | None = None,
+                      plan_only: bool = False) -> CompileResult:
     """Plan, project, rewrite and verify at an absolute MAC ``budget`` below the original's.
 
     The session (capture, analyses, importance) is reused, so the latency search can build
     candidates at many budgets for the price of one capture. ``report`` defaults to a new one.
+    ``problem`` replaces the MAC problem (a latency or multi-constraint problem, whose cost is not
+    MACs: then ``budget`` is only recorded, and the exact MAC count is still checked against the
+    MAC cost model).
     """
     if report is None:
         report = _new_report(model, session, policy, importance, budget, budget, tolerance, channel_multiple, seed)
-    problem = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio)
-    report.lower_macs = problem.lower
+    if problem is None:
+        problem = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio)
+        report.lower_macs = problem.lower
     pol = get_policy(policy, policy_options)
     t0 = time.perf_counter()
     scored: list = []  # the "candidates scored" bar, opened by the first candidate a search policy builds
@@ -549,6 +651,7 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
     proj = project(problem, problem.dense(plan.keep).astype(np.float64))
     report.timings["policy"] = time.perf_counter() - t0
     report.solver_notes += proj.notes
+    report.warnings += [n for n in proj.notes if "not honoured" in n]  # the printed report shows warnings
     if plan.rationale:
         report.notes.append(f"policy: {plan.rationale}")
     if session.layout is not None:
@@ -567,9 +670,13 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
     if plan.criterion and plan.criterion != importance:
         report.criterion = plan.criterion
     report.timings["rewrite"] = time.perf_counter() - t0
+    estimated = proj.macs if problem.unit == "MACs" else int(session.cost(keep_all[None, :])[0])
     if verify:
-        _verify(problem, proj, macs)
-    report.estimated_macs = proj.macs
+        if problem.unit == "MACs":
+            _verify(problem, proj, macs)
+        else:
+            _verify_constraints(problem, proj, macs, estimated)
+    report.estimated_macs = estimated
     keep = {g.id: int(k) for g, k in zip(full_problem(problem).groups, keep_all)}
     _group_decisions(report, problem, keep_all)
     return _result(session, pruned, macs, report, keep, start)
@@ -610,6 +717,18 @@ def _verify(problem: PruningProblem, proj: Projection, macs: int) -> None:
             "counts are too coarse for this tolerance. Increase tolerance or lower channel_multiple.")
 
 
+def _verify_constraints(problem: PruningProblem, proj: Projection, macs: int, estimated: int) -> None:
+    """A problem whose cost is not MACs: the MAC count still equals the MAC model's, and a MAC
+    constraint (``mac_budget`` beside a latency budget) holds on the counted graph."""
+    if macs != estimated:
+        raise PostconditionError(
+            f"the rewritten model has {macs:,} MACs but the cost model predicted {estimated:,}; this is a bug in "
+            "fxprune (please report it with the model)")
+    for c in problem.constraints:
+        if c.name == "macs" and macs > c.budget:
+            raise PostconditionError(f"the rewritten model has {macs:,} MACs, above the MAC budget {int(c.budget):,}")
+
+
 def _new_report(model, session, policy, importance, spec, budget, tolerance, channel_multiple, seed) -> Report:
     r = Report(
         model=type(model).__name__,
@@ -645,7 +764,7 @@ def _result(session: PruneSession, pruned, macs, report: Report, keep, start) ->
     report.timings["total"] = time.perf_counter() - start
     pruned.eval()
     return CompileResult(pruned, macs, session.base_macs, report.params, report.base_params, report,
-                         session.captured.inputs, session.gm, keep, session.hf_source)
+                         session.captured.inputs, session.deployed_original(), keep, session.hf_source)
 
 
 def _search_context(session, problem, model, evaluate, calibration_data, seed, report, options,
@@ -686,9 +805,12 @@ def _search_context(session, problem, model, evaluate, calibration_data, seed, r
 def _fidelity(session: PruneSession, cand: nn.Module, data: Any) -> float:
     from fxprune.quality import fidelity
 
+    from fxprune._buffers import preserve_buffers
+
     if data is None:
         data = [session.captured.inputs]
-    return float(fidelity(session.gm, cand, data))
+    with preserve_buffers(session.gm):
+        return float(fidelity(session.gm, cand, data))
 
 
 _ = (Iterable, FxpruneError)

@@ -32,9 +32,10 @@ JSON schema ``fxprune.bench/1`` (:meth:`BenchReport.to_json`); times are millise
 
     {
       "schema": "fxprune.bench/1",
-      "config": {"provider": str, "threads": int, "opt_level": str, "batch_sizes": [int],
-                 "warmup": int, "rounds": int, "runs_per_round": int, "dims": {str: int},
-                 "seed": int},
+      "config": {"runtime": "ort" | "torch", "dtype": "fp32" | "fp16" | "bf16", "cuda_graphs": bool,
+                 "channels_last": bool, "provider": str, "threads": int, "opt_level": str,
+                 "batch_sizes": [int], "warmup": int, "rounds": int, "runs_per_round": int,
+                 "dims": {str: int}, "seed": int},
       "environment": {"fxprune_version": str, "onnxruntime_version": str, "onnx_version": str,
                       "python_version": str, "platform": str, "provider_requested": str,
                       "provider_used": str, "session_providers": [str], "threads": int,
@@ -46,7 +47,7 @@ JSON schema ``fxprune.bench/1`` (:meth:`BenchReport.to_json`); times are millise
       "results": [{"label": str, "source": str | null, "batch": int,
                    "median_ms": float, "p90_ms": float, "mean_ms": float, "stdev_ms": float,
                    "min_ms": float, "max_ms": float, "n": int,
-                   "round_medians_ms": [float], "speedup_vs_first": float,
+                   "round_medians_ms": [float], "items_per_s": float, "speedup_vs_first": float,
                    "inputs": {name: {"shape": [int], "dtype": str}},
                    "outputs": {name: {"shape": [int]}},
                    "samples_ms": [float]   # only with to_json(include_samples=True)
@@ -63,6 +64,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -103,7 +105,8 @@ SCHEMA = "fxprune.bench/1"
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+RUNTIMES = ("ort", "torch")
 OPT_LEVELS = ("all", "extended", "basic", "disable")
 _OPT_LEVEL_ENUM = {
     "all": "ORT_ENABLE_ALL",
@@ -126,7 +129,7 @@ class BenchConfig:
     """How to benchmark: provider, threads, optimisation level, batch sizes and repetitions.
 
     Attributes:
-        provider: ``"cpu"`` or ``"cuda"``.
+        provider: ``"cpu"``, ``"cuda"`` or ``"tensorrt"`` (ONNX Runtime; ``cpu``/``cuda`` for PyTorch).
         threads: intra-op threads; ``None`` means the number of physical cores (the value used
             is recorded in the report environment).
         opt_level: ONNX Runtime graph optimisation level: ``"all"``, ``"extended"``, ``"basic"``
@@ -151,8 +154,29 @@ class BenchConfig:
     runs_per_round: int = 20
     dims: Mapping[str, int] = field(default_factory=dict)
     seed: int = 0
+    runtime: str = "ort"
+    dtype: str = "fp32"
+    cuda_graphs: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
+        self.runtime = str(self.runtime).lower()
+        if self.runtime in ("ort-cpu", "ort-cuda", "ort-trt", "torch-cpu", "torch-cuda"):  # a target name
+            self.runtime, _, device = self.runtime.partition("-")
+            self.provider = "tensorrt" if device == "trt" else device
+        if self.runtime == "torch" and str(self.provider).lower() not in ("cpu", "cuda"):
+            raise BenchmarkError(f"PyTorch runs on cpu or cuda, not {self.provider!r}")
+        if self.runtime not in RUNTIMES:
+            raise BenchmarkError(
+                f"unknown runtime {self.runtime!r}; choose one of ort-cpu, ort-cuda, torch-cpu, torch-cuda")
+        from fxprune.runtimes import parse_dtype
+
+        self.dtype = parse_dtype(self.dtype)
+        if self.runtime == "ort" and self.dtype != "fp32":
+            raise BenchmarkError(f"ONNX Runtime times the fp32 ONNX models fxprune exports; dtype {self.dtype} is "
+                                 "for --runtime torch-cuda / torch-cpu")
+        if self.cuda_graphs and not (self.runtime == "torch" and str(self.provider).lower() == "cuda"):
+            raise BenchmarkError("CUDA graphs (--cuda-graphs) need --runtime torch-cuda")
         self.provider = str(self.provider).lower()
         self.opt_level = str(self.opt_level).lower()
         if self.provider not in PROVIDERS:
@@ -178,9 +202,18 @@ class BenchConfig:
         """The intra-op thread count to use: ``threads`` or the number of physical cores."""
         return self.threads if self.threads is not None else physical_cores()
 
+    @property
+    def target(self) -> str:
+        """``ort-cpu``, ``ort-cuda``, ``torch-cpu`` or ``torch-cuda``."""
+        return f"{self.runtime}-{'trt' if self.provider == 'tensorrt' else self.provider}"
+
     def to_dict(self) -> dict[str, Any]:
         """The configuration as JSON-ready data, with ``threads`` resolved."""
         return {
+            "runtime": self.runtime,
+            "dtype": self.dtype,
+            "cuda_graphs": self.cuda_graphs,
+            "channels_last": self.channels_last,
             "provider": self.provider,
             "threads": self.resolved_threads(),
             "opt_level": self.opt_level,
@@ -378,6 +411,11 @@ class BenchResult:
         """90th-percentile latency in milliseconds."""
         return self.stats.p90_ms
 
+    @property
+    def items_per_s(self) -> float:
+        """Throughput at the median latency: batch items per second."""
+        return self.batch * 1000.0 / self.stats.median_ms if self.stats.median_ms > 0 else math.inf
+
 
 @dataclass
 class BenchReport:
@@ -453,6 +491,7 @@ class BenchReport:
         data: dict[str, Any] = {"label": result.label, "source": result.source, "batch": result.batch}
         data.update(dataclasses.asdict(result.stats))
         data["round_medians_ms"] = list(result.round_medians_ms)
+        data["items_per_s"] = result.items_per_s
         data["speedup_vs_first"] = self._speedup_vs_first(result)
         data["inputs"] = {name: dict(spec) for name, spec in result.inputs.items()}
         data["outputs"] = {name: dict(spec) for name, spec in result.outputs.items()}
@@ -469,7 +508,7 @@ class BenchReport:
 
         The speed-up column is ``median(first model) / median(this model)`` at the same batch.
         """
-        header = ("model", "batch", "median ms", "p90 ms", "min ms", "max ms", "n", "speed-up")
+        header = ("model", "batch", "median ms", "p90 ms", "min ms", "max ms", "n", "items/s", "speed-up")
         rows = [
             (
                 r.label,
@@ -479,6 +518,7 @@ class BenchReport:
                 f"{r.stats.min_ms:.3f}",
                 f"{r.stats.max_ms:.3f}",
                 str(r.stats.n),
+                f"{r.items_per_s:,.1f}",
                 f"{self._speedup_vs_first(r):.2f}x",
             )
             for r in self.results
@@ -499,6 +539,16 @@ class BenchReport:
     def _conditions(self) -> str:
         env = self.environment
         load = _format_load(env.get("loadavg_before"), env.get("loadavg_after"))
+        if env.get("runtime") == "torch":
+            device = env.get("device") or "cpu"
+            mode = "CUDA graphs" if env.get("cuda_graphs_used") else "eager"
+            return (
+                f"PyTorch {env.get('torch_version')} on {device} ({mode}, {env.get('dtype')}"
+                f"{', channels_last' if env.get('channels_last') else ''}, {env.get('threads')} CPU thread(s)), "
+                f"{self.config.rounds} interleaved rounds x {self.config.runs_per_round} runs "
+                f"after {self.config.warmup} warm-up\n{env.get('cpu_model')} "
+                f"({env.get('physical_cores')} physical cores); {load}"
+            )
         return (
             f"onnxruntime {env.get('onnxruntime_version')} {env.get('provider_used')}, "
             f"{env.get('threads')} intra-op thread(s), opt level {env.get('opt_level')}, "
@@ -944,7 +994,7 @@ def _check_provider(config: BenchConfig) -> None:
         hint = (
             "install the GPU build (pip uninstall onnxruntime && pip install onnxruntime-gpu) with a "
             "matching CUDA/cuDNN, or use --provider cpu"
-            if config.provider == "cuda"
+            if config.provider in ("cuda", "tensorrt")
             else "reinstall onnxruntime"
         )
         raise BenchmarkError(
@@ -972,6 +1022,9 @@ def _create_session(model: _Model, config: BenchConfig, threads: int) -> Any:
     providers: list[Any] = ["CPUExecutionProvider"]
     if config.provider == "cuda":
         providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    elif config.provider == "tensorrt":
+        providers = [("TensorrtExecutionProvider", {"device_id": 0}), ("CUDAExecutionProvider", {"device_id": 0}),
+                     "CPUExecutionProvider"]
     try:
         session = onnxruntime.InferenceSession(
             model.payload, sess_options=_session_options(config, threads), providers=providers
@@ -1044,7 +1097,7 @@ class _CudaRunner(_Runner):  # pragma: no cover - needs onnxruntime-gpu and a GP
 
 
 def _make_runner(session: Any, feeds: Mapping[str, np.ndarray], provider: str) -> _Runner:
-    if provider == "cuda":
+    if provider in ("cuda", "tensorrt"):
         return _CudaRunner(session, feeds)
     return _CpuRunner(session, feeds)
 
@@ -1059,8 +1112,14 @@ def benchmark(
     config: BenchConfig | None = None,
     *,
     labels: Sequence[str] | None = None,
+    inputs: Sequence[Any] | None = None,
 ) -> BenchReport:
-    """Time ONNX models on ONNX Runtime under identical, recorded conditions.
+    """Time ONNX models on ONNX Runtime (or PyTorch models on PyTorch) under identical, recorded conditions.
+
+    With ``config.runtime == "torch"`` the models are ``nn.Module`` s run by PyTorch on
+    ``config.provider`` (``cuda`` or ``cpu``) in ``config.dtype``, eagerly or as CUDA graphs
+    (``config.cuda_graphs``), on ``inputs`` (example inputs, batch dim 0, repeated to each batch
+    size); everything else is as below.
 
     For each batch size: one session per model, inputs generated once per model, a warm-up, then
     ``config.rounds`` interleaved rounds with the model order rotated every round (see
@@ -1080,6 +1139,8 @@ def benchmark(
             dimension without a size in ``config.dims``, or a model that fails to run.
     """
     config = config if config is not None else BenchConfig()
+    if config.runtime == "torch":
+        return _benchmark_torch(models, config, labels, inputs)
     _check_provider(config)
     loaded = _load_models(models, labels)
     warnings = _check_shapes(loaded, config)
@@ -1173,6 +1234,7 @@ def compare(
     config: BenchConfig | None = None,
     *,
     labels: Sequence[str] | None = None,
+    inputs: Sequence[Any] | None = None,
 ) -> Comparison:
     """Benchmark an original and a pruned model interleaved and compare their latencies.
 
@@ -1194,7 +1256,7 @@ def compare(
         labels = _deduplicate([_default_label(original, "original"), _default_label(pruned, "pruned")])
     if len(labels) != 2:
         raise BenchmarkError(f"compare needs two labels, got {list(labels)}")
-    report = benchmark([original, pruned], config, labels=labels)
+    report = benchmark([original, pruned], config, labels=labels, inputs=inputs)
     label_a, label_b = report.labels
     rows = tuple(_comparison_row(report, label_a, label_b, batch) for batch in report.config.batch_sizes)
     return Comparison(label_a=label_a, label_b=label_b, rows=rows, report=report)
@@ -1211,3 +1273,93 @@ def _comparison_row(report: BenchReport, label_a: str, label_b: str, batch: int)
         speedup=a.median_ms / b.median_ms,
     )
 
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch runtimes
+# --------------------------------------------------------------------------------------------
+
+
+def _benchmark_torch(models: Sequence[Any], config: BenchConfig, labels: Sequence[str] | None,
+                     inputs: Sequence[Any] | None) -> BenchReport:
+    """Time ``nn.Module`` s with PyTorch (``fxprune.runtimes.TorchRuntime``), interleaved per batch size."""
+    import torch
+
+    from fxprune.runtimes import TorchRuntime
+
+    if not models:
+        raise BenchmarkError("no models to benchmark; pass at least one model")
+    for i, m in enumerate(models):
+        if not isinstance(m, torch.nn.Module):
+            raise BenchmarkError(
+                f"model {i} is a {type(m).__name__}: the PyTorch runtimes time nn.Modules (ONNX files run on "
+                "--runtime ort-cpu / ort-cuda)")
+    if not inputs:
+        raise BenchmarkError("the PyTorch runtimes need example inputs (inputs=...; batch dim first)")
+    names = list(labels) if labels is not None else [f"model{i}" for i in range(len(models))]
+    if len(names) != len(models) or len(set(names)) != len(names):
+        raise BenchmarkError(f"give one unique label per model, got {names}")
+    env = _torch_environment(config)
+    env["loadavg_before"] = _loadavg()
+    warnings = [w for w in _environment_warnings(env) if "intra-op" not in w]
+    results: list[BenchResult] = []
+    graphs_used = config.cuda_graphs
+    for batch in config.batch_sizes:
+        rt = TorchRuntime(config.provider, dtype=config.dtype, batch=batch, example_inputs=tuple(inputs),
+                          cuda_graphs=config.cuda_graphs, channels_last=config.channels_last, threads=config.threads,
+                          warmup=config.warmup, rounds=config.rounds, runs_per_round=config.runs_per_round)
+        try:
+            times = rt.time_models(models, names)
+        except BenchmarkError:
+            raise
+        except Exception as err:  # out of memory, a model that fails at this batch
+            raise BenchmarkError(f"PyTorch {config.target} at batch {batch}: {type(err).__name__}: "
+                                 f"{str(err).splitlines()[0] if str(err) else ''}") from err
+        if rt.clock.warnings:
+            graphs_used = False
+            warnings.extend(w for w in rt.clock.warnings if w not in warnings)
+        shapes = {f"input_{i}": {"shape": [batch, *list(x.shape[1:])], "dtype": str(x.dtype).replace("torch.", "")}
+                  for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)}
+        for name, per_round in zip(names, times):
+            samples = [v for r in per_round for v in r]
+            results.append(BenchResult(label=name, batch=batch, stats=summarize(samples),
+                                       round_medians_ms=tuple(median(r) for r in per_round),
+                                       samples_ms=tuple(samples), inputs=shapes, outputs={}, source=None))
+    env["loadavg_after"] = _loadavg()
+    env["cuda_graphs_used"] = graphs_used
+    drift = _drift_warnings(results)
+    return BenchReport(results=results, environment=env, warnings=warnings + drift, config=config)
+
+
+def _torch_environment(config: BenchConfig) -> dict[str, Any]:
+    import torch
+
+    from fxprune import __version__
+
+    threads = config.threads or torch.get_num_threads()
+    env: dict[str, Any] = {
+        "runtime": "torch",
+        "fxprune_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "provider_requested": f"torch-{config.provider}",
+        "provider_used": f"torch-{config.provider}",
+        "dtype": config.dtype,
+        "cuda_graphs": config.cuda_graphs,
+        "channels_last": config.channels_last,
+        "threads": threads,
+        "cpu_model": _cpu_model(),
+        "physical_cores": physical_cores(),
+        "logical_cpus": os.cpu_count() or 1,
+        "loadavg_before": None,
+        "loadavg_after": None,
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": "cpu",
+    }
+    if config.provider == "cuda":
+        if not torch.cuda.is_available():
+            raise BenchmarkError("--runtime torch-cuda needs a CUDA GPU; torch.cuda.is_available() is False here")
+        env.update({"device": torch.cuda.get_device_name(0), "cuda_version": torch.version.cuda,
+                    "cudnn_version": torch.backends.cudnn.version()})
+    return env

@@ -26,21 +26,28 @@ def parse_mac_budget(value: Any, base_macs: int) -> int:
     if isinstance(value, bool) or value is None:
         raise InvalidBudgetError(f"mac_budget={value!r} is not a budget; {_ACCEPTED_MACS}")
     if isinstance(value, (int, float)):
-        v = float(value)
+        try:
+            v = float(value)
+        except OverflowError:
+            v = math.inf
         if not math.isfinite(v) or v <= 0:
-            raise InvalidBudgetError(f"mac_budget={value!r} must be a positive, finite number; {_ACCEPTED_MACS}")
+            raise InvalidBudgetError(f"mac_budget={value!r:.40} must be a positive, finite number; {_ACCEPTED_MACS}")
         return int(math.floor(v * base_macs)) if v <= 1.0 else int(math.floor(v))
     if isinstance(value, str):
         text = value.strip().replace("_", "").replace(",", "")
         m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*%", text)
         if m:
             pct = float(m.group(1))
+            if not math.isfinite(pct):
+                raise InvalidBudgetError(f"mac_budget={value!r:.40} is not a finite percentage; {_ACCEPTED_MACS}")
             if pct <= 0:
                 raise InvalidBudgetError(f"mac_budget={value!r}: a percentage must be above 0; {_ACCEPTED_MACS}")
             return int(math.floor(pct / 100.0 * base_macs))
         m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGtT]?)\s*(?:MACs?|macs?)?", text)
         if m:
             v = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+            if not math.isfinite(v):
+                raise InvalidBudgetError(f"mac_budget={value!r:.40} is not a finite number of MACs; {_ACCEPTED_MACS}")
             if v <= 0:
                 raise InvalidBudgetError(f"mac_budget={value!r} must be positive; {_ACCEPTED_MACS}")
             if not m.group(2) and v <= 1.0:
@@ -57,14 +64,17 @@ def parse_latency_budget(value: Any, base_ms: float | None = None) -> float:
     if isinstance(value, bool) or value is None:
         raise InvalidBudgetError(f"latency_budget={value!r} is not a budget; {_ACCEPTED_LAT}")
     if isinstance(value, (int, float)):
-        v = float(value)
+        try:
+            v = float(value)
+        except OverflowError:
+            v = math.inf
         if not math.isfinite(v) or v <= 0:
-            raise InvalidBudgetError(f"latency_budget={value!r} must be positive; {_ACCEPTED_LAT}")
+            raise InvalidBudgetError(f"latency_budget={value!r:.40} must be positive and finite; {_ACCEPTED_LAT}")
         return v
     if isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
         m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)(ms|us|µs|s|%)?", text)
-        if m and float(m.group(1)) > 0:
+        if m and 0 < float(m.group(1)) < math.inf:
             v = float(m.group(1))
             unit = m.group(2) or "ms"
             if unit == "%":

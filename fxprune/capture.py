@@ -1,8 +1,8 @@
 """Capture: turn a user's ``nn.Module`` into a ``torch.fx.GraphModule`` fxprune can prune.
 
 The user's model is never touched: capture works on a copy of its module structure (whose
-tensors are copies too, or, with ``share_weights=True`` as ``fxprune.compile`` uses, new tensor
-objects on the user's storage, read-only: no second copy of the weights). Before tracing, modules whose
+tensors are copies too, or, with ``share_weights=True`` as ``fxprune.compile`` uses, parameters
+are new tensor objects on the user's storage, read-only: no second copy of the weights). Before tracing, modules whose
 internals matter for pruning but that torch.fx would keep opaque are replaced by equivalent,
 traceable ones (``nn.MultiheadAttention`` becomes q/k/v/out ``nn.Linear`` layers around
 ``F.scaled_dot_product_attention``). After tracing, library ops that bake in a width are swapped
@@ -90,10 +90,14 @@ class DecomposedMultiheadAttention(nn.Module):
         self.batch_first = mha.batch_first
         self.dropout = mha.dropout
         has_bias = mha.in_proj_bias is not None
-        self.q_proj = nn.Linear(e, e, bias=has_bias)
-        self.k_proj = nn.Linear(mha.kdim, e, bias=has_bias)
-        self.v_proj = nn.Linear(mha.vdim, e, bias=has_bias)
-        self.out_proj = nn.Linear(e, mha.out_proj.out_features, bias=mha.out_proj.bias is not None)
+        # the projections live where the original's weights live, in their dtype (fp16/bf16/fp64, CUDA)
+        ref = mha.in_proj_weight if mha._qkv_same_embed_dim else mha.q_proj_weight
+        kw = {"device": ref.device, "dtype": ref.dtype}
+        self.q_proj = nn.Linear(e, e, bias=has_bias, **kw)
+        self.k_proj = nn.Linear(mha.kdim, e, bias=has_bias, **kw)
+        self.v_proj = nn.Linear(mha.vdim, e, bias=has_bias, **kw)
+        self.out_proj = nn.Linear(e, mha.out_proj.out_features, bias=mha.out_proj.bias is not None,
+                                  device=mha.out_proj.weight.device, dtype=mha.out_proj.weight.dtype)
         with torch.no_grad():
             if mha._qkv_same_embed_dim:
                 wq, wk, wv = mha.in_proj_weight.chunk(3)
@@ -139,7 +143,7 @@ class DecomposedMultiheadAttention(nn.Module):
             if mask is not None:
                 scores = scores + mask
             if is_causal and mask is None:
-                scores = scores + torch.triu(torch.full((lq, ls), float("-inf"), dtype=q.dtype), 1)
+                scores = scores + torch.triu(torch.full((lq, ls), float("-inf"), dtype=q.dtype, device=q.device), 1)
             weights = F.softmax(scores, dim=-1)
             out = F.dropout(weights, p=self.dropout, training=self.training).matmul(v)
         else:
@@ -157,8 +161,17 @@ class DecomposedMultiheadAttention(nn.Module):
 
 def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype).masked_fill(mask, float("-inf"))
+        return torch.zeros_like(mask, dtype=dtype).masked_fill(mask, float("-inf"))
     return mask.to(dtype)
+
+
+def _meta_twin(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are meta tensors (same shapes, dtypes)."""
+    memo: dict[int, Any] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
 
 
 def _share_projections(dec: DecomposedMultiheadAttention, mha: nn.MultiheadAttention) -> None:
@@ -184,10 +197,9 @@ def _decompose_attention(model: nn.Module, notes: list[str]) -> None:
             if type(child) is nn.MultiheadAttention:
                 path = f"{name}.{child_name}" if name else child_name
                 if DecomposedMultiheadAttention.supports(child):
-                    # scale: built on meta (no allocation, no random init), then sharing the
-                    # attention's tensors: the capture holds no second copy of the weights
-                    with torch.device("meta"):
-                        dec = DecomposedMultiheadAttention(child)
+                    # scale: built from a meta twin (no allocation, no random init, no copy), then
+                    # pointed at the attention's own tensors: no second copy of the weights
+                    dec = DecomposedMultiheadAttention(_meta_twin(child))
                     _share_projections(dec, child)
                     setattr(mod, child_name, dec)
                 else:
@@ -297,13 +309,23 @@ def _drop_specialized_inputs(graph: torch.fx.Graph, concrete: dict[str, Any]) ->
                     graph.erase_node(n)
 
 
-def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence[type] = ()) -> torch.fx.GraphModule:
-    """Symbolically trace ``model`` (already a private copy)."""
+def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence[type] = (),
+             proxy_buffers: bool = False, allow_buffer_updates: bool = False) -> torch.fx.GraphModule:
+    """Symbolically trace ``model`` (already a private copy).
+
+    Raises ``BuffersMutated`` when the forward updated buffers while being traced (the update ran on
+    the copy instead of being recorded); trace a fresh copy with ``proxy_buffers=True`` then, which
+    records buffer reads as graph values, so in-place updates stay in the graph.
+    """
+    from fxprune._buffers import BuffersMutated, buffer_state, mutated_buffers, write_back_reassigned
+
     timm_leaves, timm_wraps = _timm_extras()
     tracer = _Tracer(tuple(leaf_modules) + timm_leaves, timm_wraps)
+    tracer.proxy_buffer_attributes = proxy_buffers
     if tracer.is_leaf_module(model, ""):
         return _leaf_root_graph(model, args, kwargs)
     concrete = _concrete_defaults(model, args, kwargs)
+    before = buffer_state(model)
     try:
         graph = tracer.trace(model, concrete_args=concrete)
     except TraceError:
@@ -326,6 +348,12 @@ def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence
             module_path=where,
             construct=construct,
         ) from None
+    if proxy_buffers:
+        write_back_reassigned(model, graph, before)
+    else:
+        mutated = mutated_buffers(model, before)
+        if mutated and not allow_buffer_updates:
+            raise BuffersMutated(mutated)
     if concrete:
         _drop_specialized_inputs(graph, concrete)
     name = type(model).__name__
@@ -422,9 +450,14 @@ def share_tensors(tensors) -> dict[int, Any]:
 
 
 def _copy_model(model: nn.Module, share_weights: bool) -> nn.Module:
-    memo: dict[int, Any] = {}
+    from fxprune.substitutes import copy_memo
+
+    memo: dict[int, Any] = copy_memo(model)
     if share_weights:
-        memo = share_tensors(list(model.parameters()) + list(model.buffers()))
+        # parameters share the user's storage under new Parameter objects (no copy; .to() on the
+        # capture never reaches the user's model); buffers are copied: analyses run the graph,
+        # which may update buffers in place (and they are small)
+        memo.update(share_tensors(model.parameters()))
     try:
         return copy.deepcopy(model, memo)
     except Exception as err:
@@ -452,6 +485,56 @@ def _disable_kv_cache(model: nn.Module, notes: list[str]) -> None:
         notes.append("config.use_cache=False on the captured copy (a KV cache cannot be a graph output)")
 
 
+def _prepared_copy(model: nn.Module, share_weights: bool, notes: list[str]) -> nn.Module:
+    """capture's private copy of ``model``, in eval mode, with stock modules made traceable."""
+    work = _copy_model(model, share_weights)
+    work.eval()
+    _disable_kv_cache(work, notes)
+    from fxprune.substitutes import prepare_model as _prepare_stock_modules
+
+    work = _prepare_stock_modules(work, notes)
+    _decompose_attention(work, notes)
+    if "timm" in sys.modules:  # timm attention through SDPA, LeViT attention substitutes
+        from fxprune.opset.timm_ops import prepare_model
+
+        prepare_model(work, notes)
+    return work
+
+
+def _trace_fx_keeping_buffer_updates(model, work, args, kwargs, leaf_modules, share_weights,
+                                     notes) -> tuple[torch.fx.GraphModule, nn.Module]:
+    """``trace_fx``; when the forward updates buffers in place, trace a fresh copy again with the
+    buffers as graph values so the update is part of the captured model (see ``fxprune._buffers``)."""
+    from fxprune._buffers import BuffersMutated
+
+    try:
+        return trace_fx(work, args, kwargs, leaf_modules), work
+    except BuffersMutated as err:
+        mutated = err
+        names = ", ".join(err.names[:5])
+    work = _prepared_copy(model, share_weights, [])
+    try:
+        gm = trace_fx(work, args, kwargs, leaf_modules, proxy_buffers=True)
+        notes.append(f"the forward updates buffers in place ({names}); the update is part of the captured graph")
+        return gm, work
+    except TraceError:
+        pass
+    # tracing with buffers as graph values failed (Python logic on a buffer's value): keep the plain trace,
+    # with the buffers as they were before it ran, and say that the update is lost
+    work = _prepared_copy(model, share_weights, [])
+    gm = trace_fx(work, args, kwargs, leaf_modules, allow_buffer_updates=True)
+    originals = dict(model.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for path in mutated.names:
+            try:
+                gm.get_buffer(path).copy_(originals[path])
+            except (AttributeError, KeyError, RuntimeError):
+                continue
+    notes.append(f"the forward updates buffers in place ({names}); torch.fx could not record that update, so the "
+                 "captured (and pruned) model does not perform it")
+    return gm, work
+
+
 def capture(
     model: nn.Module,
     example_inputs: Any,
@@ -469,11 +552,12 @@ def capture(
         method: "fx" (torch.fx symbolic tracing), "export" (torch.export, ATen-level graph turned
             back into modules) or "auto" (fx first, then export).
         leaf_modules: module classes to keep opaque (not traced into, not pruned inside).
-        share_weights: copy the module structure but share the storage of parameters and
-            buffers with ``model`` (no memory, nothing read; for read-only uses: counting MACs,
-            ``fxprune.compile``, which builds pruned tensors by index-select from these). The
-            captured tensors are new tensor objects, so ``.to()``/``.half()`` on the capture never
-            reach ``model``; writing into their data in place would. The default copies them.
+        share_weights: copy the module structure but share the storage of the parameters with
+            ``model`` (no memory, nothing read; for read-only uses: counting MACs,
+            ``fxprune.compile``, which builds pruned tensors by index-select from these); buffers
+            are copied. The captured parameters are new objects, so ``.to()``/``.half()`` on the
+            capture never reach ``model``; writing into their data in place would. The default
+            copies everything.
         dynamic: torch.export path only: batch/sequence dims dynamic (default). ``False`` is
             faster and enough when no model will be built from the capture (counting, planning).
 
@@ -485,23 +569,25 @@ def capture(
         raise TraceError(f"fxprune needs a torch.nn.Module, got {type(model).__name__}.")
     if method not in ("auto", "fx", "export"):
         raise TraceError(f"capture method must be 'auto', 'fx' or 'export', got {method!r}.")
+    if not isinstance(leaf_modules, (str, type)) and hasattr(leaf_modules, "__iter__"):
+        leaf_modules = tuple(leaf_modules)
+    if not isinstance(leaf_modules, tuple) or not all(isinstance(c, type) and issubclass(c, nn.Module)
+                                                      for c in leaf_modules):
+        raise TraceError(f"leaf_modules must be a list of nn.Module classes, got {leaf_modules!r:.80}.")
     args, kwargs = normalize_inputs(example_inputs)
     for i, a in enumerate(list(args) + list(kwargs.values())):
         if not isinstance(a, torch.Tensor):
             raise TraceError(f"example input {i} is a {type(a).__name__}; every example input must be a tensor.")
     notes: list[str] = []
-    work = _copy_model(model, share_weights)
-    work.eval()
-    _disable_kv_cache(work, notes)
-    _decompose_attention(work, notes)
-    if "timm" in sys.modules:  # timm attention through SDPA, LeViT attention substitutes
-        from fxprune.opset.timm_ops import prepare_model
-
-        prepare_model(work, notes)
+    # private copies: running the captured graph must never apply an in-place input update to the caller's tensors
+    args = tuple(a.detach().clone() for a in args)
+    kwargs = {k: v.detach().clone() for k, v in kwargs.items()}
+    work = _prepared_copy(model, share_weights, notes)
     fx_error: TraceError | None = None
     if method in ("auto", "fx"):
         try:
-            gm = trace_fx(work, args, kwargs, leaf_modules)
+            gm, work = _trace_fx_keeping_buffer_updates(model, work, args, kwargs, leaf_modules, share_weights,
+                                                        notes)
         except TraceError as err:
             if method == "fx":
                 raise

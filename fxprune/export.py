@@ -35,6 +35,7 @@ import torch.fx
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
+from fxprune._io import atomic_path, check_writable
 from fxprune.capture import normalize_inputs
 from fxprune.errors import ExportError
 
@@ -411,12 +412,20 @@ def export_onnx(
     if any(e not in _EXPORT_FUNCS for e in order):
         raise ExportError(
             f"ONNX export: unknown exporter {exporter!r}; use 'auto', 'torchscript' or 'dynamo'.")
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise ExportError(f"ONNX export: path must be a file path (str or pathlib.Path) or None, got {path!r:.80}.")
+    target = Path(path) if path is not None else None
+    if target is not None:
+        problem = check_writable(target, "ONNX output")
+        if problem:
+            raise ExportError(f"ONNX export: {problem}.")
     with _eval_mode(model):
         spec = _build_spec(model, example_inputs, dynamic_batch, dynamic_axes)
-        with tempfile.TemporaryDirectory(prefix="fxprune_onnx_") as tmp:
-            file = Path(path) if path is not None else Path(tmp) / "model.onnx"
-            if file.parent and not file.parent.exists():
-                raise ExportError(f"ONNX export: directory {file.parent} does not exist.")
+        # the exporters write into a private directory (next to the target, so the final rename is
+        # atomic); the target is replaced only by a file that exported and checked completely
+        tmp_parent = (target.parent if str(target.parent) else Path(".")) if target is not None else None
+        with tempfile.TemporaryDirectory(prefix=".fxprune_onnx_", dir=tmp_parent) as tmp:
+            file = Path(tmp) / "model.onnx"
             failures: list[_StepFailed] = []
             for name in order:
                 try:
@@ -430,8 +439,22 @@ def export_onnx(
                     logger.warning("ONNX export of %s: %s; exported with the %s exporter instead",
                                    _model_name(model), "; ".join(str(f) for f in failures), name)
                 logger.info("exported %s to ONNX with the %s exporter", _model_name(model), name)
+                if target is not None:
+                    _publish(file, target)
                 return proto
     raise _export_error(model, failures)
+
+
+def _publish(file: Path, target: Path) -> None:
+    """Move the exported ``file`` (and any external-data files beside it) to ``target`` atomically."""
+    try:
+        for extra in sorted(file.parent.iterdir()):
+            if extra != file:  # external data: referenced by relative name, so it goes next to the target
+                os.replace(extra, target.parent / extra.name)
+        with atomic_path(target) as tmp:
+            os.replace(file, tmp)
+    except OSError as err:
+        raise ExportError(f"ONNX export: cannot write {target}: {err}. The previous file, if any, is unchanged.") from err
 
 
 def _export_error(model: nn.Module, failures: list[_StepFailed]) -> ExportError:

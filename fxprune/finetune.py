@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -373,21 +374,54 @@ class _Step:
         return kd if hard is None else (1.0 - self.kd_alpha) * hard + self.kd_alpha * kd
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
 def _check_args(
-    epochs: int, max_steps: int | None, optimizer: Any, schedule: str, kd_alpha: float, kd_temperature: float
+    model: Any, epochs: Any, max_steps: Any, optimizer: Any, schedule: Any, kd_alpha: Any, kd_temperature: Any, *,
+    lr: Any = None, weight_decay: Any = None, batch_size: Any = 64, grad_clip: Any = None, seed: Any = 0,
+    teacher: Any = None, loss_fn: Any = None, log: Any = None, device: Any = None,
 ) -> None:
-    if epochs < 1:
-        raise ConfigError(f"epochs must be >= 1, got {epochs}")
-    if max_steps is not None and max_steps < 1:
-        raise ConfigError(f"max_steps must be >= 1 or None, got {max_steps}")
+    """Every option, checked before the model is touched (no raw torch errors, no silent NaN runs)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"finetune needs an nn.Module, got {type(model).__name__}")
+    if not _is_int(epochs) or epochs < 1:
+        raise ConfigError(f"epochs must be an int >= 1, got {epochs!r}")
+    if max_steps is not None and (not _is_int(max_steps) or max_steps < 1):
+        raise ConfigError(f"max_steps must be an int >= 1 or None, got {max_steps!r}")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if lr is not None and not (_is_real(lr) and lr > 0):
+        raise ConfigError(f"lr must be a finite number > 0, got {lr!r}")
+    if weight_decay is not None and not (_is_real(weight_decay) and weight_decay >= 0):
+        raise ConfigError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if grad_clip is not None and not (_is_real(grad_clip) and grad_clip > 0):
+        raise ConfigError(f"grad_clip must be a finite number > 0 or None, got {grad_clip!r}")
+    if not _is_int(seed):
+        raise ConfigError(f"seed must be an int, got {seed!r}")
     if not callable(optimizer) and optimizer not in OPTIMIZERS:
         raise ConfigError(f"optimizer must be one of {OPTIMIZERS} or a callable(params), got {optimizer!r}")
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if not 0.0 <= kd_alpha <= 1.0:
-        raise ConfigError(f"kd_alpha must be in [0, 1], got {kd_alpha}")
-    if kd_temperature is not None and kd_temperature <= 0:
-        raise ConfigError(f"kd_temperature must be > 0, got {kd_temperature}")
+    if not (_is_real(kd_alpha) and 0.0 <= kd_alpha <= 1.0):
+        raise ConfigError(f"kd_alpha must be a number in [0, 1], got {kd_alpha!r}")
+    if kd_temperature is not None and not (_is_real(kd_temperature) and kd_temperature > 0):
+        raise ConfigError(f"kd_temperature must be a finite number > 0 or None, got {kd_temperature!r}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise ConfigError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
+    for name, fn in (("loss_fn", loss_fn), ("log", log)):
+        if fn is not None and not callable(fn):
+            raise ConfigError(f"{name} must be callable or None, got {type(fn).__name__}")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (TypeError, RuntimeError) as err:
+            raise ConfigError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from err
 
 
 def finetune(
@@ -443,7 +477,9 @@ def finetune(
         DataError: empty data, batches that do not fit the model, or no training signal.
         FxpruneError: the loss became NaN or infinite.
     """
-    _check_args(epochs, max_steps, optimizer, schedule, kd_alpha, kd_temperature)
+    _check_args(model, epochs, max_steps, optimizer, schedule, kd_alpha, kd_temperature, lr=lr,
+                weight_decay=weight_decay, batch_size=batch_size, grad_clip=grad_clip, seed=seed, teacher=teacher,
+                loss_fn=loss_fn, log=log, device=device)
     opts = _Options(
         teacher=teacher,
         epochs=epochs,
@@ -522,9 +558,15 @@ def _run(model: nn.Module, train_data: Any, ctx: _Dist, opts: _Options) -> Finet
     quiet = not opts.progress or ctx.rank != 0
     bar = tqdm(total=total, desc="finetune", unit="step", disable=True if quiet else None)  # None: TTY only
     start = time.perf_counter()
+    snapshot = _snapshot(model)
     try:
         net.train()
         _loop(step, source, opt, sched, result, bar, opts)
+        _check_finite(model, result)
+    except _NonFinite as err:
+        _restore(snapshot)
+        raise FxpruneError(f"{err} The model was restored to its weights before fine-tuning; lower the learning "
+                           "rate or set grad_clip.") from None
     finally:
         bar.close()
         model.eval()
@@ -542,6 +584,29 @@ def _run(model: nn.Module, train_data: Any, ctx: _Dist, opts: _Options) -> Finet
         last,
     )
     return result
+
+
+class _NonFinite(Exception):
+    """The loss or the weights became NaN or infinite."""
+
+
+def _snapshot(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of every parameter and buffer, to undo a run that diverged."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return [(t, t.detach().clone()) for t in tensors.values()]
+
+
+def _restore(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for tensor, saved in snapshot:
+            tensor.copy_(saved)
+
+
+def _check_finite(model: nn.Module, result: FinetuneResult) -> None:
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise _NonFinite(f"finetune: after {result.steps} step(s) the weights are NaN or infinite "
+                         f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}).")
 
 
 def _sync_buffers(model: nn.Module, world_size: int) -> None:
@@ -574,16 +639,18 @@ def _optimizer_step(
     """One forward/backward/update; returns the loss and the learning rate it used."""
     loss = step.loss(item, index)
     if not torch.isfinite(loss):
-        raise FxpruneError(
-            f"finetune: the loss became {loss.item()} at step {index}; "
-            "lower the learning rate or set grad_clip"
-        )
+        raise _NonFinite(f"finetune: the loss became {loss.item()} at step {index}.")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
     lr = float(opt.param_groups[0]["lr"])
-    opt.step()
+    try:
+        opt.step()
+    except RuntimeError as err:  # a learning rate beyond the parameters' dtype range
+        if "overflow" not in str(err):
+            raise
+        raise _NonFinite(f"finetune: the optimiser step overflowed at step {index} (lr {lr:g}: {err}).") from None
     sched.step()
     return float(loss.detach()), lr
 

@@ -7,12 +7,15 @@ rounds, recorded conditions):
   model to ONNX in memory, time them interleaved, record the numbers in ``result.report.latency``
   and warn when latency did not follow MACs, with the likely reasons (kept channel counts off the
   CPU's NCHWc block, depthwise convs with such counts, a busy machine);
-* :func:`compile_to_latency` (``fxprune.compile(..., latency_budget="20ms")``): calibrate the
-  measured-latency cost model (:mod:`fxprune.cost_models.latency`: the pipeline's own plans at a
-  few MAC budgets, timed interleaved with the original, cached on disk), pick the MAC budget the
-  model predicts for the latency budget, then **verify by measurement** and tighten (bisection on
-  the MAC budget, the model refitted with every measurement) until the measured median is at or
-  under the budget. The returned model is one that was measured under the budget.
+* :func:`compile_to_latency` (``fxprune.compile(..., latency_budget="20ms", target=...)``): by
+  default (``allocation="latency"``) channels are allocated by the per-layer latency model measured
+  on the target (:mod:`fxprune.latency_alloc`, :mod:`fxprune.cost_models.latency_table`), on ONNX
+  Runtime or PyTorch (:mod:`fxprune.runtimes`). With ``allocation="macs"`` the MAC allocation is
+  kept and its MAC budget is searched instead: calibrate the latency(MACs) curve
+  (:mod:`fxprune.cost_models.latency`: the pipeline's own plans at a few MAC budgets, timed
+  interleaved with the original, cached on disk), pick the MAC budget the curve predicts for the
+  latency budget, then tighten (bisection on the MAC budget). Either way the result is **verified
+  by measurement**: the returned model is one that was measured at or under the budget.
 
 Budgets: ``"20ms"``, ``"500us"``, ``12.5`` (milliseconds) or ``"60%"`` of the original's median
 measured *in the same interleaved run* as the candidate (so a machine that slows down slows both).
@@ -60,7 +63,7 @@ from fxprune.cost_models.latency import (
     Timing,
     graph_fingerprint,
 )
-from fxprune.errors import BandUnreachableError, BenchmarkError, BudgetUnreachableError
+from fxprune.errors import BandUnreachableError, BenchmarkError, BudgetUnreachableError, InvalidBudgetError
 
 __all__ = [
     "LATENCY_SCHEMA",
@@ -261,9 +264,18 @@ class LatencyOptions:
     (None: physical cores), ``opt_level`` ("all"), ``batch`` (1), ``warmup``, ``rounds``,
     ``runs_per_round``, ``dims``.
 
+    Allocation (``allocation``): ``"latency"`` (default) allocates channels by the per-group
+    latency model measured on the target (``fxprune.latency_alloc``): ``max_points`` candidate
+    widths per group, ``plateau_tol`` (a width is dropped when a larger one is at most this
+    fraction of the model slower), ``fit_fractions`` (uniform plans timed whole to fit the model's
+    fixed part and scale), ``cuda_graphs`` / ``channels_last`` (PyTorch targets), ``runtime`` (a
+    ``fxprune.runtimes.Runtime`` replacing the target's, e.g. ``FakeRuntime`` in tests).
+    ``"macs"`` keeps the MAC allocation and bisects the MAC budget on a measured latency(MACs)
+    curve (the baseline the latency allocation is compared with).
+
     Search settings:
-        calibration: MAC fractions of the original timed to calibrate the model (the original and
-            the smallest reachable model are always timed too).
+        calibration: (``allocation="macs"``) MAC fractions of the original timed to calibrate the
+            curve (the original and the smallest reachable model are always timed too).
         max_verify: most verification measurements after the calibration.
         margin: aim this fraction under the budget (room for measurement noise).
         slack: stop once a verified model is within this fraction under the budget.
@@ -287,6 +299,13 @@ class LatencyOptions:
     cache: bool = True
     cache_dir: str | None = None
     timer: Any = None
+    allocation: str = "latency"
+    max_points: int = 12
+    plateau_tol: float = 0.002
+    fit_fractions: tuple[float, ...] = (0.75, 0.5, 0.3)
+    cuda_graphs: bool = True
+    channels_last: bool | None = None
+    runtime: Any = None
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> "LatencyOptions":
@@ -304,6 +323,19 @@ class LatencyOptions:
         if not (0 <= opts.margin < 0.5 and 0 < opts.slack < 1):
             raise BenchmarkError(f"latency options need 0 <= margin < 0.5 and 0 < slack < 1, got "
                                  f"margin={opts.margin!r}, slack={opts.slack!r}")
+        if opts.allocation not in ("latency", "macs"):
+            raise BenchmarkError(f"latency option allocation must be 'latency' or 'macs', got {opts.allocation!r}")
+        if opts.allocation == "latency" and opts.timer is not None and not hasattr(opts.timer, "time_units"):
+            raise BenchmarkError("latency option timer= is the whole-model timer of allocation='macs'; the default "
+                                 "allocation='latency' also times layers: pass runtime=fxprune.runtimes.Runtime "
+                                 "(e.g. FakeRuntime) instead, or allocation='macs'")
+        if opts.allocation == "latency" and opts.timer is not None and opts.runtime is None:
+            opts.runtime = opts.timer
+        if not isinstance(opts.max_points, int) or opts.max_points < 2:
+            raise BenchmarkError(f"latency option max_points must be an int >= 2, got {opts.max_points!r}")
+        opts.fit_fractions = tuple(float(f) for f in opts.fit_fractions)
+        if any(not 0 < f < 1 for f in opts.fit_fractions):
+            raise BenchmarkError(f"latency option fit_fractions must be fractions in (0, 1), got {opts.fit_fractions}")
         opts.bench_config()  # validates the benchmark settings now, not after minutes of work
         return opts
 
@@ -342,6 +374,7 @@ class OrtTimer:
         self.config = config
         self.warnings: list[str] = []
         self.environment: dict[str, Any] = {}
+        self.round_min: list[float] = []
         self.exports = 0
 
     def settings(self) -> dict[str, Any]:
@@ -351,15 +384,34 @@ class OrtTimer:
         if candidate.payload is None:
             from fxprune.export import export_onnx
 
-            candidate.payload = export_onnx(candidate.model, self.example_inputs).SerializeToString()
+            proto = export_onnx(candidate.model, self.example_inputs)
+            self._example_dims(proto)
+            candidate.payload = proto.SerializeToString()
             self.exports += 1
         return candidate.payload
+
+    def _example_dims(self, proto: Any) -> None:
+        """Sizes of symbolic non-batch input dims (a dynamic sequence axis) taken from the example
+        inputs, unless the configuration gives them: the model is timed at the shape it was compiled at."""
+        import torch
+
+        tensors = [x for x in self.example_inputs if isinstance(x, torch.Tensor)]
+        dims = dict(self.config.dims)
+        for value, example in zip(proto.graph.input, tensors):
+            for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+                if axis and dim.dim_param and dim.dim_param not in dims and axis < example.dim():
+                    dims[dim.dim_param] = int(example.shape[axis])
+        if dims != dict(self.config.dims):
+            self.config = dataclasses.replace(self.config, dims=dims)
 
     def measure(self, candidates: Sequence[Candidate]) -> list[Timing]:
         labels = [c.label if i == 0 else f"{i}:{c.label}" for i, c in enumerate(candidates)]
         report = benchmark([self.onnx(c) for c in candidates], self.config, labels=labels)
         self.warnings = list(report.warnings)
         self.environment = dict(report.environment)
+        # the fastest round's median per candidate: what a passing burst of load on a shared machine
+        # does not inflate (the latency model's calibration fits these; budgets use the medians)
+        self.round_min = [min(report.result(label).round_medians_ms) for label in labels]
         return [Timing(report.result(label).median_ms, report.result(label).p90_ms) for label in labels]
 
 
@@ -378,9 +430,11 @@ def benchmark_result(result: Any, config: BenchConfig | None = None, **options: 
 
     Args:
         result: a ``CompileResult``.
-        config: benchmark settings; default ``BenchConfig()`` (CPU, batch 1, physical cores).
+        config: benchmark settings; default ``BenchConfig()`` (ONNX Runtime CPU, batch 1, physical cores).
         **options: ``BenchConfig`` fields overriding ``config`` (``threads=1``, ``opt_level=...``,
-            ``batch_sizes=(1, 8)``, ``rounds=...``).
+            ``batch_sizes=(1, 8)``, ``rounds=...``; ``runtime="torch-cuda"``, ``dtype="fp16"``,
+            ``cuda_graphs=True``, ``channels_last=True`` to time the GraphModules with PyTorch).
+            ``report.latency["rows"]`` has every batch size with its throughput (items/s).
 
     Returns:
         The :class:`fxprune.bench.Comparison` (first batch size in the scalar properties).
@@ -400,18 +454,31 @@ def benchmark_result(result: Any, config: BenchConfig | None = None, **options: 
         if unknown:
             raise BenchmarkError(f"unknown benchmark option(s) {unknown}; known: {sorted(known)}")
         config = dataclasses.replace(config, **options)
-    with progress.stage("ONNX export (original and pruned)"):
-        original = export_onnx(result.original, result.example_inputs)
-        pruned = export_onnx(result.model, result.example_inputs)
-    comparison = compare(original, pruned, config, labels=("original", "pruned"))
+    if config.runtime == "torch":  # PyTorch times the GraphModules themselves: no export
+        comparison = compare(result.original, result.model, config, labels=("original", "pruned"),
+                             inputs=result.example_inputs)
+        env = comparison.report.environment
+        settings = {"provider": config.target, "threads": env.get("threads"), "opt_level": None,
+                    "batch": config.batch_sizes[0], "dtype": config.dtype,
+                    "cuda_graphs": env.get("cuda_graphs_used"), "channels_last": config.channels_last,
+                    "device": env.get("device"), "torch_version": env.get("torch_version"),
+                    "cpu_model": env.get("cpu_model")}
+    else:
+        with progress.stage("ONNX export (original and pruned)"):
+            original = export_onnx(result.original, result.example_inputs)
+            pruned = export_onnx(result.model, result.example_inputs)
+        comparison = compare(original, pruned, config, labels=("original", "pruned"))
+        settings = _settings(comparison.report.config)
     row = comparison.rows[0]
     record = latency_record(
         Timing(row.median_a_ms, row.p90_a_ms), Timing(row.median_b_ms, row.p90_b_ms),
-        macs=result.macs, base_macs=result.base_macs, settings=_settings(comparison.report.config),
+        macs=result.macs, base_macs=result.base_macs, settings=settings,
         environment=comparison.report.environment, bench_warnings=comparison.report.warnings,
     )
-    if len(comparison.rows) > 1:
-        record["rows"] = [dataclasses.asdict(r) for r in comparison.rows]
+    record["target"] = config.target
+    record["dtype"] = config.dtype
+    record["rows"] = [dict(dataclasses.asdict(r), original_items_per_s=r.batch * 1000.0 / r.median_a_ms,
+                           pruned_items_per_s=r.batch * 1000.0 / r.median_b_ms) for r in comparison.rows]
     _diagnose(result, record)
     result.report.latency = {**(result.report.latency or {}), **record}
     return comparison
@@ -653,6 +720,10 @@ def compile_to_latency(
     capture: str = "auto",
     leaf_modules: Sequence[type] = (),
     options: Mapping[str, Any] | None = None,
+    mac_budget: Any = None,
+    target: str | None = None,
+    dtype: Any = None,
+    batch_size: int | None = None,
 ):
     """``fxprune.compile`` to a measured-latency budget; returns a ``CompileResult``.
 
@@ -670,6 +741,30 @@ def compile_to_latency(
 
     parse_latency_budget(latency_budget, base_ms=1.0)  # reject a malformed budget before any work
     opts = LatencyOptions.from_mapping(options)
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidBudgetError(f"batch_size must be a positive int, got {batch_size!r}")
+        opts.batch = batch_size
+    if target is not None or dtype is not None:
+        from fxprune.runtimes import parse_dtype, parse_target
+
+        runtime_kind, _ = parse_target(target or "ort-cpu")
+        if runtime_kind == "ort" and dtype is not None and parse_dtype(dtype) != "fp32":
+            raise InvalidBudgetError(f"target {target or 'ort-cpu'} times fp32 ONNX models; dtype={dtype!r} is for "
+                                     "target='torch-cuda' or 'torch-cpu'")
+    if opts.allocation == "latency":
+        from fxprune.latency_alloc import compile_latency_driven
+
+        settings = dict(policy=policy, tolerance=tolerance, channel_multiple=channel_multiple,
+                        min_keep_ratio=min_keep_ratio, importance=importance, evaluate=evaluate,
+                        calibration_data=calibration_data, seed=seed, verify=verify, policy_options=policy_options)
+        return compile_latency_driven(model, example_inputs, latency_budget=latency_budget, mac_budget=mac_budget,
+                                      target=target, dtype=dtype, batch_size=opts.batch, options=opts,
+                                      settings=settings, ignore=ignore, capture=capture, leaf_modules=leaf_modules,
+                                      calibration_data=calibration_data, loss_fn=loss_fn)
+    if mac_budget is not None:
+        raise InvalidBudgetError("allocation='macs' searches the MAC budget that meets the latency budget; it "
+                                 "cannot take mac_budget as well (use the default allocation='latency')")
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -685,8 +780,20 @@ def compile_to_latency(
                 f"latency budget {latency_budget!r}: nothing in this model can be pruned, so no model faster than "
                 "the original can be built", min_macs=session.base_macs, budget=math.nan)
         builder = _Builder(model, session, start, settings)
-        timer = opts.timer if opts.timer is not None else OrtTimer(session.captured.inputs, opts.bench_config())
-        original = Candidate("original", session.base_macs, session.gm)
+        if opts.timer is not None:
+            timer = opts.timer
+        elif opts.runtime is not None:
+            timer = opts.runtime
+        elif target is not None and target != "ort-cpu":
+            from fxprune.runtimes import make_runtime
+
+            timer = make_runtime(target, dtype=dtype or "fp32", batch=opts.batch, example_inputs=session.captured.inputs,
+                                 threads=opts.threads, opt_level=opts.opt_level, cuda_graphs=opts.cuda_graphs,
+                                 channels_last=opts.channels_last, warmup=opts.warmup, rounds=opts.rounds,
+                                 runs_per_round=opts.runs_per_round, dims=dict(opts.dims))
+        else:
+            timer = OrtTimer(session.captured.inputs, opts.bench_config())
+        original = Candidate("original", session.base_macs, session.deployed_original())
         key = {
             "schema": 1,
             "graph": graph_fingerprint(session.gm, session.captured.inputs),
@@ -714,7 +821,7 @@ def compile_to_latency(
             report = _new_report(model, session, policy, importance, latency_budget, session.base_macs,
                                  tolerance, channel_multiple, seed)
             report.notes.append("latency budget at or above the original's measured latency: model returned unchanged")
-            result = _result(session, session.gm, session.base_macs, report, {}, start)
+            result = _result(session, session.owned_original(), session.base_macs, report, {}, start)
         else:
             result = builder.results[int(found.chosen.macs)]
             result.report.timings["total"] = time.perf_counter() - start

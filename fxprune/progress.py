@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any, Iterable, Iterator
 
-__all__ = ["bar", "stage", "enabled", "set_enabled", "disabled"]
+__all__ = ["bar", "stage", "enabled", "set_enabled", "disabled", "status_enabled"]
 
 _enabled: bool | None = None  # None: decide from the environment and the terminal
 
@@ -32,6 +32,14 @@ def enabled() -> bool:
     if os.environ.get("FXPRUNE_PROGRESS", "").strip().lower() in ("0", "false", "no", "off"):
         return False
     return _stderr_is_tty()
+
+
+def status_enabled() -> bool:
+    """Whether one-line status messages (a long wait starting, a fallback) go to stderr: unless progress
+    is switched off, also when stderr is not a terminal (they are lines, not redrawn bars)."""
+    if _enabled is not None:
+        return _enabled
+    return os.environ.get("FXPRUNE_PROGRESS", "").strip().lower() not in ("0", "false", "no", "off")
 
 
 @contextlib.contextmanager

@@ -75,14 +75,20 @@ class Report:
         return (self.macs - self.budget_macs) / self.budget_macs if self.budget_macs else 0.0
 
     @property
+    def unchanged(self) -> bool:
+        """The budget is at or above the original's MACs: the model was returned unchanged."""
+        return bool(self.base_macs) and self.budget_macs >= self.base_macs and self.macs == self.base_macs
+
+    @property
     def in_band(self) -> bool:
-        return self.lower_macs <= self.macs <= self.budget_macs
+        return self.lower_macs <= self.macs <= self.budget_macs or self.unchanged
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["schema"] = "fxprune.report/1"
         d["mac_error"] = self.mac_error
         d["in_band"] = self.in_band
+        d["unchanged"] = self.unchanged
         d["macs_ratio"] = self.macs / self.base_macs if self.base_macs else 1.0
         return d
 
@@ -108,11 +114,15 @@ class Report:
         ]
         lines = [f"{'':8s} {'original':>14s} {'pruned':>14s} {'ratio':>8s}"]
         lines += [f"{a:8s} {b:>14s} {c:>14s} {d:>8s}" for a, b, c, d in rows]
-        lines.append(
-            f"budget {format_macs(self.budget_macs)} (band {format_macs(self.lower_macs)} .. {format_macs(self.budget_macs)}, "
-            f"tolerance {self.tolerance:.2%}); achieved {self.mac_error:+.3%} vs budget; "
-            f"{'IN BAND' if self.in_band else 'OUT OF BAND'}"
-        )
+        if self.unchanged:
+            lines.append(f"budget {format_macs(self.budget_macs)} is at or above the original's "
+                         f"{format_macs(self.base_macs)} MACs: model returned unchanged")
+        else:
+            lines.append(
+                f"budget {format_macs(self.budget_macs)} (band {format_macs(self.lower_macs)} .. "
+                f"{format_macs(self.budget_macs)}, tolerance {self.tolerance:.2%}); achieved {self.mac_error:+.3%} "
+                f"vs budget; {'IN BAND' if self.in_band else 'OUT OF BAND'}"
+            )
         return "\n".join(lines)
 
     def stage_table(self, depth: int = 1) -> str:
@@ -132,14 +142,23 @@ class Report:
     def latency_line(self) -> str:
         """One line on the measured latency (``fxprune.latency/1`` record in ``self.latency``)."""
         lat = self.latency or {}
-        line = (f"latency (ONNX Runtime {lat.get('provider')}, batch {lat.get('batch')}, {lat.get('threads')} "
-                f"thread(s), opt {lat.get('opt_level')}): original {lat['original_median_ms']:.3f} ms, pruned "
+        target = str(lat.get("target") or "")
+        if target.startswith("torch"):
+            where = f"{target} {lat.get('dtype')}, batch {lat.get('batch')}"
+        else:
+            where = (f"ONNX Runtime {lat.get('provider')}, batch {lat.get('batch')}, {lat.get('threads')} "
+                     f"thread(s), opt {lat.get('opt_level')}")
+        line = (f"latency ({where}): original {lat['original_median_ms']:.3f} ms, pruned "
                 f"{lat['pruned_median_ms']:.3f} ms median -> {lat['speedup']:.2f}x faster for "
                 f"{lat['mac_reduction']:.2f}x fewer MACs")
         budget = lat.get("budget")
         if budget:
             line += (f"; budget {budget['spec']} = {budget['budget_ms']:.3f} ms "
                      f"{'met' if budget['met'] else 'MISSED'} (calibration cache {budget['cache']})")
+        model = lat.get("model")
+        if isinstance(model, dict) and model.get("median_abs_error") is not None:
+            line += (f"; per-layer latency model: {model.get('units')} units, median prediction error "
+                     f"{model['median_abs_error']:.1%}")
         return line
 
     def __str__(self) -> str:

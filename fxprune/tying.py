@@ -181,8 +181,12 @@ def collapse(problem: PruningProblem, ties: Sequence[Tie]) -> PruningProblem:
     mins = np.array([s.allowed[0] for s in specs], dtype=np.int64)
     min_macs = int(cost(mins[None, :])[0]) if n else problem.base_macs
     fixed = int(cost(np.zeros((1, n), dtype=np.int64))[0]) if n else problem.base_macs
+    # constraints (a latency budget beside a MAC budget) are read through the same matrix
+    constraints = tuple(replace(c, cost=lambda K, f=c.cost: f(np.atleast_2d(np.asarray(K, dtype=np.int64)) @ matrix))
+                        for c in problem.constraints)
     return TiedProblem(tuple(specs), problem.base_macs, problem.budget, problem.lower, min_macs, fixed, cost,
-                       problem.frozen, full=problem, matrix=matrix, ties=tuple(ties))
+                       problem.frozen, unit=problem.unit, constraints=constraints,
+                       full=problem, matrix=matrix, ties=tuple(ties))
 
 
 def apply_layout(problem: PruningProblem, ties: Sequence[Tie] = (), fixed: dict[int, str] | None = None

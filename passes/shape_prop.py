@@ -167,8 +167,11 @@ class ShapePropPass(Pass):
                             f"{getattr(err, 'failed_at', err)}")
             else:
                 note = "shape propagation ran on real tensors (fake=False)"
-            with torch.no_grad(), progress.bar(total=len(gm.graph.nodes), desc="shape propagation (real tensors)",
-                                               unit="node") as bar:
+            from fxprune._buffers import preserve_buffers
+
+            # a forward that updates buffers leaves them as they were (the fake run never touches them)
+            with torch.no_grad(), preserve_buffers(gm), progress.bar(
+                    total=len(gm.graph.nodes), desc="shape propagation (real tensors)", unit="node") as bar:
                 out = _Recorder(gm, fake=False, bar=bar).run(*self.inputs)
         finally:
             gm.train(was_training)

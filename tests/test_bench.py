@@ -260,6 +260,7 @@ def test_json_schema(conv_files):
     assert data["schema"] == SCHEMA == "fxprune.bench/1"
     assert set(data) == {"schema", "config", "environment", "warnings", "results"}
     assert data["config"] == {
+        "runtime": "ort", "dtype": "fp32", "cuda_graphs": False, "channels_last": False,
         "provider": "cpu", "threads": 1, "opt_level": "all", "batch_sizes": [1, 2], "warmup": 1,
         "rounds": 2, "runs_per_round": 3, "dims": {}, "seed": 0,
     }
@@ -267,7 +268,7 @@ def test_json_schema(conv_files):
     for key in ("onnxruntime_version", "provider_used", "cpu_model", "started_at"):
         assert isinstance(data["environment"][key], str)
     assert len(data["results"]) == 4
-    float_keys = ("median_ms", "p90_ms", "mean_ms", "stdev_ms", "min_ms", "max_ms", "speedup_vs_first")
+    float_keys = ("median_ms", "p90_ms", "mean_ms", "stdev_ms", "min_ms", "max_ms", "speedup_vs_first", "items_per_s")
     for result in data["results"]:
         assert set(result) == {
             "label", "source", "batch", "n", "round_medians_ms", "inputs", "outputs", *float_keys,

@@ -425,7 +425,7 @@ def test_compile_to_latency_with_fake_timer_and_cache(tiny, tmp_path):
     model, x, base = tiny
     fn = linear(base)
     timer = FakeTimer(fn)
-    opts = {"timer": timer, "cache_dir": str(tmp_path)}
+    opts = {"timer": timer, "cache_dir": str(tmp_path), "allocation": "macs"}
     res = fxprune.compile(model, (x,), latency_budget="6ms", latency_options=opts)
     assert res.macs < base and fn(res.macs) <= 6.0
     rec = res.report.latency
@@ -458,7 +458,7 @@ def test_compile_to_latency_with_fake_timer_and_cache(tiny, tmp_path):
 def test_compile_to_latency_unreachable_and_unchanged(tiny, tmp_path):
     model, x, base = tiny
     fn = linear(base, fixed=2.0, span=8.0)
-    opts = {"timer": FakeTimer(fn), "cache": False}
+    opts = {"timer": FakeTimer(fn), "cache": False, "allocation": "macs"}
     with pytest.raises(BudgetUnreachableError, match="smallest latency measured") as info:
         fxprune.compile(model, (x,), latency_budget="1.5ms", latency_options=opts)
     assert info.value.min_latency_ms > 1.5
@@ -509,7 +509,7 @@ def test_cli_latency_budget_success_path(model_file, monkeypatch, capsys):
             return super().measure(candidates)
 
     monkeypatch.setattr(lat, "OrtTimer", lambda inputs, config: Relative(None))
-    assert main(["compile", model_file, "--latency-budget", "60%", "--threads", "1"]) == 0
+    assert main(["compile", model_file, "--latency-budget", "60%", "--threads", "1", "--allocation", "macs"]) == 0
     out = capsys.readouterr().out
     assert "latency (ONNX Runtime fake" in out and "budget 60%" in out and "met" in out
 

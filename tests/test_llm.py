@@ -276,3 +276,20 @@ def test_cli_save_pretrained_writes_a_loadable_model(tmp_path, capsys):
     assert sum(p.numel() for p in back.parameters()) < sum(p.numel() for p in orig.parameters())
     with torch.no_grad():
         assert back(**tokens(1, 7)).last_hidden_state.shape[:2] == (1, 7)
+
+
+def test_latency_budget_keeps_the_layer_ties_and_the_hf_class(tmp_path):
+    """A latency budget on a decoder plans over the same per-layer ties as a MAC budget, so the
+    result still rebuilds as its own class (fake runtime: deterministic, no timing)."""
+    from fxprune.runtimes import FakeRuntime
+
+    model = make("qwen2")
+    rt = FakeRuntime(step=8, grid=8, mac_rate=2.5e6)
+    res = fxprune.compile(model, tokens(), latency_budget="70%",
+                          latency_options={"runtime": rt, "cache_dir": str(tmp_path)})
+    assert res.macs < res.base_macs
+    assert any("layer_uniform" in n for n in res.report.notes)
+    hf = res.to_hf()
+    assert type(hf) is type(model)
+    ids = tokens()["input_ids"]
+    assert torch.allclose(hf(input_ids=ids).logits, res.model(**tokens()).logits, atol=1e-4)

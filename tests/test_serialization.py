@@ -370,30 +370,30 @@ def first_node(manifest: dict, op: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "path, why",
+    "path",
     [
-        ("os:system", "outside the allow-list"),
-        ("subprocess:run", "outside the allow-list"),
-        ("builtins:eval", "builtin other than getattr"),
-        ("torch:load", "read or write files"),
-        ("torch.hub:load", "read or write files"),
-        ("torchvision.io:read_file", "read or write files"),
-        ("operator:methodcaller", "read or write files"),
-        ("torch.nn.functional:torch.load", "read or write files"),
-        ("torch._ops:_Ops.load_library", "read or write files"),
-        ("torch.nn.functional:torch.relu", "names a module"),
-        ("torchvision.models.resnet:__builtins__", "plain module-level name"),
-        ("fxprune.serialization:json.dumps", "names a module"),
+        "os:system",
+        "subprocess:run",
+        "builtins:eval",
+        "torch:load",
+        "torch.hub:load",
+        "torchvision.io:read_file",
+        "operator:methodcaller",
+        "torch.nn.functional:torch.load",
+        "torch._ops:_Ops.load_library",
+        "torch.nn.functional:torch.relu",
+        "torchvision.models.resnet:__builtins__",
+        "fxprune.serialization:json.dumps",
     ],
 )
-def test_refuses_functions_outside_the_allow_list(small_file, tmp_path, path, why):
+def test_refuses_functions_outside_the_allow_list(small_file, tmp_path, path):
     def edit(manifest):
         first_node(manifest, "call_function")["target"] = {"$": "ref", "path": path}
 
     bad = rewrite_manifest(small_file, tmp_path / "bad.fxp", edit)
     with pytest.raises(SerializationError) as info:
         load(bad)
-    assert repr(path) in str(info.value) and re.search(why, str(info.value)), str(info.value)
+    assert repr(path) in str(info.value) and "not on fxprune's allow-list" in str(info.value), str(info.value)
     assert "trusted_prefixes" in str(info.value)
 
 
@@ -449,6 +449,10 @@ def test_missing_non_zip_wrong_format_newer_version_and_corrupt_files(small_file
     other = tmp_path / "other.zip"
     with zipfile.ZipFile(other, "w") as zf:
         zf.writestr("hello.txt", "hi")
+    with pytest.raises(SerializationError, match="unexpected archive member 'hello.txt'"):
+        load(other)
+    with zipfile.ZipFile(other, "w") as zf:
+        zf.writestr("code.py", "print(1)")
     with pytest.raises(SerializationError, match="no manifest.json"):
         load(other)
     with pytest.raises(SerializationError, match="not an fxprune model"):
@@ -463,7 +467,7 @@ def test_missing_non_zip_wrong_format_newer_version_and_corrupt_files(small_file
     broken = tmp_path / "broken.fxp"
     with zipfile.ZipFile(small_file) as zin, zipfile.ZipFile(broken, "w") as zout:
         zout.writestr("manifest.json", zin.read("manifest.json")[:-10])
-        zout.writestr("tensors.pt", zin.read("tensors.pt"))
+        zout.writestr("tensors.safetensors", zin.read("tensors.safetensors"))
     with pytest.raises(SerializationError, match="manifest.json is corrupt"):
         load(broken)
 
@@ -472,30 +476,52 @@ class NotATensor:
     pass
 
 
-def test_tensor_file_is_never_unpickled(small_file, tmp_path, monkeypatch):
-    # a tensors.pt holding an arbitrary object is refused by weights_only loading
-    evil = tmp_path / "evil.fxp"
+def legacy_file(src: Path, dst: Path, tensors: dict) -> Path:
+    """A format-version-1 file (tensors in tensors.pt, written by torch.save) with ``src``'s manifest."""
     import io
 
     buf = io.BytesIO()
-    torch.save({"x": NotATensor()}, buf)
-    with zipfile.ZipFile(small_file) as zin, zipfile.ZipFile(evil, "w") as zout:
-        zout.writestr("manifest.json", zin.read("manifest.json"))
+    torch.save(tensors, buf)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        manifest = json.loads(zin.read("manifest.json"))
+        manifest["format_version"] = 1
+        zout.writestr("manifest.json", json.dumps(manifest))
         zout.writestr("tensors.pt", buf.getvalue())
-    with pytest.raises(SerializationError, match="tensors.pt"):
-        load(evil)
-    # every torch.load call passes weights_only=True
+    return dst
+
+
+def test_tensors_are_safetensors_and_nothing_is_unpickled(small_file, tmp_path, monkeypatch):
+    from safetensors.torch import load as st_load
+
+    with zipfile.ZipFile(small_file) as zf:
+        info = zf.getinfo("tensors.safetensors")
+        assert info.compress_type == zipfile.ZIP_STORED
+        stored = st_load(zf.read("tensors.safetensors"))
+    model = load(small_file)
+    assert torch.equal(stored["fc1.weight"], model.fc1.weight)
+    # loading a version-2 file never calls torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
+    load(small_file)
+    monkeypatch.undo()
+    # version-1 files (tensors.pt) still load, with weights_only=True ...
+    with zipfile.ZipFile(small_file) as zf:
+        tensors = st_load(zf.read("tensors.safetensors"))
+    old = legacy_file(small_file, tmp_path / "old.fxp", tensors)
     calls = []
     real_load = torch.load
 
     def checked_load(*args, **kwargs):
         calls.append(kwargs.get("weights_only"))
-        assert kwargs.get("weights_only") is True
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", checked_load)
-    load(small_file)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(load(old)(x), model(x))
     assert calls == [True]
+    # ... and a tensors.pt holding an arbitrary object is refused by weights_only loading
+    with pytest.raises(SerializationError, match="tensors.pt"):
+        load(legacy_file(small_file, tmp_path / "evil.fxp", {"x": NotATensor()}))
     source = Path(serialization.__file__).read_text()
     assert "weights_only=False" not in source
     assert not re.search(r"^\s*(import|from)\s+(pickle|dill|cloudpickle)\b", source, re.M)
@@ -526,25 +552,124 @@ def test_save_refuses_unserialisable_attributes_and_hooks(tmp_path):
 
 def test_file_layout(small_file):
     with zipfile.ZipFile(small_file) as zf:
-        assert sorted(zf.namelist()) == ["code.py", "manifest.json", "tensors.pt"]
+        assert sorted(zf.namelist()) == ["code.py", "manifest.json", "tensors.safetensors"]
         manifest = json.loads(zf.read("manifest.json"))
-    assert manifest["format"] == "fxprune.model" and manifest["format_version"] == 1
+    assert manifest["format"] == "fxprune.model" and manifest["format_version"] == 2
     assert manifest["torch_version"] == str(torch.__version__)
     assert manifest["root"]["kind"] == "graph_module" and manifest["root"]["class_name"] == "TinyUserNet"
     ops = {n["op"] for n in manifest["root"]["graph"]["nodes"]}
     assert {"placeholder", "call_module", "call_function", "get_attr", "output"} <= ops
 
 
-def test_spec_types_import_only_allow_listed_libraries(tmp_path, monkeypatch):
-    """A saved output spec may name a type; only transformers/timm/torchvision modules get imported."""
-    import json as _json
-
-    from fxprune.serialization import _import_spec_types
+def test_spec_types_are_never_imported_from_the_file(tmp_path, monkeypatch):
+    """A saved pytree spec may name a type or an enum; nothing outside the allow-list is imported."""
+    from fxprune.serialization import _load_spec
 
     marker = tmp_path / "imported"
     (tmp_path / "fxprune_probe_mod.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    spec = _json.dumps([1, {"type": "fxprune_probe_mod.Thing", "context": "null", "children_spec": []}])
-    _import_spec_types(spec)
-    assert not marker.exists()
-    _import_spec_types("{not json")  # a corrupt spec is left to treespec_loads to report
+    leaf = {"type": None, "context": None, "children_spec": []}
+    for spec in (
+        [1, {"type": "fxprune_probe_mod.Thing", "context": "null", "children_spec": []}],
+        [1, {"type": "collections.defaultdict", "context": json.dumps({
+            "default_factory_module": "fxprune_probe_mod", "default_factory_name": "x", "dict_context": []}),
+            "children_spec": []}],
+        [1, {"type": "builtins.dict", "context": json.dumps(
+            [{"__enum__": True, "fqn": "fxprune_probe_mod:E", "name": "A"}]), "children_spec": [leaf]}],
+    ):
+        with pytest.raises(SerializationError, match="refusing"):
+            _load_spec(json.dumps(spec))
+    assert not marker.exists() and "fxprune_probe_mod" not in sys.modules
+    with pytest.raises(SerializationError, match="corrupt"):
+        _load_spec("{not json")
+    ok = _load_spec(json.dumps([1, {"type": "builtins.dict", "context": '["a"]', "children_spec": [leaf]}]))
+    assert ok.type is dict and ok.context == ["a"]
+
+
+# ------------------------------------------------------------------------ the allow-list covers real graphs
+
+def _collector():
+    import importlib.util
+
+    path = REPO / "tools" / "collect_graph_targets.py"
+    spec = importlib.util.spec_from_file_location("_fxprune_tools_collect_graph_targets", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _assert_round_trip(gm: torch.fx.GraphModule, x, tmp_path: Path, collector) -> None:
+    from collections import defaultdict
+
+    names: dict[str, set[str]] = defaultdict(set)
+    collector.collect_model(gm, names)
+    gaps = collector.missing(names)
+    gaps.pop("annotation", None)  # unknown type annotations are dropped on load (cosmetic)
+    assert not any(gaps.values()), gaps
+    loaded = round_trip(gm, tmp_path)
+    with torch.no_grad():
+        want, got = gm(*x), loaded(*x)
+    assert torch.equal(want, got)
+
+
+ZOO_COMPILE = ["resnet18", "mobilenet_v3_small", "vit_tiny", "swin_tiny"]
+
+
+@pytest.mark.parametrize("name", ZOO_COMPILE)
+def test_compiled_zoo_models_round_trip_through_the_allow_list(name, tmp_path):
+    import fxprune
+
+    builder, shape, _, _ = MODELS[name]
+    torch.manual_seed(0)
+    model, x = builder().eval(), (torch.randn(*shape),)
+    res = fxprune.compile(model, x, mac_budget="50%", tolerance=0.05)
+    collector = _collector()
+    _assert_round_trip(res.original, x, tmp_path, collector)
+    _assert_round_trip(res.model, x, tmp_path, collector)
+
+
+def test_tiny_zoo_and_stock_transformers_round_trip_through_the_allow_list(tmp_path):
+    import fxprune
+    from fxprune.testing.zoo import TINY_MODELS, tiny_model
+
+    collector = _collector()
+    for name in TINY_MODELS:
+        model, x = tiny_model(name)
+        _assert_round_trip(fxprune.capture(model, x).gm, x, tmp_path, collector)
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2,
+                                enable_nested_tensor=False).eval()
+    x = (torch.randn(2, 5, 32),)
+    res = fxprune.compile(enc, x, mac_budget="50%", tolerance=0.05)
+    _assert_round_trip(res.model, x, tmp_path, collector)
+
+
+def test_layer_hyper_parameters_are_checked_against_the_tensors(small_file, tmp_path):
+    def edit(manifest):
+        conv = next(c for c in manifest["root"]["children"] if c["name"] == "conv")["module"]
+        conv["attributes"]["out_channels"] = 9
+
+    with pytest.raises(SerializationError, match=r"weight has the shape \(8, 3, 3, 3\), but the layer's "
+                                                 r"hyper-parameters say \(9, 3, 3, 3\)"):
+        load(rewrite_manifest(small_file, tmp_path / "bad.fxp", edit))
+
+
+def test_module_names_that_are_not_identifiers_round_trip(tmp_path):
+    """torchvision's RegNet names its blocks 'block1-0'; torch.fx writes getattr(..., "block1-0")."""
+    model = tvm.regnet_y_400mf(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    gm = capture(model, x).gm
+    assert any("-" in name for name, _ in gm.named_modules())
+    loaded = round_trip(gm, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(gm(x), loaded(x))
+
+
+@pytest.mark.parametrize("name", ['a"+print(1)+"b', "a\\\\b", "a b", "__class__", ""])
+def test_member_names_that_could_leave_a_string_literal_are_refused(small_file, tmp_path, name):
+    def edit(manifest):
+        manifest["root"]["children"][0]["name"] = name
+
+    with pytest.raises(SerializationError, match="refusing to load"):
+        load(rewrite_manifest(small_file, tmp_path / "bad.fxp", edit))

@@ -1,10 +1,17 @@
-"""``fxprune bench``: time ONNX models on ONNX Runtime, interleaved, and print a table or JSON.
+"""``fxprune bench``: time models interleaved and print a table (latency and items/s) or JSON.
+
+ONNX files run on ONNX Runtime (``--runtime ort-cpu``, the default, or ``ort-cuda``); PyTorch models
+run on PyTorch (``--runtime torch-cuda`` or ``torch-cpu``): model specs (``torchvision:resnet50``,
+``timm:NAME``, ``file.py:factory``) or ``.fxp`` files saved by ``fxprune.save`` (give
+``--input-shape``).
 
 Examples::
 
     fxprune bench resnet50.onnx resnet50_pruned.onnx --batch-sizes 1,8 --threads 2
     fxprune bench bert.onnx --dim sequence=128 --json            # JSON on stdout, no table
     fxprune bench a.onnx b.onnx --json results.json              # table on stdout, JSON to the file
+    fxprune bench torchvision:resnet50 pruned.fxp --runtime torch-cuda --dtype fp16 --cuda-graphs \
+        --batch-sizes 1,64,256 --input-shape 1,3,224,224          # a batch sweep with throughput
 """
 
 from __future__ import annotations
@@ -35,7 +42,17 @@ def register(sub) -> None:
             "batch size, and the speed-up against the first model."
         ),
     )
-    p.add_argument("models", nargs="+", metavar="MODEL.onnx", help="ONNX files; the first is the reference")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="ONNX files (ONNX Runtime) or, with a torch runtime, model specs / .fxp files; "
+                        "the first is the reference")
+    p.add_argument("--runtime", choices=("ort-cpu", "ort-cuda", "ort-trt", "torch-cpu", "torch-cuda"), default=None,
+                   help="where to time (default: ONNX Runtime with --provider)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="torch runtimes: precision of weights and inputs (default fp32)")
+    p.add_argument("--cuda-graphs", action="store_true", help="torch-cuda: capture each model in a CUDA graph")
+    p.add_argument("--channels-last", action="store_true", help="torch runtimes: channels_last memory format")
+    p.add_argument("--input-shape", default=None, metavar="1,3,224,224",
+                   help="torch runtimes: example input shape (needed for .fxp files)")
     p.add_argument(
         "--batch-sizes", type=_batch_sizes, default=defaults.batch_sizes, metavar="B[,B...]",
         help="comma-separated batch sizes (default: 1)",
@@ -80,7 +97,17 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed ``args``; print the table and/or write JSON."""
     if args.json not in (None, _STDOUT):
         _check_json_target(Path(args.json), args.models)
+        from fxprune._io import check_writable
+
+        problem = check_writable(args.json, "--json")
+        if problem:
+            raise BenchmarkError(f"cannot write the JSON report: {problem}. Nothing was measured.")
+    runtime = args.runtime or f"ort-{args.provider}"
     config = BenchConfig(
+        runtime=runtime,
+        dtype=args.dtype,
+        cuda_graphs=args.cuda_graphs,
+        channels_last=args.channels_last,
         provider=args.provider,
         threads=args.threads,
         opt_level=args.opt_level,
@@ -91,7 +118,11 @@ def run(args: argparse.Namespace) -> int:
         dims=dict(args.dim),
         seed=args.seed,
     )
-    report = benchmark(args.models, config)
+    if config.runtime == "torch":
+        models, labels, inputs = _torch_models(args.models, args.input_shape)
+        report = benchmark(models, config, labels=labels, inputs=inputs)
+    else:
+        report = benchmark(args.models, config)
     if args.json == _STDOUT:
         print(report.to_json())
         return 0
@@ -99,6 +130,41 @@ def run(args: argparse.Namespace) -> int:
         _write(Path(args.json), report.to_json() + "\n")
     print(report.format_table())
     return 0
+
+
+def _torch_models(specs: list[str], input_shape: str | None):
+    """``(modules, labels, example inputs)`` for the torch runtimes: model specs or ``.fxp`` files."""
+    import torch
+
+    import fxprune
+    from fxprune.models import parse_shape, resolve_model
+
+    shape = parse_shape(input_shape) if input_shape else None
+    models, labels, inputs = [], [], None
+    for spec in specs:
+        if spec.endswith(".onnx"):
+            raise BenchmarkError(f"{spec}: ONNX files run on ONNX Runtime (--runtime ort-cpu / ort-cuda); the torch "
+                                 "runtimes take model specs (torchvision:NAME, file.py:factory) or .fxp files")
+        if spec.endswith(".fxp"):
+            if shape is None:
+                raise BenchmarkError(f"{spec}: give the example input shape with --input-shape (e.g. 1,3,224,224)")
+            models.append(fxprune.load(spec))
+            labels.append(Path(spec).name)
+            continue
+        resolved = resolve_model(spec, input_shape=shape)
+        models.append(resolved.model.eval())
+        labels.append(resolved.label)
+        if inputs is None:
+            ex = resolved.example_inputs
+            inputs = tuple(ex) if isinstance(ex, (tuple, list)) else (ex,)
+    if inputs is None:
+        inputs = (torch.randn(*shape),)
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return models, unique, inputs
 
 
 def _check_json_target(path: Path, models: list[str]) -> None:
@@ -111,8 +177,10 @@ def _check_json_target(path: Path, models: list[str]) -> None:
 
 
 def _write(path: Path, text: str) -> None:
+    from fxprune._io import atomic_write
+
     try:
-        path.write_text(text, encoding="utf-8")
+        atomic_write(path, text)
     except OSError as err:
         raise BenchmarkError(f"cannot write the JSON report to {path}: {err.strerror or err}") from err
     logger.info("wrote %s", path)

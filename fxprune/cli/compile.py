@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 from fxprune.bench import OPT_LEVELS
+from fxprune.runtimes import DTYPES, TARGETS
 
 
 def register(sub) -> None:
@@ -15,9 +17,9 @@ def register(sub) -> None:
         description="Compile MODEL (torchvision:NAME, timm:NAME, hf:NAME or file.py:factory) to a hard MAC "
                     "budget: the result's MACs are at most the budget and within the tolerance below it.")
     p.add_argument("model", metavar="MODEL")
-    budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--mac-budget", help="fraction ('50%%', 0.5) or absolute MACs ('1.8G', '500M')")
-    budget.add_argument("--latency-budget", help="measured ONNX Runtime latency ('20ms', '60%%' of the original)")
+    p.add_argument("--mac-budget", help="fraction ('50%%', 0.5) or absolute MACs ('1.8G', '500M')")
+    p.add_argument("--latency-budget",
+                   help="measured latency on --target ('20ms', '60%%' of the original); with --mac-budget both hold")
     p.add_argument("-o", "--output", help="write the pruned model as ONNX to this file (dynamic batch)")
     p.add_argument("--save", help="also save the pruned model in fxprune's format (.fxp)")
     p.add_argument("--save-pretrained", metavar="DIR",
@@ -41,17 +43,59 @@ def register(sub) -> None:
                    help="with --latency-budget: ONNX Runtime intra-op threads (default: physical cores)")
     p.add_argument("--opt-level", choices=OPT_LEVELS, default="all",
                    help="with --latency-budget: ONNX Runtime graph optimisation level (default all)")
+    p.add_argument("--target", choices=tuple(TARGETS), default=None,
+                   help="with --latency-budget: where latency is measured (default ort-cpu)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="with --latency-budget on a torch target: fp32 (default), fp16 or bf16")
+    p.add_argument("--batch-size", type=int, default=None, help="with --latency-budget: batch measured at (default 1)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="with --target torch-cuda: time eagerly")
+    p.add_argument("--allocation", choices=("latency", "macs"), default="latency",
+                   help="with --latency-budget: allocate channels by the measured per-layer latency model "
+                        "(default) or by MACs on a measured latency(MACs) curve")
     p.set_defaults(func=run)
+
+
+def _check_outputs(args) -> None:
+    """Every file the run will write must be writable, checked before the (long) compile starts."""
+    from fxprune._io import check_writable
+    from fxprune.errors import ConfigError
+
+    targets = [(args.output, "-o/--output"), (args.save, "--save"), (args.report, "--report")]
+    given = [(path, flag) for path, flag in targets if path]
+    for path, flag in given:
+        problem = check_writable(path, flag)
+        if problem:
+            raise ConfigError(f"{problem}. Nothing was compiled.")
+    if args.save_pretrained:  # a directory: it may exist (as a directory) or be created in a writable parent
+        d = args.save_pretrained
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise ConfigError(f"--save-pretrained {d!r} exists and is not a directory. Nothing was compiled.")
+        parent = d if os.path.isdir(d) else (os.path.dirname(os.path.abspath(d)) or ".")
+        if not os.path.isdir(parent):
+            raise ConfigError(f"--save-pretrained {d!r}: the directory {parent!r} does not exist; create it first. "
+                              "Nothing was compiled.")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--save-pretrained {d!r}: {parent!r} is not writable. Nothing was compiled.")
+    paths = [os.path.realpath(path) for path, _ in given]
+    if len(set(paths)) != len(paths):
+        raise ConfigError("-o, --save and --report must name different files. Nothing was compiled.")
 
 
 def run(args) -> int:
     import fxprune
+    from fxprune._io import atomic_write
+    from fxprune.errors import ConfigError, InvalidBudgetError
     from fxprune.models import parse_shape, resolve_model
 
-    if args.plan_only and (args.output or args.save or args.latency_budget):
-        from fxprune.errors import ConfigError
-
-        raise ConfigError("--plan-only builds no model: drop -o/--save, and give --mac-budget (not --latency-budget)")
+    if args.plan_only and (args.output or args.save or args.save_pretrained or args.latency_budget):
+        raise ConfigError("--plan-only builds no model: drop -o/--save/--save-pretrained, and give --mac-budget "
+                          "(not --latency-budget)")
+    if args.mac_budget is None and args.latency_budget is None:
+        raise InvalidBudgetError("give --mac-budget (e.g. 50%) and/or --latency-budget (e.g. 20ms or 60%)")
+    if args.latency_budget is None and (args.target or args.dtype or args.batch_size):
+        raise InvalidBudgetError("--target, --dtype and --batch-size say where --latency-budget is measured; "
+                                 "give --latency-budget too")
+    _check_outputs(args)
     shape = parse_shape(args.input_shape) if args.input_shape else None
     spec = resolve_model(args.model, input_shape=shape, pretrained=args.pretrained)
     t = time.perf_counter()
@@ -60,7 +104,11 @@ def run(args) -> int:
         mac_budget=args.mac_budget, latency_budget=args.latency_budget, tolerance=args.tolerance,
         policy=args.policy, channel_multiple=args.channel_multiple, min_keep_ratio=args.min_keep_ratio,
         importance=args.importance, ignore=args.ignore or None, seed=args.seed,
-        latency_options={"threads": args.threads, "opt_level": args.opt_level} if args.latency_budget else None,
+        latency_options=({"threads": args.threads, "opt_level": args.opt_level, "allocation": args.allocation,
+                          "cuda_graphs": not args.no_cuda_graphs} if args.latency_budget else None),
+        target=args.target if args.latency_budget else None,
+        dtype=args.dtype if args.latency_budget else None,
+        batch_size=args.batch_size if args.latency_budget else None,
         plan_only=args.plan_only,
     )
     result.report.model = spec.label
@@ -78,8 +126,12 @@ def run(args) -> int:
         save_pretrained(result, args.save_pretrained)
     total = time.perf_counter() - t
     if args.report:
-        with open(args.report, "w") as f:
-            f.write(result.report.dumps())
+        try:
+            atomic_write(args.report, result.report.dumps())
+        except OSError as err:
+            from fxprune.errors import ConfigError
+
+            raise ConfigError(f"cannot write the report {args.report}: {err}") from err
     if args.json:
         json.dump(result.report.to_json(), sys.stdout, indent=2, default=str)
         print()

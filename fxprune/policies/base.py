@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-__all__ = ["GroupSpec", "PruningProblem", "PruningPlan", "SearchContext", "RatioPolicy"]
+__all__ = ["GroupSpec", "PruningProblem", "PruningPlan", "SearchContext", "RatioPolicy", "Constraint",
+           "CombinedCost", "format_cost"]
 
 
 @dataclass(frozen=True)
@@ -72,22 +73,95 @@ class GroupSpec:
         return int(allowed[int(np.argmin(np.abs(allowed - keep)))])
 
 
+def format_cost(value: float, unit: str) -> str:
+    """A cost for messages: ``"1,234 MACs"`` or ``"12.345 ms"`` (``ns`` costs are shown in ms)."""
+    if unit == "ns":
+        return f"{value / 1e6:.4g} ms"
+    return f"{int(value):,} {unit}"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One cost model used as a constraint: ``cost(K) <= budget``.
+
+    Attributes:
+        name: ``"macs"`` or ``"latency"`` (what the cost measures).
+        cost: ``[n, G]`` keep matrix -> ``[n]`` int64 costs (``PlanCost``, ``LatencyPlanCost``).
+        budget: the upper bound, in ``unit``.
+        unit: ``"MACs"`` or ``"ns"`` (predicted nanoseconds).
+        base: the cost of the unpruned model.
+    """
+
+    name: str
+    cost: Callable[[np.ndarray], np.ndarray] = field(repr=False, compare=False)
+    budget: float
+    unit: str
+    base: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "budget": self.budget, "unit": self.unit, "base": self.base}
+
+
+class CombinedCost:
+    """Several constraints as one monotone cost in the first one's unit.
+
+    With ratios ``r_i = cost_i / budget_i`` and ``b0`` the first budget::
+
+        cost = b0 * (max_i r_i)                       when every r_i <= 1
+        cost = b0 * (1 + sum_i max(0, r_i - 1))       otherwise
+
+    so ``cost <= b0`` exactly when every constraint holds, the band ``[b0 (1 - tol), b0]`` means the
+    binding constraint is within ``tol`` of its budget, and while constraints are violated every
+    one of them pulls (a greedy step that saves on any violated constraint lowers the cost). It is
+    non-decreasing in every keep count when each constraint is. With one constraint it is that
+    constraint's cost, unchanged.
+    """
+
+    def __init__(self, constraints: Sequence[Constraint]):
+        if not constraints:
+            raise ValueError("CombinedCost needs at least one constraint")
+        self.constraints = tuple(constraints)
+
+    def __call__(self, keep: np.ndarray) -> np.ndarray:
+        first = self.constraints[0]
+        if len(self.constraints) == 1:
+            return first.cost(keep)
+        ratios = np.stack([np.asarray(c.cost(keep), dtype=np.float64) / float(c.budget) for c in self.constraints])
+        top = ratios.max(axis=0)
+        excess = np.clip(ratios - 1.0, 0.0, None).sum(axis=0)
+        b0 = float(first.budget)
+        ok = np.floor(top * b0)
+        violated = np.maximum(np.ceil((1.0 + excess) * b0), b0 + 1)  # strictly above the budget
+        return np.where(top <= 1.0, ok, violated).astype(np.int64)
+
+    def each(self, keep: np.ndarray) -> dict[str, np.ndarray]:
+        """Every constraint's own cost of ``keep`` (``[n, G]``), by name."""
+        return {c.name: np.asarray(c.cost(keep)) for c in self.constraints}
+
+
 @dataclass(frozen=True)
 class PruningProblem:
-    """The ratio-selection problem: choose a keep count per group under a MAC band.
+    """The ratio-selection problem: choose a keep count per group under a cost band.
 
     ``cost`` maps a keep matrix of shape ``[n, G]`` (one candidate plan per row, keep counts in
-    group order) to the exact MACs of each candidate as an int64 array of shape ``[n]``. It is the
-    analytical cost model evaluated with numpy: thousands of calls per second are fine.
+    group order) to the cost of each candidate as an int64 array of shape ``[n]``: by default the
+    exact MACs (the analytical cost model evaluated with numpy: thousands of calls per second are
+    fine). With a latency budget it is the predicted latency in nanoseconds of the measured
+    per-group model (``unit == "ns"``), or, with several budgets, a :class:`CombinedCost` of all
+    ``constraints`` in the first one's unit. The fields named ``*_macs`` and ``budget``/``lower``
+    are in ``unit`` (MACs unless said otherwise), so policies and the solver work on any cost.
 
     Attributes:
         groups: the prunable groups.
-        base_macs: MACs of the original model.
-        budget: the upper end of the band (MACs, inclusive).
-        lower: the lower end of the band (MACs, inclusive).
-        min_macs: MACs with every group at its minimum allowed keep.
-        fixed_macs: MACs that no group can change (frozen groups, the stem, the classifier, ...).
+        base_macs: cost of the original model (MACs, or ``unit``).
+        budget: the upper end of the band (inclusive).
+        lower: the lower end of the band (inclusive).
+        min_macs: cost with every group at its minimum allowed keep.
+        fixed_macs: cost that no group can change (frozen groups, the stem, the classifier, ...).
         frozen: human-readable list of what could not be pruned and why.
+        unit: ``"MACs"`` or ``"ns"``.
+        constraints: with several budgets, each one (the first is the unit's); empty for a plain
+            MAC problem.
     """
 
     groups: tuple[GroupSpec, ...]
@@ -98,6 +172,12 @@ class PruningProblem:
     fixed_macs: int
     cost: Callable[[np.ndarray], np.ndarray] = field(repr=False, compare=False)
     frozen: tuple[str, ...] = ()
+    unit: str = "MACs"
+    constraints: tuple[Constraint, ...] = ()
+
+    def fmt(self, value: float) -> str:
+        """``value`` in this problem's unit, for messages."""
+        return format_cost(value, self.unit)
 
     @property
     def sizes(self) -> np.ndarray:
@@ -133,6 +213,8 @@ class PruningProblem:
             "min_macs": self.min_macs,
             "fixed_macs": self.fixed_macs,
             "frozen": list(self.frozen),
+            "unit": self.unit,
+            "constraints": [c.to_json() for c in self.constraints],
             "groups": [dataclasses.asdict(g) for g in self.groups],
         }
 

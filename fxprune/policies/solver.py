@@ -1,4 +1,8 @@
-"""The budget solver: project any proposal onto the MAC band ``[lower, budget]``.
+"""The budget solver: project any proposal onto the band ``[lower, budget]`` of the problem's cost.
+
+The cost is the exact MAC count by default; with a latency budget it is the predicted latency of
+the measured per-group model, or several constraints combined (``PruningProblem.constraints``);
+the algorithm below only needs a cost that does not decrease when a group keeps more.
 
 Policies shape the allocation; the solver makes the budget a guarantee. Given per-group keep
 *targets* (any real numbers; a policy's wish), it
@@ -130,9 +134,10 @@ def project(problem: PruningProblem, target: np.ndarray, *, priority: np.ndarray
     notes: list[str] = []
     min_keep = np.array([a[0] for a in allowed], dtype=np.int64)
     if ev(min_keep)[0] > problem.budget:
+        fmt = problem.fmt
         raise BudgetUnreachableError(
-            f"a budget of {problem.budget:,} MACs is below the smallest model fxprune can build here "
-            f"({problem.min_macs:,} MACs: every prunable group at its minimum keep; {problem.fixed_macs:,} MACs "
+            f"a budget of {fmt(problem.budget)} is below the smallest model fxprune can build here "
+            f"({fmt(problem.min_macs)}: every prunable group at its minimum keep; {fmt(problem.fixed_macs)} "
             "cannot be pruned at all). Raise the budget, lower min_keep_ratio, or un-ignore modules.",
             min_macs=problem.min_macs, budget=problem.budget,
         )
@@ -173,7 +178,8 @@ def project(problem: PruningProblem, target: np.ndarray, *, priority: np.ndarray
         keep, macs, searched = _exhaustive(problem, ev, allowed, target, keep, macs)
         if searched and macs >= problem.lower:
             notes.append("searched every combination of keep counts to land in the band")
-    if macs < problem.lower and allow_fine_fill:
+    # latency problems keep to the measured widths: single-unit steps would leave the tables' grid
+    if macs < problem.lower and allow_fine_fill and problem.unit == "MACs":
         fine = [np.arange(max(1, a[0] // 2), int(s) + 1, dtype=np.int64) if len(a) > 1 else a
                 for a, s in zip(allowed, sizes)]
         fine = [f[(f % g.quantum == 0) | (f == g.size)] for f, g in zip(fine, problem.groups)]
@@ -189,9 +195,10 @@ def project(problem: PruningProblem, target: np.ndarray, *, priority: np.ndarray
         if macs2 > macs:
             keep, macs = keep2, macs2
     if macs < problem.lower:
+        fmt = problem.fmt
         raise BandUnreachableError(
-            f"no plan lands in the band [{problem.lower:,}, {problem.budget:,}] MACs: the closest at or below the "
-            f"budget is {macs:,} ({1 - macs / problem.budget:.2%} below it). The keep counts are too coarse for this "
+            f"no plan lands in the band [{fmt(problem.lower)}, {fmt(problem.budget)}]: the closest at or below the "
+            f"budget is {fmt(macs)} ({1 - macs / problem.budget:.2%} below it). The keep counts are too coarse for this "
             f"tolerance ({1 - problem.lower / problem.budget:.2%}); raise tolerance to at least "
             f"{1 - macs / problem.budget:.2%} or lower channel_multiple.",
             best_macs=macs, budget=problem.budget, lower=problem.lower)

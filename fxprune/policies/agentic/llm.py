@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import time
 import typing
 from dataclasses import dataclass
@@ -161,6 +162,13 @@ class ClaudeAnalyst:
         tool_choice: "tool" (forced call), "auto", or None to follow :func:`model_traits`.
         effort: ``output_config.effort`` ("low" ... "max"), or None for the model's default.
         strict: use the API's strict (grammar-constrained) tool schema.
+        time_budget: total seconds of waiting on Claude over the analyst's life (every call and
+            SDK retry together); default 600. Once spent, calls fail with kind "time_budget" and
+            the Master continues with the offline analyst.
+        first_reply_timeout: seconds to wait for the endpoint's *first* reply, retries included;
+            default 30 (120 for models that think before calling the tool). An endpoint that
+            accepts the connection and never answers costs this long, not ``timeout`` times
+            ``max_retries``.
 
     Attributes:
         stats: usage so far: ``calls`` (requests made, not counting SDK retries), ``invalid``
@@ -185,9 +193,14 @@ class ClaudeAnalyst:
         tool_choice: str | None = None,
         effort: str | None = None,
         strict: bool = False,
+        time_budget: float | None = None,
+        first_reply_timeout: float | None = None,
     ):
         if tool_choice not in (None, "tool", "auto"):
             raise ValueError(f"tool_choice must be 'tool', 'auto' or None, got {tool_choice!r}")
+        for name, value in (("time_budget", time_budget), ("first_reply_timeout", first_reply_timeout)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise LLMError(f"{name} must be a number of seconds > 0, got {value!r}")
         self.model = model or default_model()
         self.traits = model_traits(self.model)
         self.force_tool = self.traits.forced_tool if tool_choice is None else tool_choice == "tool"
@@ -199,6 +212,11 @@ class ClaudeAnalyst:
         self.base_url = base_url
         self.effort = effort
         self.strict = bool(strict)
+        self.time_budget = float(time_budget) if time_budget is not None else 600.0
+        self.first_reply_timeout = float(first_reply_timeout) if first_reply_timeout is not None else (
+            30.0 if self.force_tool else 120.0)
+        self._started: float | None = None
+        self._answered = False
         self._api_key = api_key or os.environ.get("ANTHROPIC_API_KEY") or None
         self._client = client
         self.stats: dict[str, Any] = {
@@ -270,15 +288,42 @@ class ClaudeAnalyst:
 
     # ------------------------------------------------------------------------------------------
 
+    def _remaining(self) -> tuple[float, str]:
+        """Seconds left to wait on Claude, and which budget bounds them."""
+        now = time.perf_counter()
+        if self._started is None:
+            self._started = now
+            _status(f"fxprune agentic: asking Claude ({self.model}) for allocation proposals; waiting at most "
+                    f"{min(self.first_reply_timeout, self.time_budget):g}s for a first reply "
+                    "(policy option llm_first_reply_timeout), then the offline analyst takes over")
+        total = self._started + self.time_budget - now
+        spent = f"its time budget of {self.time_budget:g}s (llm_time_budget) is spent"
+        if self._answered:
+            return total, spent
+        first = self._started + self.first_reply_timeout - now
+        if first < total:
+            return first, f"no first reply within {self.first_reply_timeout:g}s (llm_first_reply_timeout)"
+        return total, spent
+
     def _call(self, request: dict[str, Any]) -> Any:
-        """One ``messages.create`` call; SDK errors become :class:`AnalystUnavailable`."""
+        """One ``messages.create`` call; SDK errors become :class:`AnalystUnavailable`.
+
+        The call runs in a worker thread and is abandoned when the time budget runs out (an endpoint
+        that accepts the connection and never answers), so the wait is bounded whatever the SDK's
+        per-request timeout and retries are; the per-request timeout is also capped at what is left.
+        """
         client = self._get_client()
         import anthropic
 
+        remaining, budget = self._remaining()
+        if remaining <= 0:
+            raise self._out_of_time(budget)
         self.stats["calls"] += 1
         start = time.perf_counter()
         try:
-            message = client.messages.create(**request)
+            message = _call_within(client, request, remaining, min(self.timeout, remaining))
+        except _OutOfTime:
+            raise self._out_of_time(budget) from None
         except anthropic.AnthropicError as err:
             unavailable = self._unavailable(err)
             self.stats["last_error"] = f"{unavailable.kind}: {unavailable.reason}"
@@ -287,6 +332,7 @@ class ClaudeAnalyst:
         finally:
             elapsed = time.perf_counter() - start
             self.stats["latency_s"] += elapsed
+        self._answered = True
         usage = getattr(message, "usage", None)
         self.stats["input_tokens"] += int(getattr(usage, "input_tokens", 0) or 0)
         self.stats["output_tokens"] += int(getattr(usage, "output_tokens", 0) or 0)
@@ -299,6 +345,12 @@ class ClaudeAnalyst:
             getattr(usage, "output_tokens", "?"),
         )
         return message
+
+    def _out_of_time(self, budget: str) -> AnalystUnavailable:
+        reason = f"Claude ({self.model}) unavailable: {budget}"
+        self.stats["last_error"] = f"time_budget: {reason}"
+        _status(f"fxprune agentic: {reason}; continuing with the offline analyst")
+        return AnalystUnavailable(reason, kind="time_budget")
 
     def _get_client(self) -> Any:
         if self._client is None:
@@ -362,6 +414,48 @@ class ClaudeAnalyst:
             if isinstance(secret, str) and len(secret) >= 8:
                 text = text.replace(secret, "[redacted]")
         return text
+
+
+class _OutOfTime(Exception):
+    """The call did not return within the time left."""
+
+
+def _call_within(client: Any, request: dict[str, Any], seconds: float, request_timeout: float) -> Any:
+    """``client.messages.create(**request)``, given up after ``seconds`` (the worker thread is left to
+    finish on its own: a daemon, bounded by the per-request timeout it was given)."""
+    import threading
+
+    if hasattr(client, "with_options"):
+        try:
+            client = client.with_options(timeout=max(request_timeout, 0.05))
+        except Exception:  # an injected client with another with_options: use it as it is
+            pass
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            box["message"] = client.messages.create(**request)
+        except BaseException as err:  # handed to the caller
+            box["error"] = err
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="fxprune-claude-call", daemon=True).start()
+    if not done.wait(seconds):
+        raise _OutOfTime()
+    if "error" in box:
+        raise box["error"]
+    return box["message"]
+
+
+def _status(line: str) -> None:
+    """A one-line status message on stderr (also when stderr is not a terminal), unless progress
+    output is switched off (``fxprune.progress.set_enabled(False)``, ``FXPRUNE_PROGRESS=0``)."""
+    from fxprune import progress
+
+    if progress.status_enabled():
+        print(line, file=sys.stderr, flush=True)
 
 
 def _api_message(err: Exception) -> str:

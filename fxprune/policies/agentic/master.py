@@ -40,6 +40,10 @@ class AgenticPolicy:
     Options (``compile(..., policy_options={...})``):
         llm: "auto" (Claude when an API key or client is available, else offline), "claude", "offline".
         model, temperature, max_tokens, timeout, api_key, base_url, client: passed to the Claude analyst.
+        llm_first_reply_timeout: seconds to wait for Claude's first reply, SDK retries included
+            (default 30; 120 for models that think first); a silent endpoint costs this long.
+        llm_time_budget: total seconds of waiting on Claude in the run (default 600). When either
+            runs out the offline analyst takes over, with a line on stderr.
         max_attempts: proposals evaluated (default 10, not counting the baseline and profiling).
         max_calls: LLM calls (default 8); max_total_tokens: stop when exceeded (default 200k).
         patience: stop after this many scored attempts without improvement (default 4).
@@ -65,6 +69,10 @@ class AgenticPolicy:
 
         kwargs = {k: ctx.options[k] for k in ("model", "temperature", "max_tokens", "timeout", "api_key",
                                               "base_url", "client", "max_retries", "max_invalid") if k in ctx.options}
+        for option, arg in (("llm_time_budget", "time_budget"), ("llm_first_reply_timeout", "first_reply_timeout")):
+            value = self._opt(ctx, option, None)
+            if value is not None:
+                kwargs[arg] = value
         if not ClaudeAnalyst.available(kwargs.get("api_key"), client=kwargs.get("client")):
             why = "no ANTHROPIC_API_KEY: using the offline analyst"
             if mode == "claude":

@@ -160,6 +160,9 @@ def build_profile(
         "criteria": list(CRITERIA),
         "buckets": [b.to_json() for b in buckets],
         "frozen": list(problem.frozen[:8]),
-        "summary": f"{len(problem.groups)} groups in {len(buckets)} buckets; budget {format_macs(problem.budget)}",
+        "summary": f"{len(problem.groups)} groups in {len(buckets)} buckets; budget "
+                   + (format_macs(problem.budget) if problem.unit == "MACs" else problem.fmt(problem.budget)),
     }
+    if problem.unit != "MACs":  # a latency problem: the cost fields are predicted nanoseconds
+        data["cost_unit"] = problem.unit
     return Profile(buckets, data, evals)

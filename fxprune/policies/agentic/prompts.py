@@ -234,10 +234,16 @@ def render_profile(profile: Mapping[str, Any]) -> str:
     budget = float(profile["budget_macs"])
     lo, hi = (float(x) for x in profile.get("band", (budget, budget)))
     lines = [f"model: {_clean(str(profile.get('model', '?')), 80)}"]
-    lines.append(
-        f"MACs: base {_macs(base)} | budget {_macs(budget)} = {budget / base:.3f} of base"
-        f" | band [{_macs(lo)}, {_macs(hi)}] = [{lo / base:.3f}, {hi / base:.3f}]"
-    )
+    if profile.get("cost_unit") == "ns":  # a latency budget: the cost is predicted latency, not MACs
+        lines.append(
+            f"predicted latency (the cost to fit, instead of MACs): base {base / 1e6:.4g} ms | budget "
+            f"{budget / 1e6:.4g} ms = {budget / base:.3f} of base | band [{lo / base:.3f}, {hi / base:.3f}] of base"
+        )
+    else:
+        lines.append(
+            f"MACs: base {_macs(base)} | budget {_macs(budget)} = {budget / base:.3f} of base"
+            f" | band [{_macs(lo)}, {_macs(hi)}] = [{lo / base:.3f}, {hi / base:.3f}]"
+        )
     if profile.get("min_macs") is not None:
         floor = float(profile["min_macs"])
         lines.append(f"floor (every bucket at its min keep): {_macs(floor)} = {floor / base:.3f} of base")
