@@ -8,12 +8,19 @@ fake tensors instead and records an ATen-level graph (the pre-dispatch "training
 :func:`capture_export` turns that program into a ``torch.fx.GraphModule`` that fxprune can analyse
 and rewrite and that behaves like a model, not like a trace:
 
-* **Dynamic sizes.** Dim 0 of every tensor input (the batch) and dim 1 of 2-D integer/bool inputs
-  (token ids and attention masks: the sequence) are exported as ``Dim.AUTO``: dynamic where the
-  model allows it, specialised (with a capture note) where it does not. A dynamic dim whose example
-  size is 1 is widened to 2 for the export only, so it is not specialised to 1. View/reshape sizes
-  are therefore computed from the inputs (``x.size(0)``) and the captured model runs at any batch
-  size and sequence length. Shape guards and the runtime asserts torch.export adds
+* **Dynamic sizes.** Dim 0 of every tensor input (the batch) and its size dims
+  (``dynamic_sizes.size_roles``: dim 1 of 2-D integer/bool inputs, the token sequence; height and
+  width of images; the time dim of audio) are exported as ``Dim.AUTO``: dynamic where the model
+  allows it, specialised (with a capture note) where it does not. A dynamic dim whose example size
+  is 1 is widened to 2 for the export only, so it is not specialised to 1. With image/audio sizes,
+  shapes are reasoned about size-obliviously with guards deferred (minutes -> seconds on windowed
+  attention) and ``int()`` in the model's own code keeps sizes symbolic; if that export fails, the
+  batch and sequence alone are dynamic (noted). A symbolic size dim is then *checked*
+  (``dynamic_sizes.settle_sizes``): the graph must reproduce the model at other sizes the model
+  accepts, else the model is captured again at an irregular size (where size-dependent branches
+  take their general path: pad-and-crop, interpolate), else the dim stays fixed with a note. View/
+  reshape sizes are computed from the inputs (``x.size(0)``), so the captured model runs at any
+  batch size and accepted size. Shape guards and the runtime asserts torch.export adds
   (``_guards_fn``, ``_assert_scalar``, ``_assert_tensor_metadata``) are removed.
 * **Run-time sizes in torch form.** ``aten.sym_size.int(x, d)`` becomes ``x.size(d)`` and ATen calls
   that take such sizes (``view``, ``reshape``, ``expand``, ``slice``, ``arange``, ``new_ones`` ...)
@@ -51,6 +58,8 @@ and rewrite and that behaves like a model, not like a trace:
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import inspect
 import logging
 import operator
@@ -94,7 +103,36 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict,
     """
     notes = notes if notes is not None else []
     names = _input_names(model, args, kwargs)
-    specs = [_dynamic_spec(t) if dynamic else {} for t in list(args) + list(kwargs.values())]
+    examples = list(args) + list(kwargs.values())
+    specs = [_dynamic_spec(t) if dynamic else {} for t in examples]
+    out, dyn = _capture_once(model, args, kwargs, names, specs, notes)
+    if not dynamic or _weightless(model):
+        # static capture (counting, planning), or no weights to run the model at other sizes with
+        return out
+    # size dims (sequence, height/width, time): symbolic is not proof, probe them (dynamic_sizes)
+    from fxprune.dynamic_sizes import META_SIZE_PROBE, settle_sizes, size_roles
+
+    n_args = len(args)
+    symbolic = {i: [d for d in dyn.get(names[i], []) if d in size_roles(t)] for i, t in enumerate(examples)}
+
+    def recapture(inputs):
+        return _capture_once(model, tuple(inputs[:n_args]), dict(zip(kwargs, inputs[n_args:])), names, specs,
+                             [])[0]
+
+    out, sized, probes = settle_sizes(model, out, examples, names, n_args, symbolic, notes, recapture)
+    out.meta[META_DYNAMIC_DIMS] = {names[i]: sorted(set([d for d in dyn.get(names[i], []) if d == 0]
+                                                        + sized.get(i, [])))
+                                   for i in range(len(examples))}
+    out.meta[META_SIZE_PROBE] = {names[i]: p for i, p in probes.items()}
+    return out
+
+
+def _weightless(model: nn.Module) -> bool:
+    return any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _capture_once(model, args, kwargs, names, specs, notes) -> tuple[torch.fx.GraphModule, dict[str, list[int]]]:
+    """One torch.export capture turned into fxprune's graph module, and its symbolic dims per input."""
     with no_stack_traces():  # scale: fxprune never reads them, and they cost a quarter of the export
         probe, program = _export_probe(model, args, kwargs, names, specs, notes)  # scale: weightless capture
         if program is None:
@@ -120,7 +158,7 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict,
     out.meta[META_DYNAMIC_DIMS] = dyn
     out.eval()
     logger.debug("torch.export capture of %s: %d layers turned into modules", type(model).__name__, converted)
-    return out
+    return out, dyn
 
 
 def dynamic_dims(gm: torch.fx.GraphModule) -> dict[str, list[int]]:
@@ -180,13 +218,24 @@ def _input_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
 
 
 def _dynamic_spec(t: torch.Tensor) -> dict[int, Any]:
-    """Batch dim of every input; sequence dim of 2-D integer/bool inputs (token ids, masks)."""
+    """Batch dim of every input, plus its size dims (``dynamic_sizes.size_roles``: token sequence,
+    image height/width, audio time)."""
+    from fxprune.dynamic_sizes import size_roles
+
     spec: dict[int, Any] = {}
     if t.dim() >= 1:
         spec[0] = torch.export.Dim.AUTO
-    if t.dim() == 2 and not (t.dtype.is_floating_point or t.dtype.is_complex):
-        spec[1] = torch.export.Dim.AUTO
+    for d in size_roles(t):
+        spec[d] = torch.export.Dim.AUTO
     return spec
+
+
+def _batch_and_sequence(spec: dict[int, Any], t: torch.Tensor) -> dict[int, Any]:
+    """``spec`` without the image/audio size dims (the fallback when those make torch.export fail)."""
+    from fxprune.dynamic_sizes import size_roles
+
+    roles = size_roles(t)
+    return {d: v for d, v in spec.items() if d == 0 or roles.get(d) == "sequence"}
 
 
 def _widen(t: torch.Tensor, spec: dict[int, Any]) -> torch.Tensor:
@@ -204,28 +253,39 @@ def _first_line(err: BaseException) -> str:
 
 def _export(model, args, kwargs, names, specs, notes):
     n_args = len(args)
-    attempts = [("dynamic", True), ("static", False)]
+    examples = list(args) + list(kwargs.values())
+    narrow = [_batch_and_sequence(s, t) for s, t in zip(specs, examples)]
+    attempts = [("dynamic", specs)]
+    if narrow != specs:
+        attempts.append(("batch/sequence", narrow))
+    attempts.append(("static", None))
     errors = []
-    for label, dynamic in attempts:
-        if dynamic:
-            ex = [_widen(t, s) for t, s in zip(list(args) + list(kwargs.values()), specs)]
-            shapes_list = [s or None for s in specs]
+    for label, spec_list in attempts:
+        sized = label == "dynamic" and narrow != specs
+        if spec_list is not None:
+            ex = [_widen(t, s) for t, s in zip(examples, spec_list)]
+            shapes_list = [s or None for s in spec_list]
         else:
-            ex = list(args) + list(kwargs.values())
+            ex = list(examples)
             shapes_list = [None] * len(ex)
         ex_args, ex_kwargs = tuple(ex[:n_args]), dict(zip(kwargs, ex[n_args:]))
-        dynamic_shapes = _shapes_structure(model, n_args, list(kwargs), shapes_list) if dynamic else None
+        dynamic_shapes = (_shapes_structure(model, n_args, list(kwargs), shapes_list)
+                          if spec_list is not None else None)
         try:
-            program = torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dynamic_shapes,
-                                          strict=False)
+            with _size_oblivious(sized), _symbolic_int(model, sized):
+                program = torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dynamic_shapes,
+                                              strict=False, **_deferred_asserts(sized))
         except Exception as err:  # torch.export raises many types (UserError, data-dependent guards...)
             errors.append((label, err))
             logger.debug("torch.export (%s) of %s failed: %s", label, type(model).__name__, err)
             continue
-        if errors:
+        if errors and label == "static":
             notes.append(f"torch.export with dynamic batch/sequence dims failed "
                          f"({_first_line(errors[0][1])}); captured with static shapes: the model only runs "
                          "at the example input shapes")
+        elif errors:
+            notes.append(f"torch.export with dynamic image/audio sizes failed ({_first_line(errors[0][1])}); "
+                         "captured with dynamic batch and sequence only: image and audio sizes are fixed")
         return program
     label, err = errors[0]
     raise TraceError(
@@ -236,6 +296,92 @@ def _export(model, args, kwargs, names, specs, notes):
         "yourself to see the full trace.",
         construct=f"torch.export: {type(err).__name__}",
     ) from err
+
+
+def _size_oblivious(on: bool):
+    """Symbolic image/audio sizes: reason about them size-obliviously (sizes >= 2).
+
+    With plain backed symbols, torch.export's shape reasoning on windowed attention (Swin's pad,
+    partition and reverse views over ``H // window``) proves numel equalities through nested floor
+    divisions: minutes per block. Size-oblivious reasoning with guards deferred to runtime asserts
+    captures the same graph in seconds; fxprune drops those asserts and instead checks the graph
+    against the model at other sizes (``dynamic_sizes.settle_sizes``).
+    """
+    if not on:
+        return contextlib.nullcontext()
+    try:
+        import torch.fx.experimental._config as fx_config
+
+        return fx_config.patch(backed_size_oblivious=True)
+    except Exception:  # pragma: no cover - an older torch without the option
+        return contextlib.nullcontext()
+
+
+class _SymbolicIntMeta(type):
+    def __call__(cls, *args, **kwargs):
+        if len(args) == 1 and not kwargs:
+            x = args[0]
+            if isinstance(x, torch.SymInt):
+                return x
+            if isinstance(x, torch.SymFloat):
+                return torch.sym_int(x)
+        return builtins.int(*args, **kwargs)
+
+    def __instancecheck__(cls, obj):  # isinstance(n, int) in model code keeps working
+        return isinstance(obj, (builtins.int, torch.SymInt))
+
+    def __subclasscheck__(cls, sub):
+        return issubclass(sub, (builtins.int, torch.SymInt))
+
+    def __getattr__(cls, name):  # int.from_bytes, int.bit_length ...
+        return getattr(builtins.int, name)
+
+
+class _SymbolicInt(metaclass=_SymbolicIntMeta):
+    """``int`` for model code during a capture with symbolic sizes: a symbolic size stays symbolic.
+
+    Model code rounds sizes with ``int(...)`` (HF MobileViT: ``int(math.ceil(h / p) * p)``), and
+    ``int()`` of a symbolic size fixes it to the example's value, so the patch grid of every
+    MobileViT block would be frozen to the example image. Inside the model's own modules ``int``
+    returns a symbolic integer unchanged (a symbolic float is truncated symbolically); anything
+    that really needs a Python int (``range``, list indices) still asks for one and specialises
+    there. torch.export itself patches ``min``/``max`` the same way in non-strict mode.
+    """
+
+
+@contextlib.contextmanager
+def _symbolic_int(model: nn.Module, on: bool):
+    """Patch ``int`` in the globals of the modules that define the model's layers (see _SymbolicInt)."""
+    if not on:
+        yield
+        return
+    import sys
+
+    names = {type(m).__module__ for m in model.modules()}
+    patched = []
+    shim = _SymbolicInt
+    for name in sorted(names):
+        mod = sys.modules.get(name)
+        if mod is None or name.startswith(("torch.", "fxprune.")) or name == "torch":
+            continue
+        patched.append((mod, "int" in mod.__dict__, mod.__dict__.get("int")))
+        mod.__dict__["int"] = shim
+    try:
+        yield
+    finally:
+        for mod, had, old in patched:
+            if had:
+                mod.__dict__["int"] = old
+            else:
+                mod.__dict__.pop("int", None)
+
+
+def _deferred_asserts(on: bool) -> dict[str, bool]:
+    try:
+        ok = "prefer_deferred_runtime_asserts_over_guards" in inspect.signature(torch.export.export).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        ok = False
+    return {"prefer_deferred_runtime_asserts_over_guards": True} if on and ok else {}
 
 
 def _shapes_structure(model, n_args: int, kw_names: list[str], specs: list) -> Any:
@@ -263,21 +409,30 @@ def _shapes_structure(model, n_args: int, kw_names: list[str], specs: list) -> A
 
 def _record_dynamic(gm, names, specs, args, kwargs, notes) -> dict[str, list[int]]:
     """Which requested dynamic dims are symbolic in the exported graph (and notes for the others)."""
+    from fxprune.dynamic_sizes import size_roles
+
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     out: dict[str, list[int]] = {}
     examples = list(args) + list(kwargs.values())
     for i, (node, spec) in enumerate(zip(placeholders, specs)):
         name = names[i] if i < len(names) else node.name
         val = node.meta.get("val")
-        dyn = []
+        roles = size_roles(examples[i])
+        dyn, static = [], []
         for d in spec:
             size = val.shape[d] if val is not None and d < val.dim() else None
             if size is not None and not isinstance(size, int):
                 dyn.append(d)
             else:
-                what = "batch" if d == 0 else "sequence"
-                notes.append(f"input {name!r} dim {d} ({what}) is static ({examples[i].shape[d]}) in the "
-                             "captured graph: the model specialises it")
+                static.append(d)
+        # a 3-D float input names two candidate time dims: the other one being static is expected
+        either = examples[i].dim() == 3 and examples[i].is_floating_point() and any(d in roles for d in dyn)
+        for d in static:
+            if either and d in roles:
+                continue
+            what = "batch" if d == 0 else roles.get(d, "size")
+            notes.append(f"input {name!r} dim {d} ({what}) is static ({examples[i].shape[d]}) in the "
+                         "captured graph: the model specialises it")
         out[name] = dyn
     return out
 
@@ -389,7 +544,44 @@ _TORCH_FORMS: dict[str, Callable[..., tuple]] = {
     "new_zeros": lambda x, *a, **k: ("call_method", "new_zeros", (x, *a), _no_pin(k)),
     "new_full": lambda x, *a, **k: ("call_method", "new_full", (x, *a), _no_pin(k)),
     "new_empty": lambda x, *a, **k: ("call_method", "new_empty", (x, *a), _no_pin(k)),
+    # symbolic image sizes reach padding amounts and scalar operands (Swin pads its windows by
+    # ``(w - W % w) % w`` and masks them with ``arange(Hp) >= Hp - w``)
+    "pad": lambda x, pad, mode="constant", value=None: (
+        "call_function", torch.nn.functional.pad, (x, list(pad), mode, value), {}),
+    "constant_pad_nd": lambda x, pad, value=0: (
+        "call_function", torch.nn.functional.pad, (x, list(pad), "constant", value), {}),
 }
+
+
+def _interpolate_form(mode: str, antialias: bool = False):
+    """``aten.upsample_*(x, output_size, [align_corners,] ...)`` with a run-time size -> ``F.interpolate``
+    (DINOv2 and MobileViT resize position tables and patch grids to the input's size)."""
+    def form(x, size, *rest, **kw):
+        if size is None or not isinstance(size, (list, tuple)):
+            raise TypeError("scale factors only")
+        align = rest[0] if rest and isinstance(rest[0], bool) else kw.get("align_corners")
+        kwargs = {"size": list(size), "mode": mode}
+        if mode in ("linear", "bilinear", "bicubic", "trilinear"):
+            kwargs["align_corners"] = bool(align)
+        if antialias:
+            kwargs["antialias"] = True
+        return ("call_function", torch.nn.functional.interpolate, (x,), kwargs)
+    return form
+
+
+for _name, _mode, _aa in (("upsample_bicubic2d", "bicubic", False), ("upsample_bilinear2d", "bilinear", False),
+                          ("_upsample_bilinear2d_aa", "bilinear", True), ("upsample_nearest2d", "nearest", False),
+                          ("upsample_nearest1d", "nearest", False), ("upsample_linear1d", "linear", False),
+                          ("_upsample_nearest_exact2d", "nearest-exact", False),
+                          ("upsample_nearest3d", "nearest", False), ("upsample_trilinear3d", "trilinear", False)):
+    _TORCH_FORMS[_name] = _interpolate_form(_mode, _aa)
+
+# tensor-scalar arithmetic and comparisons with a run-time size: ``torch.ge(x, n)``
+for _name in ("add", "sub", "mul", "div", "remainder", "fmod", "pow",
+              "eq", "ne", "ge", "gt", "le", "lt", "minimum", "maximum", "clamp", "clamp_min", "clamp_max"):
+    if hasattr(torch, _name):
+        _TORCH_FORMS.setdefault(
+            _name, (lambda fn: lambda *a, **k: ("call_function", fn, a, k))(getattr(torch, _name)))
 
 
 def _symbolic_sizes_to_torch(gm: torch.fx.GraphModule) -> int:

@@ -751,6 +751,9 @@ class _Model:
     payload: str | bytes  # what InferenceSession is created from
     inputs: tuple[_InputSpec, ...]
     id_bounds: Mapping[str, int]  # integer input -> exclusive upper bound for generated ids
+    #: sizes of named dynamic dims recorded by ``fxprune.export_onnx`` (the example's sequence
+    #: length, image height/width): used when ``config.dims`` does not give them
+    default_dims: Mapping[str, int] = field(default_factory=dict)
 
 
 def _load_models(models: Sequence[ModelSource], labels: Sequence[str] | None) -> list[_Model]:
@@ -846,7 +849,21 @@ def _from_proto(proto: onnx.ModelProto, label: str, *, source: str | None, paylo
         _input_spec(value, label) for value in proto.graph.input if value.name not in initializers
     )
     bounds = {spec.name: _id_bound(proto.graph, spec.name) for spec in specs if spec.dtype.kind in "iu"}
-    return _Model(label=label, source=source, payload=payload, inputs=specs, id_bounds=bounds)
+    return _Model(label=label, source=source, payload=payload, inputs=specs, id_bounds=bounds,
+                  default_dims=_recorded_dims(proto))
+
+
+def _recorded_dims(proto: onnx.ModelProto) -> dict[str, int]:
+    """The example sizes ``fxprune.export_onnx`` stored in the model's metadata (may be absent)."""
+    for prop in proto.metadata_props:
+        if prop.key == "fxprune.example_sizes":
+            try:
+                data = json.loads(prop.value)
+            except ValueError:
+                return {}
+            if isinstance(data, dict):
+                return {str(k): int(v) for k, v in data.items() if isinstance(v, int) and v > 0}
+    return {}
 
 
 def _input_spec(value: onnx.ValueInfoProto, label: str) -> _InputSpec:
@@ -901,6 +918,8 @@ def _check_dims(models: Sequence[_Model], config: BenchConfig) -> list[str]:
         for spec in model.inputs:
             for axis, dim in enumerate(spec.dims[1:], start=1):
                 if isinstance(dim, str) and dim not in batch_names:
+                    if dim not in config.dims and dim in model.default_dims:
+                        continue
                     if dim not in config.dims:
                         raise BenchmarkError(
                             f"{model.label}: input {spec.name!r} has symbolic dimension {dim!r} "
@@ -951,7 +970,7 @@ def _input_shape(model: _Model, spec: _InputSpec, batch: int, dims: Mapping[str,
         elif dim in batch_names:
             shape.append(batch)
         else:
-            shape.append(dims[dim])  # presence checked by _check_dims
+            shape.append(dims[dim] if dim in dims else model.default_dims[dim])  # checked by _check_dims
     return tuple(shape)
 
 

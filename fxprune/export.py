@@ -11,6 +11,11 @@ plus any extra dynamic axes the caller names. Two exporters are tried in order:
    so it is given the example inputs repeated to a batch of 2 when the batch is dynamic. It handles
    graphs the TorchScript tracer cannot (e.g. a non-tensor placeholder such as timm's ``is_causal``).
 
+Input sizes the model accepts (sequence length, image height/width, audio length) are dynamic
+axes too, named ``sequence``, ``height``, ``width``, ``time``: see :func:`export_onnx` and
+:mod:`fxprune.dynamic_sizes`. Each is checked on ONNX Runtime at another size before the file
+is written.
+
 ``onnx_parity`` runs the exported model on ONNX Runtime (CPU) and the PyTorch model (eval, no_grad)
 on the same random inputs at several batch sizes, so the dynamic batch is really exercised.
 """
@@ -41,6 +46,7 @@ from fxprune.errors import ExportError
 
 __all__ = [
     "EXPORTERS",
+    "example_sizes",
     "OutputParity",
     "ParityResult",
     "export_onnx",
@@ -65,6 +71,10 @@ class _ExportSpec:
     input_names: list[str]
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    #: inputs at other sizes along the dynamic size axes, with the model's outputs there: the
+    #: exported model must match them too (see ``_size_axes``)
+    probes: list[Any] = field(default_factory=list)
+    size_axes: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
 def _signature_names(model: nn.Module) -> list[str]:
@@ -297,7 +307,32 @@ def _try_exporter(exporter: str, model: nn.Module, spec: _ExportSpec, file: Path
         _check_dynamic_axes(proto, spec)
     except ValueError as err:
         raise _StepFailed("dynamic axes", err) from err
+    try:
+        _check_probes(proto, spec)
+    except Exception as err:
+        raise _StepFailed("dynamic sizes", err) from err
     return proto
+
+
+def _check_probes(proto: onnx.ModelProto, spec: _ExportSpec) -> None:
+    """The exported model reproduces the PyTorch model at the other sizes its size axes allow."""
+    if not spec.probes:
+        return
+    session = _session(proto)
+    names = [i.name for i in session.get_inputs()]
+    for probe in spec.probes:
+        by_name = dict(zip(spec.input_names, probe.inputs))
+        feed = {n: by_name[n].detach().cpu().numpy() for n in names if n in by_name}
+        got = session.run(None, feed)
+        if len(got) != len(probe.outputs):
+            raise ValueError(f"{len(got)} outputs instead of {len(probe.outputs)}")
+        for name, g, want in zip(spec.output_names, got, probe.outputs):
+            check = _compare(name, int(probe.inputs[0].shape[0]) if probe.inputs[0].dim() else 1,
+                             np.asarray(g), want.detach().cpu().numpy(), 1e-4, 1e-3)
+            if not check.ok:
+                sizes = ", ".join(f"{spec.input_names[i]}[{d}]={n}" for (i, d), n in probe.sizes.items())
+                raise ValueError(f"at {sizes} output {name!r} differs from PyTorch (max abs err "
+                                 f"{check.max_abs_err:.3g})")
 
 
 class _StepFailed(Exception):
@@ -322,53 +357,68 @@ def _build_spec(model: nn.Module, example_inputs: Any, dynamic_batch: bool,
     spec = _ExportSpec(inputs, input_names, _output_names(outputs))
     spec.dynamic_axes = _dynamic_axes(spec, leaves, dynamic_batch, dynamic_axes)
     if dynamic_axes is None:
-        for name, axes in _captured_dynamic_axes(model, spec, leaves).items():
+        spec.size_axes, spec.probes = _size_axes(model, spec, leaves)
+        for name, axes in spec.size_axes.items():
             spec.dynamic_axes.setdefault(name, {}).update(axes)
     return spec
 
 
-def _captured_dynamic_axes(model: nn.Module, spec: _ExportSpec,
-                           outputs: list[torch.Tensor]) -> dict[str, dict[int, str]]:
-    """Non-batch dynamic axes of a graph captured with dynamic dims (``capture='export'``).
+_AXIS_NAMES = {"sequence": "sequence", "height": "height", "width": "width", "time": "time"}
 
-    The inputs' dynamic dims come from the capture (``gm.meta``). Output axes are found by running
-    the model once more with those input dims one shorter: the output dims that follow are dynamic.
-    Dims of the same example size share one name (``sequence`` for the first size).
+
+def _size_axes(model: nn.Module, spec: _ExportSpec, outputs: list[torch.Tensor]) -> tuple[dict[str, dict[int, str]], list[Any]]:
+    """Dynamic size axes (sequence, height/width, time) of the inputs and of the outputs that follow.
+
+    A graph captured with ``torch.export`` says which of its input dims are dynamic and at which
+    other size it was checked (``gm.meta``, see :mod:`fxprune.dynamic_sizes`). For other models
+    (torch.fx captures: torchvision, timm) the model is tried at other sizes
+    (``dynamic_sizes.find_probes``): a size class it accepts is dynamic. Output axes are the output
+    dims that change between the example and the probe; an output dim that follows an input dim
+    (same size at both) shares its name. Returns the axes and the probes (the exported model must
+    reproduce the PyTorch model there too).
     """
-    from fxprune._export import dynamic_dims
+    from fxprune._export import META_DYNAMIC_DIMS
+    from fxprune.dynamic_sizes import META_SIZE_PROBE, find_probes
 
-    if not isinstance(model, torch.fx.GraphModule):
-        return {}
-    dims = {n: [d for d in ds if d > 0] for n, ds in dynamic_dims(model).items()}
-    dims = {n: ds for n, ds in dims.items() if ds and n in spec.input_names}
-    if not dims:
-        return {}
-    sizes: dict[int, str] = {}
-    axes: dict[str, dict[int, str]] = {}
-    shorter = list(spec.inputs)
-    for i, name in enumerate(spec.input_names):
-        x = spec.inputs[i]
-        for d in dims.get(name, []):
-            if d >= x.dim() or x.shape[d] < 3:
-                continue
-            size = int(x.shape[d])
-            label = sizes.setdefault(size, "sequence" if not sizes else f"dyn{len(sizes)}")
-            axes.setdefault(name, {})[d] = label
-            shorter[i] = shorter[i].narrow(d, 0, shorter[i].shape[d] - 1)
-    if not axes:
-        return {}
+    meta = getattr(model, "meta", None) if isinstance(model, torch.fx.GraphModule) else None
+    index = {n: i for i, n in enumerate(spec.input_names)}
+    dims = known = None
+    if isinstance(meta, dict) and META_DYNAMIC_DIMS in meta:
+        dims = {index[n]: [d for d in ds if d > 0] for n, ds in meta[META_DYNAMIC_DIMS].items() if n in index}
+        known = {index[n]: dict(p) for n, p in (meta.get(META_SIZE_PROBE) or {}).items() if n in index}
     try:
-        with torch.no_grad():
-            out2 = [t for t in tree_leaves(model(*shorter)) if isinstance(t, torch.Tensor)]
-    except Exception:  # the graph does not take the shorter inputs: leave the outputs static
-        return axes
-    if len(out2) != len(outputs):
-        return axes
-    for name, a, b in zip(spec.output_names, outputs, out2):
-        for d in range(1, min(a.dim(), b.dim())):
-            if a.shape[d] == b.shape[d] + 1 and int(a.shape[d]) in sizes:
-                axes.setdefault(name, {})[d] = sizes[int(a.shape[d])]
-    return axes
+        probes = find_probes(model, list(spec.inputs), len(spec.inputs), [], dims, known)
+    except Exception as err:  # a model that cannot even be probed keeps fixed sizes
+        logger.debug("size probe of %s failed: %s", _model_name(model), err)
+        return {}, []
+    axes: dict[str, dict[int, str]] = {}
+    used: dict[str, int] = {}
+    kept = []
+    for probe in probes:
+        names: dict[tuple[str, int, int], str] = {}  # (role, example size, probe size) -> axis name
+        follows: dict[tuple[int, int], list[tuple[int, str]]] = {}  # sizes -> [(input dim, name)]
+        for (i, d), role in probe.cls.roles.items():
+            key = (role, int(spec.inputs[i].shape[d]), probe.sizes[(i, d)])
+            if key not in names:
+                base = _AXIS_NAMES.get(role, role)
+                used[base] = used.get(base, 0) + 1
+                names[key] = base if used[base] == 1 else f"{base}_{used[base]}"
+                follows.setdefault(key[1:], []).append((d, names[key]))
+            axes.setdefault(spec.input_names[i], {})[d] = names[key]
+        if len(probe.outputs) != len(outputs):
+            continue
+        for name, a, b in zip(spec.output_names, outputs, probe.outputs):
+            if a.dim() != b.dim():
+                continue
+            for d in range(1, a.dim()):
+                if a.shape[d] != b.shape[d]:
+                    # an output dim that follows an input dim shares its name (the same position
+                    # first: height and width of a segmentation map)
+                    cands = follows.get((int(a.shape[d]), int(b.shape[d])), [])
+                    same = [n for dd, n in cands if dd == d] or [n for _, n in cands]
+                    axes.setdefault(name, {})[d] = same[0] if same else f"{_dim_name(name)}_dim{d}"
+        kept.append(probe)
+    return axes, kept
 
 
 def export_onnx(
@@ -393,9 +443,13 @@ def export_onnx(
             ``{"input_ids": {0: "batch", 1: "sequence"}}`` (a list of axes is accepted too).
             Input names are the graph's placeholder names; outputs are ``output`` (one output),
             ``output_0``, ``output_1``, ... or the keys of a dict output.
-            When ``None`` and the model was captured with dynamic dims (``capture="export"``, e.g.
-            Hugging Face models with a dynamic sequence), those dims are made dynamic too, on the
-            inputs and on the outputs that follow them.
+            When ``None``, the input sizes the model accepts are dynamic too: sequence lengths,
+            image height/width, audio length (the dims a ``torch.export`` capture settled as
+            dynamic; for other models, the size classes it runs at another size), on the inputs
+            and on the outputs that follow them. The exported model must then reproduce PyTorch at
+            that other size; an exporter that bakes a size in is run again with the example's
+            sizes (logged). The example's sizes are stored in the metadata
+            (``fxprune.example_sizes``) for ``fxprune bench``.
         opset: ONNX opset version; ``None`` takes the exporter's default.
         check: run ``onnx.checker.check_model`` on the result.
         exporter: ``"auto"`` (TorchScript exporter, then the dynamo exporter if it fails),
@@ -434,15 +488,72 @@ def export_onnx(
                     logger.info("ONNX export of %s with the %s exporter failed at %s",
                                 _model_name(model), name, failed)
                     failures.append(failed)
-                    continue
+                    if failed.step != "dynamic sizes" or not spec.size_axes:
+                        continue
+                    # the exporter baked a size in: the same (fast) exporter with fixed sizes
+                    # before a slower one with dynamic sizes
+                    _drop_size_axes(spec)
+                    try:
+                        proto = _try_exporter(name, model, spec, file, opset, check)
+                    except _StepFailed as again:
+                        failures.append(again)
+                        continue
                 if failures:
-                    logger.warning("ONNX export of %s: %s; exported with the %s exporter instead",
-                                   _model_name(model), "; ".join(str(f) for f in failures), name)
+                    logger.warning("ONNX export of %s: %s; exported with the %s exporter%s instead",
+                                   _model_name(model), "; ".join(str(f) for f in failures), name,
+                                   "" if spec.size_axes or not any(f.step == "dynamic sizes" for f in failures)
+                                   else " and the input sizes of the example")
                 logger.info("exported %s to ONNX with the %s exporter", _model_name(model), name)
+                _record_example_sizes(proto, spec, file if target is not None else None)
                 if target is not None:
                     _publish(file, target)
                 return proto
     raise _export_error(model, failures)
+
+
+EXAMPLE_SIZES_KEY = "fxprune.example_sizes"
+
+
+def _record_example_sizes(proto: onnx.ModelProto, spec: _ExportSpec, file: Path | None) -> None:
+    """Store the example's sizes of the named dynamic dims (``{"height": 224, ...}``) in the model's
+    metadata, so ``fxprune bench`` times it at those sizes without ``--dim``."""
+    import json
+
+    sizes = example_sizes(proto, spec.inputs)
+    if not sizes:
+        return
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                        EXAMPLE_SIZES_KEY: json.dumps(sizes, sort_keys=True)})
+    if file is not None and proto.ByteSize() < 2**31 - 1 and len(list(file.parent.iterdir())) == 1:
+        file.write_bytes(proto.SerializeToString())  # the private copy, published atomically after
+
+
+def example_sizes(proto: onnx.ModelProto, example_inputs: Any) -> dict[str, int]:
+    """``{dim_param: size}`` of the exported model's named non-batch input dims at ``example_inputs``
+    (what a benchmark of a compile result should feed: the sizes it was compiled at)."""
+    try:
+        args, kwargs = normalize_inputs(example_inputs)
+    except Exception:
+        return {}
+    tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+    by_name = dict(kwargs)
+    out: dict[str, int] = {}
+    for i, value in enumerate(proto.graph.input):
+        t = by_name.get(value.name, tensors[i] if i < len(tensors) else None)
+        if not isinstance(t, torch.Tensor):
+            continue
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if axis > 0 and dim.dim_param and axis < t.dim():
+                out.setdefault(dim.dim_param, int(t.shape[axis]))
+    return out
+
+
+def _drop_size_axes(spec: _ExportSpec) -> None:
+    """Keep the batch (and user-given) axes only: the size axes did not export faithfully."""
+    for name, axes in spec.size_axes.items():
+        for d in axes:
+            spec.dynamic_axes.get(name, {}).pop(d, None)
+    spec.size_axes, spec.probes = {}, []
 
 
 def _publish(file: Path, target: Path) -> None:

@@ -185,6 +185,7 @@ class _Builder:
         self.sizes: list[int] = []
         self.index: dict[SpaceKey, int] = {}
         self.ties: list[tuple[int, int]] = []
+        self.identical: dict[int, list[int]] = defaultdict(list)  # element-for-element ties
         self.maps: list[tuple[int, np.ndarray, int, np.ndarray]] = []
         self.frozen: dict[int, str] = {}
         self.origins: set[int] = set()
@@ -252,6 +253,8 @@ class _Builder:
             self.freeze(b, f"size mismatch between {self.keys[a]} and {self.keys[b]}")
             return
         self.ties.append((a, b))
+        self.identical[a].append(b)
+        self.identical[b].append(a)
         self.dsu.union(a, b)
 
     def tie_map(self, a: int, ia: np.ndarray, b: int, ib: np.ndarray) -> None:
@@ -336,21 +339,89 @@ def match_dims(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list
     return groups
 
 
-def _resolve_reshape(b: _Builder, node: torch.fx.Node, src: torch.fx.Node, flexible) -> None:
+def _mapped_indices(b: _Builder, space: int) -> list[np.ndarray]:
+    """Element maps already recorded from ``space`` (or a space tied to it element for element)
+    to one other space: ``index[j]`` for every element ``j``."""
+    same, frontier = {space}, [space]
+    while frontier:
+        nxt = []
+        for s in frontier:
+            for t in b.identical.get(s, ()):
+                if t not in same:
+                    same.add(t)
+                    nxt.append(t)
+        frontier = nxt
+    n = b.sizes[space]
+    out = []
+    for a, ia, c, ic in b.maps:
+        if a in same and len(ia) == n and np.array_equal(ia, np.arange(n)):
+            out.append(ic)
+        elif c in same and len(ic) == n and np.array_equal(ic, np.arange(n)):
+            out.append(ia)
+    return out
+
+
+def _index_of_dim(sizes: Sequence[int], k: int) -> np.ndarray:
+    """For each element ``j`` of the flattened ``sizes``, its index along dim ``k``."""
+    j = np.arange(math.prod(sizes))
+    return (j // math.prod(sizes[k + 1:])) % sizes[k]
+
+
+def _resolve_from_output(b: _Builder, node, src, ga, gb) -> bool:
+    """A merge or split whose input dims carry no channels, once its output side does."""
+    a, o = shape_of(src), shape_of(node)
+    dsu = b.dsu
+    in_sp = [b.space(src, d) for d in ga]
+    out_sp = [b.space(node, d) for d in gb]
+    live = [k for k, s in enumerate(out_sp) if dsu.origin[dsu.find(s)] and not dsu.frozen[dsu.find(s)]]
+    if not live:
+        return False
+    if len(gb) == 1 and len(ga) > 1:  # merge: find the input dim the output's channel map follows
+        sizes = [a[d] for d in ga]
+        maps = _mapped_indices(b, out_sp[0])
+        for k in range(len(ga)):
+            idx = _index_of_dim(sizes, k)
+            if sizes[k] > 1 and any(np.array_equal(m, idx) for m in maps):
+                b.tie_map(out_sp[0], np.arange(len(idx)), in_sp[k], idx)
+                return True
+        return False
+    if len(ga) == 1 and len(gb) > 1 and len(live) == 1:  # split: the one output dim with channels
+        sizes = [o[d] for d in gb]
+        k = live[0]
+        idx = _index_of_dim(sizes, k)
+        b.tie_map(in_sp[0], np.arange(len(idx)), out_sp[k], idx)
+        return True
+    return False
+
+
+def _resolve_reshape(b: _Builder, node: torch.fx.Node, src: torch.fx.Node, flexible,
+                     kept_dims_only: bool = False, pending: list | None = None) -> None:
     a, o = shape_of(src), shape_of(node)
     groups = match_dims(a, o)
     if groups is None:
-        b.freeze_node(node, f"reshape {a}->{o} mixes dims ({node.name})")
+        if not kept_dims_only:
+            b.freeze_node(node, f"reshape {a}->{o} mixes dims ({node.name})")
         return
     dsu = b.dsu
     for ga, gb in groups:
         if len(ga) == 1 and len(gb) == 1:
-            b.tie(b.space(src, ga[0]), b.space(node, gb[0]))
+            if kept_dims_only:
+                b.tie(b.space(src, ga[0]), b.space(node, gb[0]))
+            continue
+        if kept_dims_only:
             continue
         in_sp = [b.space(src, d) for d in ga]
         out_sp = [b.space(node, d) for d in gb]
         carriers = [k for k, s in enumerate(in_sp) if dsu.origin[dsu.find(s)] and not dsu.frozen[dsu.find(s)]]
         if not carriers:
+            # frozen channels stay frozen in the dims they are split or merged into (a frozen
+            # projection viewed as heads must not have its heads pruned through another tie)
+            if any(dsu.origin[dsu.find(s)] and dsu.frozen[dsu.find(s)] for s in in_sp):
+                for s, d in zip(out_sp, gb):
+                    if o[d] > 1:
+                        b.freeze(s, f"reshape of frozen channels ({node.name})")
+            elif pending is not None:
+                pending.append((node, src, ga, gb))
             continue  # merged/split dims carry no channels: they stay positional
         if len(ga) > 1 and len(gb) > 1:
             for s in in_sp + out_sp:
@@ -372,12 +443,22 @@ def _resolve_reshape(b: _Builder, node: torch.fx.Node, src: torch.fx.Node, flexi
             if not cands:
                 b.freeze(in_sp[0], f"reshape splits channels into frozen dims ({node.name})")
                 continue
+            sizes = [o[d] for d in gb]
+            if len(cands) > 1:
+                # a dim merged earlier (DeBERTa's [B*H] from [B, H]) is split back along the
+                # dim its channel map follows, not along the first candidate
+                n_all = math.prod(sizes)
+                j = np.arange(n_all)
+                maps = _mapped_indices(b, in_sp[0])
+                follow = [k for k in cands
+                          if any(np.array_equal(m, (j // math.prod(sizes[k + 1:])) % sizes[k]) for m in maps)]
+                if follow:
+                    cands = follow
             if flexible is not None and len(cands) > 1:
                 flex = [k for k in cands if gb[k] < len(flexible) and flexible[gb[k]]]
                 if flex:
                     cands = flex
             k = cands[0]
-            sizes = [o[d] for d in gb]
             stride = math.prod(sizes[k + 1 :])
             n = math.prod(sizes)
             j = np.arange(n)
@@ -421,11 +502,37 @@ class DependencyGroupsAnalysis:
                     pass
             if node.op == "call_module" and self._ignored(str(node.target)):
                 b.freeze_node(node, f"'{node.target}' is in ignore")
+        # dims a reshape keeps (one input dim to one output dim) are tied first, so what a later
+        # op learns about a dim (a frozen attention head dim) is known when an earlier reshape
+        # decides which of the dims it splits carries the channels
         for node, src, flexible in b.reshapes:
             try:
-                _resolve_reshape(b, node, src, flexible)
+                _resolve_reshape(b, node, src, flexible, kept_dims_only=True)
             except Exception as err:
                 b.freeze_node(node, f"reshape {node.name}: {type(err).__name__}: {err}")
+        pending: list[tuple] = []
+        for node, src, flexible in b.reshapes:
+            try:
+                _resolve_reshape(b, node, src, flexible, pending=pending)
+            except Exception as err:
+                b.freeze_node(node, f"reshape {node.name}: {type(err).__name__}: {err}")
+        # merges/splits of dims without channels on their input side: a later op may have put
+        # channels on their output side (Bloom's ALiBi bias [B, H, L] -> [B*H, 1, L] is added to
+        # scores whose [B*H] follows the heads): follow them back to the input dims
+        for _ in range(3):
+            progress, still = False, []
+            for item in pending:
+                try:
+                    done = _resolve_from_output(b, *item)
+                except Exception as err:
+                    logger.debug("reshape %s: %s", item[0].name, err)
+                    done = True
+                progress |= done
+                if not done:
+                    still.append(item)
+            pending = still
+            if not progress or not pending:
+                break
         return _finish(gm, b, ignored=self.ignore)
 
 

@@ -284,7 +284,46 @@ def rewritten_sizes(node: torch.fx.Node, sizes: Sequence[Any], r: RewriteContext
         src = shape_source(s)
         stale = src is not None and r.new_size(*src) != n
         if n != out[d] or stale:
-            new[d] = n
+            new[d] = _scaled_size(node, s, n, out[d], r) if src is None else n
             changed = True
     return new if changed else None
+
+
+def _reads_pruned_size(s: Any, r: RewriteContext, depth: int = 12) -> bool:
+    """Whether the size expression ``s`` reads a tensor dim that the rewrite changes."""
+    if not isinstance(s, torch.fx.Node):
+        return False
+    if depth <= 0 or isinstance(tensor_info(s), TensorInfo):
+        return True  # too deep to tell, or a value computed from a tensor's data: assume it changes
+    src = shape_source(s)
+    if src is not None:
+        t, k = src
+        return r.new_size(t, k) != shape_of(t)[k]
+    if _reads_shape(s):
+        return True  # a shape read fxprune cannot attribute to one dim: assume it changes
+    return any(_reads_pruned_size(a, r, depth - 1) for a in s.all_input_nodes)
+
+
+def _reads_shape(s: torch.fx.Node) -> bool:
+    if s.op == "call_method" and s.target == "size":
+        return True
+    if s.op == "call_function" and s.target is getattr and len(s.args) > 1 and s.args[1] == "shape":
+        return True
+    return s.op == "call_function" and s.target is operator.getitem and isinstance(s.args[0], torch.fx.Node) \
+        and _reads_shape(s.args[0])
+
+
+def _scaled_size(node: torch.fx.Node, s: Any, n: int, old: int, r: RewriteContext) -> Any:
+    """The new size of a pruned dim whose size was computed (``s``, e.g. ``batch * heads``).
+
+    When ``s`` reads no pruned dim it still evaluates to ``old`` at the example, so ``s * n // old``
+    is ``n`` there and keeps following the dynamic sizes ``s`` reads: heads folded into the batch
+    (DeBERTa's ``[B*H, L, L]``) stay ``B*H'`` at any batch size. Otherwise the literal ``n``.
+    """
+    if not isinstance(s, torch.fx.Node) or _reads_pruned_size(s, r) or old <= 0:
+        return n
+    graph = node.graph
+    with graph.inserting_before(node):
+        prod = graph.call_function(operator.mul, (s, n))
+        return graph.call_function(operator.floordiv, (prod, old))
 

@@ -26,7 +26,7 @@ from fxprune.opset._base import (
     rewritten_sizes,
     set_arg,
 )
-from fxprune.opset.attention import EinsumRule, MatmulRule, SDPARule
+from fxprune.opset.attention import EinsumRule, MatmulRule, SDPARule, feeds_softmax, mark_weight_operand
 from fxprune.opset.layers import (
     BatchNormRule,
     ChannelPassRule,
@@ -92,15 +92,16 @@ register_function(*_ops("sym_size", "sym_numel", "sym_stride", "sym_storage_offs
                         "_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_constrain_range",
                         "sym_constrain_range_for_size"))(MetaRule)
 
-register_function(*_ops(
+_ELEMENTWISE = (
+    "multiply", "subtract", "divide",
     "add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "pow", "where", "masked_fill",
     "eq", "ne", "gt", "lt", "ge", "le", "maximum", "minimum", "fmax", "fmin", "__and__", "__or__", "__xor__",
     "bitwise_and", "bitwise_or", "bitwise_xor", "logical_and", "logical_or", "logical_xor", "fmod",
     "remainder", "atan2", "lerp", "addcmul", "addcdiv", "hypot", "copysign", "clamp", "clip",
-    "xlogy", "isclose",
-))(ElementwiseRule)
+    "xlogy", "isclose", "copy",
+)
 
-register_function(*_ops(
+_UNARY = (
     "gelu", "tanh", "relu", "relu6", "sigmoid", "silu", "mish", "erf", "exp", "exp2", "log", "log2", "log1p",
     "expm1", "neg", "abs", "sqrt", "rsqrt", "reciprocal", "square", "sign", "sin", "cos", "floor", "ceil",
     "round", "trunc", "hardswish", "hardsigmoid", "hardtanh", "leaky_relu", "elu", "selu", "celu",
@@ -109,7 +110,25 @@ register_function(*_ops(
     "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "bernoulli",
     "clone", "contiguous", "alias", "detach", "lift_fresh_copy", "to", "_to_copy", "type_as",
     "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "positive",
-))(UnaryRule)
+    "fill", "zero", "uniform", "normal",
+)
+
+
+def _inplace(names) -> list[str]:
+    """The in-place variants (``add_``, ``relu_``, ``masked_fill_``...) of ``names``.
+
+    An in-place op writes its result into its first argument and returns it, so it couples
+    channels exactly like its out-of-place form (the first argument, the other tensors broadcast
+    into it, and the output are tied): ``hidden_state += residual`` in HF ResNet is an
+    ``aten.add_`` that ties the residual stream like ``aten.add``. ``copy_(dst, src)`` is
+    elementwise (``src`` broadcasts into ``dst``); ``fill_``/``zero_``/``uniform_``/``normal_``
+    keep their argument's shape.
+    """
+    return [n + "_" for n in names if not n.endswith("_")]
+
+
+register_function(*_ops(*_ELEMENTWISE, *_inplace(_ELEMENTWISE)))(ElementwiseRule)
+register_function(*_ops(*_UNARY, *_inplace(_UNARY)))(UnaryRule)
 
 register_function(*_ops(
     "arange", "zeros", "ones", "full", "empty", "scalar_tensor", "rand", "randn", "randint", "linspace",
@@ -349,7 +368,14 @@ register_function(*_ops("narrow", "narrow_copy"), torch.narrow)(NarrowRule)
 
 class AtenIndexRule(OpRule):
     """Gathers (``aten.index.Tensor``, ``gather``, ``index_select``, ``take_along_dim``): the indexed
-    dims of the source are frozen; ``index_select`` keeps the other dims tied."""
+    dims of the source are frozen; the dims they do not index pass through.
+
+    ``aten.index.Tensor(x, [None, ..., idx, None, ...])`` with one index tensor is ``x[..., idx, ...]``:
+    the output is ``x.shape[:d] + idx.shape + x.shape[d+1:]``, so the other dims of ``x`` are tied to
+    the output and can be pruned. A relative-position bias gathers its table's rows this way
+    (``table[index.view(-1)]``, ``[(2w-1)^2, heads] -> [w^4, heads]``): the heads column stays tied to
+    the attention heads and the table is sliced with them, each kept head gathering its own column.
+    """
 
     name = "aten_index"
 
@@ -357,6 +383,11 @@ class AtenIndexRule(OpRule):
         x = node.args[0]
         xs, os_ = ishape(x), ishape(node)
         name = _name(node)
+        if name == "index" and xs is not None and os_ is not None and self._one_index(node, b, x, xs, os_):
+            return
+        if name in ("gather", "take_along_dim") and xs is not None and os_ is not None and \
+                self._along_dim(node, b, x, xs, os_):
+            return
         if name == "index_select" and xs is not None and os_ is not None and len(xs) == len(os_):
             dim = norm_dim(int(const(node.args[1])), len(xs))
             for d in range(len(xs)):
@@ -368,8 +399,56 @@ class AtenIndexRule(OpRule):
             return
         b.freeze_node(node, f"gathered by a tensor index ({name} '{node.name}')")
 
+    @staticmethod
+    def _along_dim(node, b, x, xs, os_) -> bool:
+        """``gather(x, dim, index)``: ``out[..., k, ...] = x[..., index[..., k, ...], ...]`` along ``dim``;
+        every other dim of ``x``, ``index`` and the output is aligned element for element (DeBERTa
+        gathers its relative-position scores this way, per batch*head row)."""
+        index = arg(node, 2, "index") if _name(node) == "gather" else arg(node, 1, "indices")
+        dim = arg(node, 1, "dim") if _name(node) == "gather" else arg(node, 2, "dim")
+        ins = ishape(index) if isinstance(index, torch.fx.Node) else None
+        if ins is None or not isinstance(const(dim), int) or len(ins) != len(xs) or tuple(ins) != tuple(os_):
+            return False
+        d = norm_dim(int(const(dim)), len(xs))
+        reason = f"gathered by a tensor index ({node.name})"
+        b.freeze(b.space(x, d), reason)
+        b.tie(b.space(index, d), b.space(node, d))
+        for k in range(len(xs)):
+            if k == d:
+                continue
+            if xs[k] != os_[k]:
+                b.freeze(b.space(x, k), reason)
+                b.freeze(b.space(node, k), reason)
+                continue
+            b.tie(b.space(x, k), b.space(node, k))
+            b.tie(b.space(index, k), b.space(node, k))
+        return True
 
-register_function(*_ops("index", "gather", "index_select", "take_along_dim", "masked_select",
+    @staticmethod
+    def _one_index(node, b, x, xs, os_) -> bool:
+        indices = node.args[1] if len(node.args) > 1 else node.kwargs.get("indices")
+        if not isinstance(indices, (list, tuple)):
+            return False
+        tensors = [(d, it) for d, it in enumerate(indices) if it is not None]
+        if len(tensors) != 1 or not isinstance(tensors[0][1], torch.fx.Node):
+            return False
+        d, idx = tensors[0]
+        ins = ishape(idx)
+        if ins is None or d >= len(xs) or len(os_) != len(xs) - 1 + len(ins):
+            return False
+        if tuple(os_[d:d + len(ins)]) != tuple(ins):
+            return False
+        reason = f"gathered by a tensor index ({node.name})"
+        b.freeze(b.space(x, d), reason)
+        for k in range(len(ins)):
+            b.tie(b.space(idx, k), b.space(node, d + k))
+        for k in range(len(xs)):
+            if k != d:
+                b.tie(b.space(x, k), b.space(node, k if k < d else k - 1 + len(ins)))
+        return True
+
+
+register_function(torch.index_select, *_ops("index", "gather", "index_select", "take_along_dim", "masked_select",
                         "take"))(AtenIndexRule)
 
 
@@ -475,6 +554,36 @@ def _param_name(gm, a) -> str | None:
     return str(a.target) if attr in owner._parameters else None
 
 
+class AtenIm2colRule(OpRule):
+    """``aten.im2col`` (``F.unfold`` / ``nn.Unfold``): ``[B, C, H, W] -> [B, C*kh*kw, L]``; channel
+    ``c`` owns the ``kh*kw`` rows ``c*kh*kw ...``, so the rows follow the input's channels."""
+
+    name = "aten_im2col"
+
+    def couple(self, node, b):
+        x = node.args[0]
+        xs, os_ = ishape(x), ishape(node)
+        if xs is None or os_ is None or len(xs) not in (3, 4) or len(os_) != len(xs) - 1:
+            b.freeze_node(node, f"im2col with unexpected shapes ({node.name})")
+            return
+        batched = len(xs) == 4
+        c_in, c_out = (1, 1) if batched else (0, 0)
+        k = os_[c_out] // xs[c_in] if xs[c_in] else 0
+        if k * xs[c_in] != os_[c_out]:
+            b.freeze_node(node, f"im2col with unexpected shapes ({node.name})")
+            return
+        if batched:
+            b.tie(b.space(x, 0), b.space(node, 0))
+        j = np.arange(os_[c_out])
+        b.tie_map(b.space(node, c_out), j, b.space(x, c_in), j // k)
+        for d in range(c_in + 1, len(xs)):
+            b.freeze(b.space(x, d), f"unfolded positions ({node.name})")
+        b.freeze(b.space(node, len(os_) - 1), f"unfolded positions ({node.name})")
+
+
+register_function(*_ops("im2col"))(AtenIm2colRule)
+
+
 class AddmmRule(OpRule):
     """``aten.addmm(bias, a, b)`` / ``torch.addmm`` / ``baddbmm``: ``bias + a @ b``.
 
@@ -515,6 +624,12 @@ class AddmmRule(OpRule):
         if isinstance(bias, torch.fx.Node) and ishape(bias) is not None:
             if not tie_broadcast(b, node, [bias]):
                 b.freeze_node(node, f"unexpected bias broadcast in '{node.name}'")
+                return
+        if w_name is None:
+            mark_weight_operand(b, node, w, len(so) - 1)  # a transposed/cast weight (W.t())
+        if _name(node) == "baddbmm" and feeds_softmax(node, b.gm):  # scores with a bias (Bloom's ALiBi)
+            b.freeze(b.space(x, len(sx) - 1), f"head dim of attention scores '{node.name}' (heads are pruned whole)")
+            b.role(b.space(node, 0), "heads")
 
     def macs(self, node, m):
         x = node.args[1]

@@ -42,8 +42,141 @@ def _tie_batch(b, pairs):
                 b.tie(b.space(node, d), b.space(out_node, d + off))
 
 
+def _transparent(node, gm) -> bool:
+    """Ops that carry attention scores/probabilities without mixing their last dim: reshapes,
+    elementwise ops (scale, bias, mask), activations, casts, dropout."""
+    from fxprune.opset._base import rule_for
+    from fxprune.opset.structural import ElementwiseRule, ReshapeRule, UnaryRule
+
+    rule = rule_for(node, gm)
+    return isinstance(rule, (ElementwiseRule, UnaryRule, ReshapeRule)) or rule.name == "aten_reshape"
+
+
+def _is_softmax_last(node, gm) -> bool:
+    from fxprune.opset._base import rule_for
+    from fxprune.opset.structural import SoftmaxRule
+
+    if not isinstance(rule_for(node, gm), SoftmaxRule) or not node.args:
+        return False
+    s = ishape(node.args[0])
+    if s is None:
+        return False
+    d = gm.get_submodule(node.target).dim if node.op == "call_module" else const(arg(node, 1, "dim"))
+    return isinstance(d, int) and norm_dim(d, len(s)) == len(s) - 1
+
+
+def _last(node) -> int | None:
+    s = ishape(node)
+    return s[-1] if s else None
+
+
+def feeds_softmax(node, gm, depth: int = 8) -> bool:
+    """``node`` (attention scores ``Q K^T``) reaches a softmax over its last dim through transparent ops."""
+    frontier, last = [node], _last(node)
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if _last(u) != last:
+                    continue
+                if _is_softmax_last(u, gm):
+                    return True
+                if _transparent(u, gm):
+                    nxt.append(u)
+        frontier = nxt
+        if not frontier:
+            break
+    return False
+
+
+def from_softmax(node, gm, depth: int = 8) -> bool:
+    """``node`` (attention probabilities) comes from a softmax over its last dim through transparent ops."""
+    n, last = node, _last(node)
+    for _ in range(depth):
+        if not isinstance(n, torch.fx.Node) or _last(n) != last:
+            return False
+        if _is_softmax_last(n, gm):
+            return True
+        if not _transparent(n, gm) or not n.args or not isinstance(n.args[0], torch.fx.Node):
+            return False
+        n = n.args[0]
+    return False
+
+
+_SAME_LAYOUT = {"contiguous", "to", "_to_copy", "clone", "detach", "alias", "type_as", "float", "half",
+                "bfloat16", "lift_fresh_copy"}
+
+
+def _op_name(n) -> str:
+    if n.op == "call_method":
+        return str(n.target)
+    t = n.target
+    return getattr(getattr(t, "overloadpacket", t), "__name__", str(t))
+
+
+def weight_param(x, gm, depth: int = 6) -> tuple[str, list[int]] | None:
+    """``(parameter name, dims)`` when ``x`` is a parameter seen through transposes and casts:
+    ``dims[i]`` is the parameter dim behind ``x``'s dim ``i``. Layers written as matmuls on their
+    weight (HF ``Conv1D``'s ``addmm(b, x, W)``, Falcon's ``x @ W.T``) produce channels like
+    ``nn.Linear`` does."""
+    shape = ishape(x)
+    if not isinstance(x, torch.fx.Node) or shape is None:
+        return None
+    perm = list(range(len(shape)))
+    n = x
+    for _ in range(depth):
+        if n.op == "get_attr":
+            t = gm
+            for part in str(n.target).split("."):
+                t = getattr(t, part, None)
+            return (str(n.target), perm) if isinstance(t, torch.nn.Parameter) else None
+        if n.op not in ("call_function", "call_method") or not n.args or not isinstance(n.args[0], torch.fx.Node):
+            return None
+        name = _op_name(n)
+        src = n.args[0]
+        ps = ishape(src)
+        if ps is None or len(ps) != len(shape):
+            return None
+        if name in _SAME_LAYOUT:
+            sigma = list(range(len(ps)))
+        elif name in ("t", "numpy_T"):
+            sigma = list(reversed(range(len(ps))))
+        elif name in ("transpose", "swapaxes", "swapdims"):
+            d0, d1 = (norm_dim(int(const(n.args[i])), len(ps)) for i in (1, 2))
+            sigma = list(range(len(ps)))
+            sigma[d0], sigma[d1] = sigma[d1], sigma[d0]
+        elif name == "permute":
+            dims = n.args[1] if isinstance(n.args[1], (list, tuple)) else n.args[1:]
+            sigma = [norm_dim(int(const(d)), len(ps)) for d in dims]
+        else:
+            return None
+        perm = [sigma[p] for p in perm]
+        n = src
+    return None
+
+
+def mark_weight_operand(b, node, w, out_dim: int) -> None:
+    """``node = x @ w`` with ``w`` a parameter: its output channels are produced there."""
+    found = weight_param(w, b.gm)
+    sw = ishape(w)
+    if found is None or len(sw) != 2:
+        return
+    name, dims = found
+    b.origin(b.space(node, out_dim))
+    b.role(b.pspace(name, dims[1]), "producer")
+    b.role(b.pspace(name, dims[0]), "consumer")
+
+
 class MatmulRule(OpRule):
-    """matmul / bmm / mm / ``@`` on two tensors: the contracted dim is tied across operands."""
+    """matmul / bmm / mm / ``@`` on two tensors: the contracted dim is tied across operands.
+
+    Attention written with matmuls (``softmax(Q K^T) V``, the heads as a dim of their own or folded
+    into the batch like DeBERTa's ``[B*H, L, D]``) is pruned by whole heads, as with
+    ``scaled_dot_product_attention``: the contracted head dim of ``Q K^T`` (a matmul whose output
+    feeds a softmax over its last dim) and the value head dim of ``P V`` (a matmul whose first
+    operand comes from such a softmax) are frozen, so reshapes put the projections' channels on
+    the heads dim; the batch dims of both carry the ``heads`` role.
+    """
 
     name = "matmul"
 
@@ -59,6 +192,16 @@ class MatmulRule(OpRule):
         _tie_batch(b, [(node, len(so) - 2), (a, len(sa) - 2), (c, len(sc) - 2)])
         if len(so) >= 4:
             for d in range(1, len(so) - 2):
+                b.role(b.space(node, d), "heads")
+        mark_weight_operand(b, node, c, len(so) - 1)
+        scores = len(so) >= 3 and feeds_softmax(node, b.gm)
+        probs = len(so) >= 3 and not scores and from_softmax(a, b.gm)
+        if scores:
+            b.freeze(b.space(a, len(sa) - 1), f"head dim of attention scores '{node.name}' (heads are pruned whole)")
+        elif probs:
+            b.freeze(b.space(node, len(so) - 1), f"value head dim of attention '{node.name}' (heads are pruned whole)")
+        if scores or probs:
+            for d in range(len(so) - 2):
                 b.role(b.space(node, d), "heads")
 
     def macs(self, node, m):

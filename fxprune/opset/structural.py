@@ -184,15 +184,44 @@ register_function(fx_ops.finfo_value)(MetaRule)  # a dtype limit read at run tim
 
 
 class FactoryRule(OpRule):
-    """New tensors of a given size: their dims cannot follow pruning, so they are frozen."""
+    """New tensors of a given size (``zeros``, ``arange``, ``full``...).
+
+    Their dims are free: what they are combined with decides. When a dim ends up pruned (Bloom's
+    ALiBi slopes come from ``arange(1, 1 + heads)`` and follow the heads they bias), the rewrite
+    keeps the factory call as it is and selects the kept elements right after it, so every kept
+    element has the value it had in the original (``arange`` values included).
+    """
 
     name = "factory"
 
     def couple(self, node, b):
+        return None
+
+    def rewrite(self, node, r):
         s = ishape(node)
-        if s is not None:
-            for d in range(len(s)):
-                b.freeze(b.space(node, d), f"tensor created with a constant size ({node.name})")
+        cuts = [(d, r.kept(node, d)) for d in range(len(s or ()))]
+        cuts = [(d, k) for d, k in cuts if k is not None and len(k) != s[d]]
+        if not cuts:
+            return
+        graph = r.gm.graph
+        with graph.inserting_before(node):
+            cur = graph.create_node(node.op, node.target, node.args, node.kwargs)
+            cur.meta.update(node.meta)
+            for i, (d, kept) in enumerate(cuts):
+                attr = _free_attr(r.gm, f"_fxprune_kept_{node.name}_{d}")
+                r.gm.register_buffer(attr, torch.as_tensor(np.asarray(kept), dtype=torch.long))
+                idx = graph.get_attr(attr)
+                if i < len(cuts) - 1:
+                    cur = graph.call_function(torch.index_select, (cur, d, idx))
+                else:  # the last selection becomes the node itself: its users and name stay
+                    node.op, node.target, node.args, node.kwargs = "call_function", torch.index_select, (cur, d, idx), {}
+
+
+def _free_attr(gm, base: str) -> str:
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
 
 
 register_method("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor")(FactoryRule)
@@ -455,6 +484,29 @@ class RepeatRule(OpRule):
             else:
                 b.freeze_node(node, f"repeat with uneven sizes ({node.name})")
                 return
+
+    def rewrite(self, node, r):
+        """A repeat count computed as ``total // <size of the repeated dim>`` (DeBERTa repeats its
+        per-head relative-position projections ``q.size(0) // num_heads`` times to fill batch*heads)
+        divides by the dim's new size once its heads were pruned."""
+        if node.op != "call_method" or len(node.args) < 2:
+            return
+        x = node.args[0]
+        xs = ishape(x)
+        counts = list(node.args[1]) if isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
+        off = len(counts) - len(xs)
+        changed = False
+        for d in range(len(xs)):
+            c = counts[d + off] if 0 <= d + off < len(counts) else None
+            old, new = xs[d], r.new_size(x, d)
+            if new == old or not isinstance(c, torch.fx.Node) or c.op != "call_function" or \
+                    c.target is not operator.floordiv or len(c.args) != 2 or c.args[1] != old:
+                continue
+            with r.gm.graph.inserting_before(node):
+                counts[d + off] = r.gm.graph.call_function(operator.floordiv, (c.args[0], new))
+            changed = True
+        if changed:
+            node.args = (x, counts) if isinstance(node.args[1], (list, tuple)) else (x, *counts)
 
 
 register_method("repeat", "tile")(RepeatRule)
