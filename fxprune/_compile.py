@@ -9,6 +9,7 @@ Each step is a named pass or analysis; the policy only sees a serialisable ``Pru
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import math
 import numbers
@@ -22,16 +23,20 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from fxprune import progress
 from fxprune.budget import format_macs, parse_mac_budget
-from fxprune.capture import Captured, capture
+from fxprune.capture import Captured, capture, share_tensors
 from fxprune.cost_models.mac import MacCalibration, MacCountAnalysis, MacTerm, PlanCost, calibrate
 from fxprune.errors import (ConfigError, FxpruneError, InvalidBudgetError, PolicyError, PostconditionError,
                             PreconditionError)
 from fxprune.passes._infra import AnalysisManager, PassManager, TimingInstrument
 from fxprune.passes.dependency_groups import DependencyGraph, DependencyGroupsAnalysis, Group
+from fxprune._memory import release_free_memory
+from fxprune._plan import WEIGHTLESS_CRITERION, check_weightless, planned_params
 from fxprune.passes.fuse_projections import FuseProjectionsPass
+from fxprune.passes.own_tensors import OwnTensorsPass, storage_ids
 from fxprune.passes.prune_channels import PruneChannelsPass
-from fxprune.passes.shape_prop import ShapePropPass
+from fxprune.passes.shape_prop import ShapePropPass, has_meta_tensors
 from fxprune.policies.base import GroupSpec, PruningPlan, PruningProblem, SearchContext
 from fxprune.policies.solver import Projection, allowed_keeps, project
 from fxprune.report import FrozenInfo, GroupDecision, Report, environment
@@ -125,6 +130,7 @@ class PruneSession:
     loss_fn: Any = None
     seed: int = 0
     _score_cache: dict[str, dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
+    _shared: frozenset | None = field(default=None, repr=False)  # storages the user's model owns
     last_passes: list[dict[str, Any]] = field(default_factory=list, repr=False)
     layout: Any = None  # fxprune.hf.Layout: tied / whole groups (layer_uniform)
     hf_source: Any = None  # fxprune.hf.HFSource of a Hugging Face model fxprune can rebuild
@@ -165,13 +171,22 @@ class PruneSession:
                 for g, k in zip(self.graph.groups, keep) if int(k) < g.n}
 
     def materialize(self, keep: np.ndarray, criterion: str | None = None) -> tuple[torch.fx.GraphModule, int]:
-        """Build the pruned model for ``keep`` (a copy; the session's graph is untouched)."""
-        gm = copy.deepcopy(self.gm)
+        """Build the pruned model for ``keep``; the session's graph and tensors are untouched.
+
+        One copy of the weights: the module structure is copied with the capture's tensors shared,
+        the rewrite replaces pruned tensors by ``index_select`` results, and only what it left
+        shared with the user's model is cloned (``OwnTensorsPass``): the result owns its memory
+        and nothing is copied twice. Shapes and MACs come from fake tensors (no forward pass).
+        """
+        state = list(self.gm.parameters()) + list(self.gm.buffers())
+        if self._shared is None:
+            self._shared = storage_ids(state)
+        gm = copy.deepcopy(self.gm, share_tensors(state))
         units = self.units(keep, criterion)
         timing = TimingInstrument()
         am = AnalysisManager(gm)
         passes = (([PruneChannelsPass(self.graph, units)] if units else [])
-                  + [FuseProjectionsPass(), ShapePropPass(self.captured.inputs)])
+                  + [FuseProjectionsPass(), OwnTensorsPass(self._shared), ShapePropPass(self.captured.inputs)])
         try:
             PassManager(passes, instruments=[timing]).run(gm, am)
         except PreconditionError as err:
@@ -189,11 +204,18 @@ class PruneSession:
         gm.eval()
         return gm, macs
 
+    def owned_original(self) -> torch.fx.GraphModule:
+        """The unpruned model as a result's ``model``: projections re-fused like
+        :meth:`deployed_original`, but owning every tensor (nothing shared with the user's model)."""
+        return self.materialize(np.array([g.n for g in self.graph.groups], dtype=np.int64))[0]
+
     def deployed_original(self) -> torch.fx.GraphModule:
-        """The captured model as it is returned unpruned: a copy with split projections re-fused
-        (``FuseProjectionsPass``), so it runs as fast as the user's model. Built once."""
+        """The captured model with split projections re-fused (``FuseProjectionsPass``), so it runs as
+        fast as the user's model: ``result.original`` and the latency baseline. A copy of the module
+        structure on the capture's tensors (no copy of the weights: read-only, like the capture;
+        the fused q/k/v of an ``nn.MultiheadAttention`` is a view of its ``in_proj_weight``). Built once."""
         if self._deployed is None:
-            gm = copy.deepcopy(self.gm)
+            gm = copy.deepcopy(self.gm, share_tensors(list(self.gm.parameters()) + list(self.gm.buffers())))
             PassManager([FuseProjectionsPass(), ShapePropPass(self.captured.inputs)]).run(gm, AnalysisManager(gm))
             gm.eval()
             self._deployed = gm
@@ -202,17 +224,25 @@ class PruneSession:
 
 def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, importance: str = "l1",
                  calibration_data: Any = None, loss_fn: Any = None, capture_method: str = "auto",
-                 leaf_modules: Sequence[type] = (), seed: int = 0, layer_uniform: bool | None = None) -> PruneSession:
+                 leaf_modules: Sequence[type] = (), seed: int = 0, layer_uniform: bool | None = None,
+                 dynamic: bool = True) -> PruneSession:
     t0 = time.perf_counter()
-    cap = capture(model, example_inputs, method=capture_method, leaf_modules=leaf_modules)
+    # the capture shares the user's tensors (read-only): materialize() copies only what it prunes
+    with progress.stage("capture"):
+        cap = capture(model, example_inputs, method=capture_method, leaf_modules=leaf_modules, share_weights=True,
+                      dynamic=dynamic)
     t1 = time.perf_counter()
     am = AnalysisManager(cap.gm)
-    PassManager([ShapePropPass(cap.inputs)]).run(cap.gm, am)
+    prop = ShapePropPass(cap.inputs)(cap.gm, am)
+    if prop.info.get("note"):
+        cap.notes.append(prop.info["note"])
     cal = calibrate(cap.gm, cap.inputs)  # measured MACs where a rule is missing or wrong (channels frozen)
     t2 = time.perf_counter()
     ignore_names, ignore_fn = _ignore_spec(ignore, cap.gm, model)
-    graph = am.get(DependencyGroupsAnalysis(ignore=ignore_names, ignore_fn=ignore_fn))
-    count = am.get(MacCountAnalysis())
+    with progress.stage("dependency groups and MACs"):
+        graph = am.get(DependencyGroupsAnalysis(ignore=ignore_names, ignore_fn=ignore_fn))
+        count = am.get(MacCountAnalysis())
+    release_free_memory()  # the analysis' temporaries, before the pruned weights are allocated
     terms = count.terms
     t3 = time.perf_counter()
     sizes = _space_sizes(cap.gm)
@@ -223,6 +253,7 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
                                  "this is a bug in fxprune (please report it with the model)")
     scores = _importance(cap.gm, graph, importance,
                          calibration_data if calibration_data is not None else _example_data(cap), loss_fn, seed)
+    release_free_memory()
     t4 = time.perf_counter()
     timings = {"capture": t1 - t0, "shape_prop": t2 - t1, "analysis": t3 - t2, "importance": t4 - t3}
     session = PruneSession(cap, graph, terms, base, cost, scores, importance, timings, calibration_data, loss_fn, seed,
@@ -376,15 +407,20 @@ class CompileResult:
     """What ``fxprune.compile`` returns.
 
     Attributes:
-        model: the pruned model (a ``torch.fx.GraphModule``, eval mode).
-        macs / base_macs: MACs of the pruned / original model on the example inputs.
-        params / base_params: parameter counts.
+        model: the pruned model (a ``torch.fx.GraphModule``, eval mode). It owns all its tensors
+            (none shares storage with the user's model). ``None`` for a plan (``plan_only``).
+        macs / base_macs: MACs of the pruned / original model on the example inputs. For a plan,
+            ``macs`` is the exact plan cost model's count (what the rewrite would count).
+        params / base_params: parameter counts (for a plan, computed from the groups' slices).
         report: every decision (``report.to_json()`` for pipelines, ``str(report)`` for people).
         example_inputs: the inputs the model was compiled with.
-        original: the captured, unpruned model (for benchmarks and ONNX of the baseline).
+        original: the captured, unpruned model (for benchmarks and ONNX of the baseline). It
+            shares the user's tensors (no copy): treat it as read-only.
+        keep: units (channels or heads) each dependency group keeps, by group id.
+        plan_only: True when only the plan was computed (``compile(..., plan_only=True)``).
     """
 
-    model: torch.fx.GraphModule
+    model: torch.fx.GraphModule | None
     macs: int
     base_macs: int
     params: int
@@ -394,29 +430,40 @@ class CompileResult:
     original: torch.fx.GraphModule | None = None
     keep: dict[int, int] = field(default_factory=dict)
     hf_source: Any = field(default=None, repr=False)
+    plan_only: bool = False
+
+    def _need_model(self, what: str) -> None:
+        if self.model is None:
+            raise ConfigError(f"{what} needs a pruned model, and this result is a plan (plan_only=True): "
+                              "compile again without plan_only, with the model's weights loaded")
 
     def to_hf(self, *, verify: bool = True) -> nn.Module:
         """The pruned Hugging Face model as an instance of its original class (``generate``,
         ``save_pretrained``); see :func:`fxprune.hf.to_hf`."""
         from fxprune.hf import to_hf
 
+        self._need_model("to_hf")
         return to_hf(self, verify=verify)
 
     def export_onnx(self, path: str | None = None, **kwargs: Any):
         """Export the pruned model to ONNX (dynamic batch dimension); returns the ``onnx.ModelProto``."""
         from fxprune.export import export_onnx
 
-        return export_onnx(self.model, self.example_inputs, path, **kwargs)
+        self._need_model("export_onnx")
+        with progress.stage("ONNX export"):
+            return export_onnx(self.model, self.example_inputs, path, **kwargs)
 
     def save(self, path: str) -> None:
         from fxprune.serialization import save
 
+        self._need_model("save")
         save(self.model, path)
 
     def benchmark(self, config: Any = None, **kwargs: Any):
         """Measure original vs pruned latency on ONNX Runtime (see ``fxprune.latency``)."""
         from fxprune.latency import benchmark_result
 
+        self._need_model("benchmark")
         return benchmark_result(self, config, **kwargs)
 
     def __str__(self) -> str:
@@ -450,6 +497,7 @@ def compile(  # noqa: A001 - the product's name for the operation
     target: str | None = None,
     dtype: Any = None,
     batch_size: int | None = None,
+    plan_only: bool = False,
 ) -> CompileResult:
     """Compile ``model`` to a MAC budget: a physically smaller model with MACs in the band.
 
@@ -483,6 +531,10 @@ def compile(  # noqa: A001 - the product's name for the operation
         layer_uniform: keep the same number of units in every layer for groups that play the same
             role (one decision variable per role). ``None``: on for Hugging Face models that
             ``result.to_hf()`` can rebuild (their config has one width per role), off otherwise.
+        plan_only: return the plan only (``result.keep`` per group, exact ``macs`` from the plan
+            cost model, ``params``, the report; ``result.model`` is None): no pruned model is
+            built. A model whose weights are on the meta device can only be planned; it is
+            planned with the structure-only ``uniform`` criterion (see ``fxprune._plan``).
 
     Returns:
         A :class:`CompileResult`.
@@ -505,6 +557,15 @@ def compile(  # noqa: A001 - the product's name for the operation
                    leaf_modules=leaf_modules, latency_options=latency_options, importance=importance)
     if mac_budget is not None:
         parse_mac_budget(mac_budget, 1)  # a budget that cannot parse fails now, before the capture
+    weightless_note = None
+    if has_meta_tensors(model):  # built on the meta device: shapes only (see fxprune._plan)
+        check_weightless(plan_only=plan_only, policy=policy, evaluate=evaluate, latency_budget=latency_budget)
+        weightless_note = (f"the model's weights are on the meta device: planned from shapes alone with the "
+                           f"structure-only '{WEIGHTLESS_CRITERION}' criterion (importance={importance!r} needs "
+                           "weights), which keeps the first units of each group")
+        importance, calibration_data = WEIGHTLESS_CRITERION, None
+    if plan_only and latency_budget is not None:
+        raise ConfigError("plan_only plans to a MAC budget; a latency budget is met by timing built models")
     if latency_budget is not None:
         from fxprune.latency import compile_to_latency
 
@@ -521,9 +582,12 @@ def compile(  # noqa: A001 - the product's name for the operation
         torch.manual_seed(seed)
         session = open_session(model, example_inputs, ignore=ignore, importance=importance,
                                calibration_data=calibration_data, loss_fn=loss_fn, capture_method=capture,
-                               leaf_modules=leaf_modules, seed=seed, layer_uniform=layer_uniform)
+                               leaf_modules=leaf_modules, seed=seed, layer_uniform=layer_uniform,
+                               dynamic=not plan_only)
         budget = parse_mac_budget(mac_budget, session.base_macs)
         report = _new_report(model, session, policy, importance, mac_budget, budget, tolerance, channel_multiple, seed)
+        if weightless_note:
+            report.notes.append(weightless_note)
         if budget >= session.base_macs or not session.graph.groups:
             note = ("budget at or above the original's MACs: model returned unchanged" if budget >= session.base_macs
                     else "nothing in this model can be pruned: model returned unchanged")
@@ -534,11 +598,13 @@ def compile(  # noqa: A001 - the product's name for the operation
                 raise BudgetUnreachableError(
                     f"{note.split(':')[0]}; the budget {format_macs(budget)} is below the original "
                     f"{format_macs(session.base_macs)}", min_macs=session.base_macs, budget=budget)
-            return _result(session, session.deployed_original(), session.base_macs, report, {}, start)
+            if plan_only:
+                return _plan_result(session, report, {}, start)
+            return _result(session, session.owned_original(), session.base_macs, report, {}, start)
         return compile_at_budget(model, session, budget, start, report=report, tolerance=tolerance, policy=policy,
                                  channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio,
                                  importance=importance, evaluate=evaluate, calibration_data=calibration_data,
-                                 seed=seed, verify=verify, policy_options=policy_options)
+                                 seed=seed, verify=verify, policy_options=policy_options, plan_only=plan_only)
 
 
 def _is_number(value: Any) -> bool:
@@ -578,7 +644,8 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
                       report: Report | None = None, tolerance: float, policy: Any, channel_multiple: int,
                       min_keep_ratio: float, importance: str, evaluate: Callable[[nn.Module], float] | None,
                       calibration_data: Any, seed: int, verify: bool,
-                      policy_options: dict[str, Any] | None, problem: PruningProblem | None = None) -> CompileResult:
+                      policy_options: dict[str, Any] | None, problem: PruningProblem | None = None,
+                      plan_only: bool = False) -> CompileResult:
     """Plan, project, rewrite and verify at an absolute MAC ``budget`` below the original's.
 
     The session (capture, analyses, importance) is reused, so the latency search can build
@@ -598,34 +665,55 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
     problem = with_healed(problem, session.healed)
     solved_with = len(session.healed)
     pol = get_policy(policy, policy_options)
-    ctx = _search_context(session, problem, model, evaluate, calibration_data, seed, report,
-                          {"criterion": importance, "model_name": type(model).__name__, **(policy_options or {})})
     t0 = time.perf_counter()
-    plan = pol.select(problem, ctx)
+    scored: list = []  # the "candidates scored" bar, opened by the first candidate a search policy builds
+
+    def candidate_done() -> None:
+        if not scored:
+            scored.append(progress.bar(desc="candidates scored", unit="candidate"))
+        scored[0].update(1)
+
+    ctx = _search_context(session, problem, model, evaluate, calibration_data, seed, report,
+                          {"criterion": importance, "model_name": type(model).__name__, **(policy_options or {})},
+                          on_candidate=candidate_done)
+    try:
+        with progress.stage(f"policy ({getattr(pol, 'name', type(pol).__name__)})"):
+            plan = pol.select(problem, ctx)
+    finally:
+        for b in scored:
+            b.close()
     report.timings["policy"] = time.perf_counter() - t0
     if plan.rationale:
         report.notes.append(f"policy: {plan.rationale}")
     if session.layout is not None:
         report.notes += [n for n in session.layout.notes if n not in report.notes]
     crit = plan.criterion or None
+    if plan_only:
+        proj = _project_healed(session, problem, _whole_where_frozen(problem, problem.dense(plan.keep)))
+        keep_all = expand_keep(problem, proj.keep)  # one count per dependency group (ties expanded)
+        report.estimated_macs = proj.macs
+        _group_decisions(report, problem, keep_all)
+        return _plan_result(session, report, {g.id: int(k) for g, k in zip(full_problem(problem).groups, keep_all)},
+                            start)
     t0 = time.perf_counter()
     # self-healing: a candidate that fails to build, run or verify has its groups frozen, and the
     # plan is solved again (cheap policies choose again; search policies' plans are re-projected)
     healer = Healer(session, verify=verify)
-    while True:
-        if len(session.healed) != solved_with:
-            problem = with_healed(problem, session.healed)
-            if isinstance(policy, str) and policy in _CHEAP_POLICIES:
-                plan = pol.select(problem, ctx)
-            solved_with = len(session.healed)
-        proj = _project_healed(session, problem, _whole_where_frozen(problem, problem.dense(plan.keep)))
-        keep_all = expand_keep(problem, proj.keep)  # one count per dependency group (ties expanded)
-        estimated = proj.macs if problem.unit == "MACs" else int(session.cost(keep_all[None, :])[0])
-        try:
-            cand = build_candidate(session, keep_all, crit, estimate=estimated, verify=verify)
-            break
-        except CandidateFailure as failure:
-            healer.freeze(failure, keep_all, crit)
+    with progress.stage("rewrite"):
+        while True:
+            if len(session.healed) != solved_with:
+                problem = with_healed(problem, session.healed)
+                if isinstance(policy, str) and policy in _CHEAP_POLICIES:
+                    plan = pol.select(problem, ctx)
+                solved_with = len(session.healed)
+            proj = _project_healed(session, problem, _whole_where_frozen(problem, problem.dense(plan.keep)))
+            keep_all = expand_keep(problem, proj.keep)  # one count per dependency group (ties expanded)
+            estimated = proj.macs if problem.unit == "MACs" else int(session.cost(keep_all[None, :])[0])
+            try:
+                cand = build_candidate(session, keep_all, crit, estimate=estimated, verify=verify)
+                break
+            except CandidateFailure as failure:
+                healer.freeze(failure, keep_all, crit)
     pruned, macs = cand.gm, cand.macs
     report.solver_notes += proj.notes
     report.warnings += [n for n in proj.notes if "not honoured" in n]  # the printed report shows warnings
@@ -641,11 +729,30 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
     report.measured_macs = cand.measured
     report.healed = [h.to_json() for h in session.healed.values()]
     keep = {g.id: int(k) for g, k in zip(full_problem(problem).groups, keep_all)}
+    _group_decisions(report, problem, keep_all)
+    return _result(session, pruned, macs, report, keep, start)
+
+
+def _group_decisions(report: Report, problem: PruningProblem, keep_all: np.ndarray) -> None:
+    from fxprune.tying import full_problem
+
     report.groups = [
         GroupDecision(g.id, g.name, g.kind, g.bucket, g.size, int(k), g.unit, g.mac_share, g.exact, g.members)
         for g, k in zip(full_problem(problem).groups, keep_all)
     ]
-    return _result(session, pruned, macs, report, keep, start)
+
+
+def _plan_result(session: PruneSession, report: Report, keep: dict[int, int], start: float) -> CompileResult:
+    """A plan (``plan_only``): keep counts, exact MACs and params from the cost model, no model built."""
+    macs = int(session.cost(np.array([[keep.get(g.id, g.n) for g in session.graph.groups]], dtype=np.int64))[0]) \
+        if session.graph.groups else session.base_macs
+    report.macs = macs
+    report.params = planned_params(session.gm, session.graph, keep)
+    report.notes.append("plan only: no pruned model was built (result.model is None); macs come from the exact "
+                        "plan cost model, params from the groups' parameter slices")
+    report.timings["total"] = time.perf_counter() - start
+    return CompileResult(None, macs, session.base_macs, report.params, report.base_params, report,
+                         session.captured.inputs, session.gm, keep, plan_only=True)
 
 
 _CHEAP_POLICIES = ("uniform", "global", "isomorphic")
@@ -766,7 +873,8 @@ def _result(session: PruneSession, pruned, macs, report: Report, keep, start) ->
                          session.captured.inputs, session.deployed_original(), keep, session.hf_source)
 
 
-def _search_context(session, problem, model, evaluate, calibration_data, seed, report, options) -> SearchContext:
+def _search_context(session, problem, model, evaluate, calibration_data, seed, report, options,
+                    on_candidate: Callable[[], None] | None = None) -> SearchContext:
     """The quality signal for search policies: the user's evaluate, else label-free fidelity.
 
     Candidates are built by a healer: one that fails to build or run has the failing groups frozen
@@ -786,10 +894,20 @@ def _search_context(session, problem, model, evaluate, calibration_data, seed, r
         if key not in cache:
             built, _ = healer.build(expand_keep(problem, keep), plan.criterion or None)
             cand = built.gm
-            if evaluate is not None:
-                cache[key] = float(evaluate(cand))
-            else:
-                cache[key] = _fidelity(session, cand, calibration_data)
+            del built
+            try:
+                if evaluate is not None:
+                    cache[key] = float(evaluate(cand))
+                else:
+                    cache[key] = _fidelity(session, cand, calibration_data)
+            finally:
+                # a GraphModule and its graph reference each other: only the cycle collector frees
+                # a candidate, so collect now, or memory would grow with the number of candidates
+                del cand
+                gc.collect()
+                release_free_memory()
+                if on_candidate is not None:
+                    on_candidate()
         return cache[key]
 
     name = "evaluate(model) (user)" if evaluate is not None else (

@@ -69,6 +69,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from fxprune._probe import bind_tensors, follow_dtypes, make_probe, no_stack_traces
 from fxprune.errors import TraceError
 
 __all__ = ["capture_export", "dynamic_dims", "META_DYNAMIC_DIMS"]
@@ -86,7 +87,7 @@ _KEEP_META = ("nn_module_stack", "stack_trace")
 # ------------------------------------------------------------------------------ entry point
 
 def capture_export(model: nn.Module, args: tuple, kwargs: dict,
-                   notes: list[str] | None = None,
+                   notes: list[str] | None = None, dynamic: bool = True,
                    size_dims: Sequence[Sequence[int]] | None = None) -> torch.fx.GraphModule:
     """Capture ``model`` (a private copy, in eval mode) with ``torch.export`` as a ``GraphModule``.
 
@@ -95,6 +96,8 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict,
         args / kwargs: example inputs (tensors).
         notes: capture notes are appended here (dims that could not be dynamic, layers kept as
             ATen calls).
+        dynamic: export batch/sequence dims as dynamic (the default). ``False`` captures static
+            shapes, several times faster: enough for counting and planning, where no model is built.
         size_dims: the size dims of each input (args, then kwargs), when the caller knows them
             (a module inside a model, whose inputs need not follow the image/sequence layouts
             ``dynamic_sizes.size_roles`` assumes: TinyViT's blocks take ``[B, H, W, C]``). They
@@ -110,8 +113,11 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict,
         specs = [{d: torch.export.Dim.AUTO for d in sorted({0, *dims}) if d < t.dim()}
                  for t, dims in zip(examples, size_dims)]
         return _capture_once(model, args, kwargs, names, specs, notes)[0]
-    specs = [_dynamic_spec(t) for t in examples]
+    specs = [_dynamic_spec(t) if dynamic else {} for t in examples]
     out, dyn = _capture_once(model, args, kwargs, names, specs, notes)
+    if not dynamic or _weightless(model):
+        # static capture (counting, planning), or no weights to run the model at other sizes with
+        return out
     # size dims (sequence, height/width, time): symbolic is not proof, probe them (dynamic_sizes)
     from fxprune.dynamic_sizes import META_SIZE_PROBE, settle_sizes, size_roles
 
@@ -130,17 +136,27 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict,
     return out
 
 
+def _weightless(model: nn.Module) -> bool:
+    return any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+
+
 def _capture_once(model, args, kwargs, names, specs, notes) -> tuple[torch.fx.GraphModule, dict[str, list[int]]]:
     """One torch.export capture turned into fxprune's graph module, and its symbolic dims per input."""
-    program = _export(model, args, kwargs, names, specs, notes)
+    with no_stack_traces():  # scale: fxprune never reads them, and they cost a quarter of the export
+        probe, program = _export_probe(model, args, kwargs, names, specs, notes)  # scale: weightless capture
+        if program is None:
+            program = _export(model, args, kwargs, names, specs, notes)
     gm = program.module(check_guards=False) if _has_check_guards() else program.module()
     dyn = _record_dynamic(gm, names, specs, args, kwargs, notes)
     _drop_guards_and_asserts(gm)
     _sym_size_to_method(gm)
     _symbolic_sizes_to_torch(gm)
     _dunder_ops_to_named(gm)
-    _live_devices(gm, args, kwargs)
+    _live_devices(gm, *((probe.args, probe.kwargs) if probe is not None else (args, kwargs)))
     converted, kept = _layers_to_modules(gm)
+    if probe is not None:  # scale: dtype arguments follow the weights; the model's tensors are bound
+        follow_dtypes(gm, probe)
+        bind_tensors(gm, probe, _tensor_device(model, args, kwargs))
     _strip_meta(gm)
     if kept:
         notes.append("layers kept as ATen calls (their parameters are not owned by one module): "
@@ -160,6 +176,35 @@ def dynamic_dims(gm: torch.fx.GraphModule) -> dict[str, list[int]]:
 
 
 # ------------------------------------------------------------------------------- torch.export
+
+def _export_probe(model, args, kwargs, names, specs, notes):
+    """``torch.export`` on the weightless probe of ``fxprune._probe``: ``(probe, program)``, or
+    ``(None, None)`` when the probe cannot be exported (the caller exports the real model, and a
+    note says that dtype casts stay as recorded). A model whose weights are on the meta device has
+    no real fallback: its export error is raised."""
+    probe = make_probe(model, args, kwargs)
+    probe_notes: list[str] = []
+    try:
+        program = _export(probe.model, probe.args, probe.kwargs, names, specs, probe_notes)
+    except TraceError as err:
+        if probe.weightless:
+            raise
+        logger.debug("weightless capture of %s failed: %s", type(model).__name__, err)
+        notes.append(f"captured on the model's real tensors: the weightless (meta-device) capture failed "
+                     f"({_first_line(err.__cause__ or err)}); dtype arguments recorded at capture stay "
+                     "fixed, so the pruned model may not follow .to(dtype)")
+        return None, None
+    notes.extend(probe_notes)
+    return probe, program
+
+
+def _tensor_device(model: nn.Module, args: tuple, kwargs: dict) -> torch.device | None:
+    """The device of the model's first non-meta tensor, else of the first non-meta input."""
+    for t in list(model.parameters()) + list(model.buffers()) + list(args) + list(kwargs.values()):
+        if isinstance(t, torch.Tensor) and not t.is_meta:
+            return t.device
+    return None
+
 
 def _has_check_guards() -> bool:
     try:

@@ -78,6 +78,7 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
+from fxprune import progress
 from fxprune.errors import BenchmarkError
 
 __all__ = [
@@ -359,7 +360,8 @@ def run_interleaved(
         for _ in range(warmup):
             run()
     times: list[list[list[int]]] = [[[] for _ in range(rounds)] for _ in runs]
-    for round_index in range(rounds):
+    # the bar is updated between rounds only, outside every timed call
+    for round_index in progress.bar(range(rounds), desc="benchmark", unit="round"):
         for model_index in rotation(len(runs), round_index):
             run = runs[model_index]
             bucket = times[model_index][round_index]

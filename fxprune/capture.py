@@ -1,6 +1,8 @@
 """Capture: turn a user's ``nn.Module`` into a ``torch.fx.GraphModule`` fxprune can prune.
 
-The user's model is never touched: capture works on a deep copy. Before tracing, modules whose
+The user's model is never touched: capture works on a copy of its module structure (whose
+tensors are copies too, or, with ``share_weights=True`` as ``fxprune.compile`` uses, parameters
+are new tensor objects on the user's storage, read-only: no second copy of the weights). Before tracing, modules whose
 internals matter for pruning but that torch.fx would keep opaque are replaced by equivalent,
 traceable ones (``nn.MultiheadAttention`` becomes q/k/v/out ``nn.Linear`` layers around
 ``F.scaled_dot_product_attention``). After tracing, library ops that bake in a width are swapped
@@ -164,13 +166,43 @@ def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
+def _meta_twin(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are meta tensors (same shapes, dtypes)."""
+    memo: dict[int, Any] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+def _share_projections(dec: DecomposedMultiheadAttention, mha: nn.MultiheadAttention) -> None:
+    """Point the decomposed projections at (views of) the attention's own tensors: no copy."""
+    if mha._qkv_same_embed_dim:
+        wq, wk, wv = mha.in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    pairs = [(dec.q_proj, "weight", wq), (dec.k_proj, "weight", wk), (dec.v_proj, "weight", wv),
+             (dec.out_proj, "weight", mha.out_proj.weight)]
+    if mha.in_proj_bias is not None:
+        bq, bk, bv = mha.in_proj_bias.chunk(3)
+        pairs += [(dec.q_proj, "bias", bq), (dec.k_proj, "bias", bk), (dec.v_proj, "bias", bv)]
+    if mha.out_proj.bias is not None:
+        pairs.append((dec.out_proj, "bias", mha.out_proj.bias))
+    for layer, name, src in pairs:
+        layer._parameters[name] = nn.Parameter(src.detach(), requires_grad=src.requires_grad)
+
+
 def _decompose_attention(model: nn.Module, notes: list[str]) -> None:
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if type(child) is nn.MultiheadAttention:
                 path = f"{name}.{child_name}" if name else child_name
                 if DecomposedMultiheadAttention.supports(child):
-                    setattr(mod, child_name, DecomposedMultiheadAttention(child))
+                    # scale: built from a meta twin (no allocation, no random init, no copy), then
+                    # pointed at the attention's own tensors: no second copy of the weights
+                    dec = DecomposedMultiheadAttention(_meta_twin(child))
+                    _share_projections(dec, child)
+                    setattr(mod, child_name, dec)
                 else:
                     notes.append(f"{path}: nn.MultiheadAttention with add_bias_kv/add_zero_attn kept opaque")
 
@@ -529,13 +561,36 @@ def _live_training_flags(gm: torch.fx.GraphModule, traced_training: bool) -> int
     return n
 
 
+def share_tensors(tensors) -> dict[int, Any]:
+    """A deepcopy memo that shares each tensor's storage under a new tensor object.
+
+    Parameters become new ``nn.Parameter`` objects on the same storage (same ``requires_grad``),
+    buffers ``detach()``-ed views: ``.to()``, ``.half()`` or ``requires_grad_`` on the copy never
+    reach the original's tensors, and nothing is read or copied (memory-mapped weights stay
+    unread). In-place writes to the data would reach the original: the copy is read-only.
+    """
+    memo: dict[int, Any] = {}
+    for t in tensors:
+        if id(t) in memo:
+            continue
+        if type(t) is nn.Parameter:
+            memo[id(t)] = nn.Parameter(t.detach(), requires_grad=t.requires_grad)
+        elif type(t) is torch.Tensor:
+            memo[id(t)] = t.detach()
+        else:  # tensor subclasses (quantized, DTensor ...): keep the object itself
+            memo[id(t)] = t
+    return memo
+
+
 def _copy_model(model: nn.Module, share_weights: bool) -> nn.Module:
     from fxprune.substitutes import copy_memo
 
     memo: dict[int, Any] = copy_memo(model)
-    if share_weights:  # parameters only: analyses run the graph, which may update buffers in place
-        for t in model.parameters():
-            memo[id(t)] = t
+    if share_weights:
+        # parameters share the user's storage under new Parameter objects (no copy; .to() on the
+        # capture never reaches the user's model); buffers are copied: analyses run the graph,
+        # which may update buffers in place (and they are small)
+        memo.update(share_tensors(model.parameters()))
     try:
         return copy.deepcopy(model, memo)
     except Exception as err:
@@ -620,6 +675,7 @@ def capture(
     method: str = "auto",
     leaf_modules: Sequence[type] = (),
     share_weights: bool = False,
+    dynamic: bool = True,
 ) -> Captured:
     """Capture ``model`` as a torch.fx graph module (on a deep copy, in eval mode).
 
@@ -629,8 +685,14 @@ def capture(
         method: "fx" (torch.fx symbolic tracing), "export" (torch.export, ATen-level graph turned
             back into modules) or "auto" (fx first, then export).
         leaf_modules: module classes to keep opaque (not traced into, not pruned inside).
-        share_weights: copy the module structure but share parameter and buffer tensors with
-            ``model`` (fast; for read-only uses such as counting MACs). The default copies them.
+        share_weights: copy the module structure but share the storage of the parameters with
+            ``model`` (no memory, nothing read; for read-only uses: counting MACs,
+            ``fxprune.compile``, which builds pruned tensors by index-select from these); buffers
+            are copied. The captured parameters are new objects, so ``.to()``/``.half()`` on the
+            capture never reach ``model``; writing into their data in place would. The default
+            copies everything.
+        dynamic: torch.export path only: batch/sequence dims dynamic (default). ``False`` is
+            faster and enough when no model will be built from the capture (counting, planning).
 
     Raises:
         TraceError: when the model cannot be captured; the message names the module and the
@@ -674,7 +736,7 @@ def capture(
     from fxprune._export import capture_export
 
     try:
-        gm = capture_export(work, args, kwargs, notes)
+        gm = capture_export(work, args, kwargs, notes, dynamic=dynamic)
     except TraceError as err:
         if fx_error is not None:
             raise TraceError(f"{fx_error}\nAlso tried torch.export: {err}", module_path=fx_error.module_path,

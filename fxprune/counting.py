@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from fxprune import progress
 from fxprune.capture import Captured, capture
 from fxprune.cost_models.mac import MacCalibration, MacCostModel, MacCount, calibrate
 from fxprune.passes.shape_prop import ShapePropPass
@@ -126,13 +127,16 @@ def count_macs(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[
         >>> fxprune.count_macs(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224))  # doctest: +SKIP
         4089184256
     """
-    c = _count(capture(model, example_inputs, share_weights=True, leaf_modules=leaf_modules))
+    with progress.stage("capture"):
+        cap = capture(model, example_inputs, share_weights=True, leaf_modules=leaf_modules, dynamic=False)
+    c = _count(cap)
     return Macs(c.total, exact=c.exact, uncounted=c.uncounted, measured=c.measured)
 
 
 def profile_macs(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[type] = ()) -> MacProfile:
     """Like :func:`count_macs`, with per-module and per-node breakdowns and the parameter count."""
-    cap = capture(model, example_inputs, share_weights=True, leaf_modules=leaf_modules)
+    with progress.stage("capture"):
+        cap = capture(model, example_inputs, share_weights=True, leaf_modules=leaf_modules)
     c = _count(cap)
     params = sum(p.numel() for p in model.parameters())
     from fxprune.cost_models.mac import calibration_of

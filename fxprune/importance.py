@@ -35,6 +35,9 @@ of the same loss, ``P(u)`` the elements of every parameter slice that unit ``u``
   SynFlow assumes a positively homogeneous network; after a LayerNorm an all-ones input
   normalises to zero, so on transformers its scores carry little signal.
 * ``random``: uniform noise from ``numpy.random.default_rng([seed, group.id])``.
+* ``uniform``: every unit scores 1 (structure only: reads no weight and no data). Policies then
+  allocate by MAC cost alone and the first units of each group are kept. It is what
+  ``compile(..., plan_only=True)`` uses for a model whose weights are on the meta device.
 * ``activation`` / ``activation_l2`` (Minitron, Muralidharan et al. 2024): the size of what the unit
   feeds into the layers that read it, on calibration data. For every *consumer* slice (a linear's
   input columns, a dense conv's input channels, a Conv1D's input rows) the input activations ``x``
@@ -84,6 +87,7 @@ import contextlib
 import copy
 import itertools
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +98,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fxprune import progress
 from fxprune.errors import ConfigError, DataError, FxpruneError
 
 __all__ = [
@@ -108,7 +113,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CRITERIA = ("l1", "l2", "bn_scale", "taylor", "snip", "grasp", "synflow", "random", "activation", "activation_l2")
+CRITERIA = ("l1", "l2", "bn_scale", "taylor", "snip", "grasp", "synflow", "random", "activation", "activation_l2",
+            "uniform")
 SALIENCY_CRITERIA = ("taylor", "snip", "grasp", "synflow")
 ACTIVATION_CRITERIA = ("activation", "activation_l2")
 DATA_CRITERIA = ("taylor", "snip", "grasp", "activation", "activation_l2")
@@ -661,7 +667,7 @@ def _mean_gradients(
 ) -> list[torch.Tensor]:
     """``∂L/∂w`` with ``L`` the mean of the per-batch losses (unused parameters get zeros)."""
     acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(progress.bar(batches, desc="importance (gradients)", unit="batch")):
         loss = _batch_loss(model, batch.to(device), loss_fn, i)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for a, g in zip(acc, grads):
@@ -754,12 +760,51 @@ def _check_criterion(criterion: str, allowed: Sequence[str]) -> str:
     return criterion
 
 
-def _per_index(values: torch.Tensor, dim: int) -> np.ndarray:
-    """Sum ``values`` over every dim but ``dim`` (float64 numpy vector along ``dim``)."""
+#: Elements reduced at a time: bounds the temporaries of a reduction to a few MB (cache-sized) whatever
+#: the tensor's size (a 128k x 4096 embedding is read in slabs, never copied whole).
+_CHUNK = 1 << 20
+
+
+def _index_sums(values: torch.Tensor, dims: Iterable[int], power: int = 0) -> dict[int, np.ndarray]:
+    """For each dim in ``dims``: the sum of ``values`` (``|values|**power`` when ``power`` is 1 or
+    2) over every other dim, as a float64 numpy vector along that dim.
+
+    One pass over the tensor serves every dim: it is read in slabs of rows (dim 0) of at most
+    ``_CHUNK`` elements, each slab is reduced along all requested dims in float32 (float64 for
+    float64 tensors; half-precision slabs are widened first) and the slab results are accumulated
+    in float64. The tensor is never copied whole, and each element is read once.
+    """
     v = values.detach()
     if v.dim() == 0:
         v = v.reshape(1)
-    return v.movedim(dim, 0).reshape(v.shape[dim], -1).double().sum(dim=1).cpu().numpy()
+    want = sorted({d % v.dim() for d in dims})
+    out = {d: torch.zeros(v.shape[d], dtype=torch.float64, device=v.device) for d in want}
+    rows = v.shape[0]
+    per_row = max(1, v[0].numel()) if rows else 1
+    step = max(1, _CHUNK // per_row)
+    with torch.no_grad():
+        for i in range(0, rows, step):
+            c = v[i:i + step]
+            if c.dtype != torch.float64:
+                c = c.to(torch.float32)
+            if power == 1:
+                c = c.abs()
+            elif power == 2:
+                c = c * c
+            for d in want:
+                other = [x for x in range(c.dim()) if x != d]
+                red = c.sum(dim=other) if other else c
+                if d == 0:
+                    out[0][i:i + step] += red
+                else:
+                    out[d] += red
+    return {d: t.cpu().numpy() for d, t in out.items()}
+
+
+def _per_index(values: torch.Tensor, dim: int) -> np.ndarray:
+    """Sum ``values`` over every dim but ``dim`` (float64 numpy vector along ``dim``)."""
+    v = values if values.dim() else values.reshape(1)
+    return _index_sums(v, (dim,))[dim % v.dim()]
 
 
 def _per_unit(values: torch.Tensor, s: ParamSlice) -> np.ndarray:
@@ -779,30 +824,64 @@ def _normalised_mean(vectors: Iterable[np.ndarray]) -> np.ndarray | None:
     return None if acc is None else acc / count
 
 
+class _IndexSums:
+    """Per-index sums of the groups' tensors (``|w|**power`` of the weights, or a saliency),
+    each tensor reduced once.
+
+    The first request for a tensor reduces it along *every* dim any group slices it on (one
+    read of the tensor, vectorised over its elements); later requests are lookups. Tied
+    parameters share one entry (their canonical name). ``source`` maps canonical names to the
+    tensors to reduce instead of the parameters themselves (element-wise saliencies).
+    """
+
+    def __init__(self, groups: Sequence[UnitGroup], table: Mapping[str, _Tensor],
+                 source: Mapping[str, torch.Tensor] | None = None):
+        self.table = table
+        self.source = source
+        self.dims: dict[str, set[int]] = defaultdict(set)
+        for g in groups:
+            for s in g.slices:
+                entry = table[s.param]
+                if entry.is_param:
+                    self.dims[entry.canonical].add(s.dim % max(entry.tensor.dim(), 1))
+        self._sums: dict[tuple[str, int], dict[int, np.ndarray]] = {}
+
+    def _tensor(self, canonical: str, name: str) -> torch.Tensor:
+        return self.source[canonical] if self.source is not None else self.table[name].tensor
+
+    def vector(self, name: str, dim: int, power: int = 0) -> np.ndarray:
+        entry = self.table[name]
+        key = (entry.canonical, power)
+        d = dim % max(entry.tensor.dim(), 1)
+        if key not in self._sums:
+            dims = self.dims.get(entry.canonical) or {d}
+            self._sums[key] = _index_sums(self._tensor(entry.canonical, name), dims, power)
+        if d not in self._sums[key]:  # a dim no group declared (direct callers)
+            self._sums[key].update(_index_sums(self._tensor(entry.canonical, name), (d,), power))
+        return self._sums[key][d]
+
+    def per_unit(self, s: ParamSlice, power: int = 0) -> np.ndarray:
+        return self.vector(s.param, s.dim, power)[s.index].sum(axis=1)
+
+
 def _magnitude(
     group: UnitGroup, table: Mapping[str, _Tensor], power: int, roles: Sequence[str],
-    cache: dict[tuple[str, int, int], np.ndarray] | None = None,
+    cache: _IndexSums | None = None,
 ) -> np.ndarray | None:
     """Normalised mean of per-unit |w|^power over the group's slices with the given roles.
 
-    ``cache`` memoises the per-index reduction of each (tensor, dim, power): in concat-heavy
+    ``cache`` (an :class:`_IndexSums`) reduces each tensor once for all groups: in concat-heavy
     models (DenseNet) one layer's input is sliced by dozens of groups.
     """
-    cache = {} if cache is None else cache
-    vectors = []
-    for s in group.slices:
-        if s.role not in roles or not table[s.param].is_param:
-            continue
-        key = (table[s.param].canonical, s.dim, power)
-        if key not in cache:
-            cache[key] = _per_index(table[s.param].tensor.detach().abs().pow(power), s.dim)
-        vectors.append(cache[key][s.index].sum(axis=1))
+    cache = _IndexSums([group], table) if cache is None else cache
+    vectors = [cache.per_unit(s, power) for s in group.slices
+               if s.role in roles and table[s.param].is_param]
     return _normalised_mean(vectors) if vectors else None
 
 
 def _magnitude_scores(
     group: UnitGroup, table: Mapping[str, _Tensor], criterion: str, notes: dict[int, str],
-    cache: dict | None = None,
+    cache: _IndexSums | None = None,
 ) -> np.ndarray:
     """l1 / l2 / bn_scale for one group, with the fallbacks described in the module doc."""
     if criterion == "bn_scale":
@@ -826,14 +905,19 @@ def _magnitude_scores(
 
 
 def _saliency_scores(
-    group: UnitGroup, table: Mapping[str, _Tensor], saliency: Mapping[str, torch.Tensor], criterion: str
+    group: UnitGroup, table: Mapping[str, _Tensor], saliency: Mapping[str, torch.Tensor] | _IndexSums,
+    criterion: str,
 ) -> np.ndarray:
-    """Sum the element-wise saliency over every parameter slice of each unit (abs after, for taylor)."""
+    """Sum the element-wise saliency over every parameter slice of each unit (abs after, for taylor).
+
+    ``saliency``: ``{canonical name: element-wise tensor}``, or an :class:`_IndexSums` over it
+    (shared between groups, so each tensor is reduced once).
+    """
+    sums = saliency if isinstance(saliency, _IndexSums) else _IndexSums([group], table, saliency)
     total = np.zeros(group.n_units)
     for s in group.slices:
-        entry = table[s.param]
-        if entry.is_param:
-            total += _per_unit(saliency[entry.canonical], s)
+        if table[s.param].is_param:
+            total += sums.per_unit(s)
     return np.abs(total) if criterion == "taylor" else total
 
 
@@ -879,16 +963,20 @@ def group_importance(
     notes: dict[int, str] = {}
     if criterion == "random":
         scores = {g.id: np.random.default_rng([seed, g.id]).random(g.n_units) for g in groups}
+    elif criterion == "uniform":
+        scores = {g.id: np.ones(g.n_units) for g in groups}
     elif criterion in ("l1", "l2", "bn_scale"):
-        cache: dict = {}
-        scores = {g.id: _magnitude_scores(g, table, criterion, notes, cache) for g in groups}
+        cache = _IndexSums(groups, table)
+        scores = {g.id: _magnitude_scores(g, table, criterion, notes, cache)
+                  for g in progress.bar(groups, desc=f"importance ({criterion})", unit="group")}
     elif criterion == "taylor":
         scores = _taylor_scores(model, groups, table, data, loss_fn, max_batches)
     elif criterion in ACTIVATION_CRITERIA:
         scores = _activation_scores(model, groups, table, data, criterion, max_batches, notes)
     else:
         saliency = _saliencies(model, (criterion,), data, loss_fn, max_batches)[criterion]
-        scores = {g.id: _saliency_scores(g, table, saliency, criterion) for g in groups}
+        sums = _IndexSums(groups, table, saliency)
+        scores = {g.id: _saliency_scores(g, table, sums, criterion) for g in groups}
     if notes:
         logger.warning("%s importance: %d group(s) scored differently: %s", criterion, len(notes), notes)
     return ImportanceScores({k: np.asarray(v, dtype=np.float64) for k, v in scores.items()}, criterion, notes)
@@ -928,23 +1016,29 @@ def _taylor_scores(model: nn.Module, groups: Sequence[UnitGroup], table: Mapping
     use = {g.id: [sl for sl in g.slices if sl.role == "consumer" and table[sl.param].is_param]
            or [sl for sl in g.slices if table[sl.param].is_param] for g in groups}
     acc = {g.id: np.zeros(g.n_units) for g in groups}
+    dims: dict[str, set[int]] = defaultdict(set)
+    for g in groups:
+        for sl in use[g.id]:
+            dims[table[sl.param].canonical].add(sl.dim % max(table[sl.param].tensor.dim(), 1))
     with preserved_state(model, train=False, requires_grad=True), torch.enable_grad():
         _validate(model, batches, loss_fn, device)
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(progress.bar(batches, desc="importance (taylor)", unit="batch")):
             loss = _batch_loss(model, batch.to(device), loss_fn, i)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            sal = {}
+            loss = None
+            sums: dict[str, dict[int, np.ndarray] | None] = {}  # w·g reduced per index, once per tensor
             for g in groups:
                 c = np.zeros(g.n_units)
                 for sl in use[g.id]:
                     name = table[sl.param].canonical
-                    if name not in sal:
+                    if name not in sums:
                         j = index[name]
                         gr = grads[j]
-                        sal[name] = (params[j].detach() * gr).to("cpu", torch.float64) if gr is not None else None
-                    if sal[name] is not None:
-                        c += _per_unit(sal[name], sl)
+                        sums[name] = _index_sums(params[j].detach() * gr, dims[name]) if gr is not None else None
+                    if sums[name] is not None:
+                        c += sums[name][sl.dim % max(table[sl.param].tensor.dim(), 1)][sl.index].sum(axis=1)
                 acc[g.id] += c * c
+            grads = None
     return {k: v / len(batches) for k, v in acc.items()}
 
 
@@ -1000,13 +1094,15 @@ def group_features(
     params = dict(model.named_parameters())
     n_params = sum(p.numel() for p in params.values())
     magnitude_total = {
-        "l1": sum(float(p.detach().abs().double().sum()) for p in params.values()),
-        "l2": sum(float(p.detach().double().pow(2).sum()) for p in params.values()),
+        name: sum(float(_index_sums(p, (0,), power)[0].sum()) for p in params.values())
+        for name, power in (("l1", 1), ("l2", 2))
     }
+    magnitudes = _IndexSums(groups, table)
     saliency: dict[str, dict[str, torch.Tensor]] = {}
     if data is not None:
         saliency = _saliencies(model, ("synflow", "snip", "grasp"), data, loss_fn, max_batches)
     saliency_total = {name: sum(float(v.abs().sum()) for v in sal.values()) for name, sal in saliency.items()}
+    saliency_sums = {name: _IndexSums(groups, table, sal) for name, sal in saliency.items()}
     features: dict[int, dict[str, float]] = {}
     for g in groups:
         per_unit_params = sum(
@@ -1021,13 +1117,13 @@ def group_features(
         }
         for name, power in (("l1", 1), ("l2", 2)):
             raw = [
-                _per_unit(table[s.param].tensor.detach().abs().pow(power), s)
+                magnitudes.per_unit(s, power)
                 for s in g.slices
                 if s.role in ("producer", "consumer") and table[s.param].is_param
             ]
             f.update(_stats(name, np.sum(raw, axis=0) if raw else np.zeros(g.n_units), magnitude_total[name]))
-        for name, sal in saliency.items():
-            f.update(_stats(name, _saliency_scores(g, table, sal, name), saliency_total[name]))
+        for name in saliency:
+            f.update(_stats(name, _saliency_scores(g, table, saliency_sums[name], name), saliency_total[name]))
         features[g.id] = f
     return features
 
@@ -1192,7 +1288,7 @@ def _activation_scores(model: nn.Module, groups: Sequence[UnitGroup], table: Map
         if st.count > 0 and st.abs is not None:
             per_key.setdefault(key, []).append(st)
     out: dict[int, np.ndarray] = {}
-    cache: dict = {}
+    cache = _IndexSums(groups, table)  # the l2 fallback reduces each tensor once
     for g in groups:
         vectors = []
         for sl in consumers[g.id]:

@@ -52,6 +52,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from fxprune import progress
 from fxprune.bench import BenchConfig, Comparison, benchmark, compare
 from fxprune.budget import format_macs, parse_latency_budget
 from fxprune.cost_models.latency import (
@@ -463,8 +464,9 @@ def benchmark_result(result: Any, config: BenchConfig | None = None, **options: 
                     "device": env.get("device"), "torch_version": env.get("torch_version"),
                     "cpu_model": env.get("cpu_model")}
     else:
-        original = export_onnx(result.original, result.example_inputs)
-        pruned = export_onnx(result.model, result.example_inputs)
+        with progress.stage("ONNX export (original and pruned)"):
+            original = export_onnx(result.original, result.example_inputs)
+            pruned = export_onnx(result.model, result.example_inputs)
         comparison = compare(original, pruned, config, labels=("original", "pruned"))
         settings = _settings(comparison.report.config)
     row = comparison.rows[0]
@@ -819,7 +821,7 @@ def compile_to_latency(
             report = _new_report(model, session, policy, importance, latency_budget, session.base_macs,
                                  tolerance, channel_multiple, seed)
             report.notes.append("latency budget at or above the original's measured latency: model returned unchanged")
-            result = _result(session, session.deployed_original(), session.base_macs, report, {}, start)
+            result = _result(session, session.owned_original(), session.base_macs, report, {}, start)
         else:
             result = builder.results[int(found.chosen.macs)]
             result.report.timings["total"] = time.perf_counter() - start

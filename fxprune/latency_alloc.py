@@ -347,7 +347,7 @@ def compile_latency_driven(model: nn.Module, example_inputs: Any, *, latency_bud
                 report = _new_report(model, session, settings["policy"], settings["importance"], latency_budget,
                                      session.base_macs, settings["tolerance"], settings["channel_multiple"], seed)
                 report.notes.append("latency budget at or above the original's measured latency: model returned unchanged")
-                result = _result(session, session.deployed_original(), session.base_macs, report, {}, start)
+                result = _result(session, session.owned_original(), session.base_macs, report, {}, start)
                 _finish(result, runtime, latency_budget, orig_t, orig_t, limit, planner, [], relative, mac_abs)
                 return result
         best, history = search_by_prediction(planner, original, latency_budget, base_ms=base_ms,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.fx

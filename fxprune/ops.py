@@ -4,6 +4,10 @@
 takes ``head_dim`` explicitly instead of deriving it from the input width, so attention heads can
 be pruned without touching the residual stream. Capture swaps torchvision's call target for this
 one; a saved model refers to it by its import path ``fxprune.ops.window_attention``.
+
+``finfo_value(dtype, "min")`` is ``torch.finfo(dtype).min`` as a graph op: a constant such as a
+mask's fill value, read off the compute dtype at run time, so a captured model cast to another
+dtype (``.half()``) uses that dtype's limits instead of the ones baked in at capture.
 """
 
 from __future__ import annotations
@@ -14,7 +18,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["window_attention"]
+__all__ = ["window_attention", "finfo_value"]
+
+_FINFO_FIELDS = ("min", "max", "eps", "tiny", "smallest_normal")
+
+
+def finfo_value(dtype: torch.dtype, field: str) -> float:
+    """``getattr(torch.finfo(dtype), field)`` for ``field`` in min, max, eps, tiny, smallest_normal."""
+    if field not in _FINFO_FIELDS:
+        raise ValueError(f"finfo_value: field must be one of {_FINFO_FIELDS}, got {field!r}")
+    return float(getattr(torch.finfo(dtype), field))
 
 
 def _shift_mask(pad_h: int, pad_w: int, window: list[int], shift: list[int], x: torch.Tensor) -> torch.Tensor:

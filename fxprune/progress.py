@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any, Iterable, Iterator
 
-__all__ = ["bar", "enabled", "set_enabled", "disabled", "status_enabled"]
+__all__ = ["bar", "stage", "enabled", "set_enabled", "disabled", "status_enabled"]
 
 _enabled: bool | None = None  # None: decide from the environment and the terminal
 
@@ -99,3 +99,15 @@ def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr,
                 dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def stage(desc: str) -> Iterator[Any]:
+    """A one-step bar shown while a stage runs (``with progress.stage("capture"): ...``).
+
+    For stages that are one long call (``torch.export``, ONNX export): the bar says what is
+    running and for how long; stages with a loop inside show their own bar under it.
+    """
+    with bar(total=1, desc=desc, unit="stage") as b:
+        yield b
+        b.update(1)

@@ -561,29 +561,74 @@ def _hash64(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _element_labels(b: _Builder, sizes: np.ndarray, offsets: np.ndarray) -> tuple[int, np.ndarray]:
+    """Connected components of the elements of all spaces under the ties and maps (the atoms).
+
+    A tie joins two spaces element by element, and most couplings are ties (every elementwise op,
+    norm, activation ...). So spaces joined by ties are first collapsed into one *class* (a
+    space-level union-find), and the element-level components are computed on the classes'
+    elements with only the maps as edges: the element graph shrinks from every space of the
+    model to one space per class. Labels are numbered by their first element (the order
+    ``scipy.sparse.csgraph.connected_components`` gives over all elements), so the result is the
+    same as joining every element directly.
+    """
+    n_spaces = len(sizes)
+    total = int(offsets[-1])
+    if b.ties:
+        ta = np.fromiter((a for a, _ in b.ties), dtype=np.int64, count=len(b.ties))
+        tc = np.fromiter((c for _, c in b.ties), dtype=np.int64, count=len(b.ties))
+        space_adj = sp.coo_matrix((np.ones(len(ta), dtype=np.int8), (ta, tc)), shape=(n_spaces, n_spaces))
+        _, cls = csgraph.connected_components(space_adj, directed=False)
+    else:
+        cls = np.arange(n_spaces)
+    n_cls = int(cls.max()) + 1 if n_spaces else 0
+    cls_size = np.zeros(n_cls, dtype=np.int64)
+    cls_size[cls] = sizes  # tied spaces have equal sizes (tie() freezes and skips a size mismatch)
+    cls_off = np.concatenate([[0], np.cumsum(cls_size)])
+    n_cls_elems = int(cls_off[-1])
+    index_dtype = np.int32 if max(n_cls_elems, total) < 2**31 - 1 else np.int64
+    src_parts, dst_parts = [], []
+    for a, ia, c, ib in b.maps:
+        ok = (ia < sizes[a]) & (ib < sizes[c]) & (ia >= 0) & (ib >= 0)
+        src_parts.append((cls_off[cls[a]] + ia[ok]).astype(index_dtype))
+        dst_parts.append((cls_off[cls[c]] + ib[ok]).astype(index_dtype))
+    if src_parts:
+        src, dst = np.concatenate(src_parts), np.concatenate(dst_parts)
+    else:
+        src = dst = np.zeros(0, dtype=index_dtype)
+    adj = sp.coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n_cls_elems, n_cls_elems))
+    del src, dst, src_parts, dst_parts
+    n_labels, cls_labels = csgraph.connected_components(adj, directed=False)
+    del adj
+    # number atoms by their first element over all spaces, as a search over all elements would:
+    # a class's elements appear first in its first space, at their own positions
+    first_space = np.full(n_cls, n_spaces, dtype=np.int64)
+    np.minimum.at(first_space, cls, np.arange(n_spaces))
+    cls_of_elem = np.repeat(np.arange(n_cls), cls_size)
+    first_elem = offsets[first_space[cls_of_elem]] + (np.arange(n_cls_elems) - cls_off[cls_of_elem])
+    first_of_label = np.full(n_labels, total, dtype=np.int64)
+    np.minimum.at(first_of_label, cls_labels, first_elem)
+    rank = np.empty(n_labels, dtype=index_dtype)
+    rank[np.argsort(first_of_label, kind="stable")] = np.arange(n_labels, dtype=index_dtype)
+    cls_labels = rank[cls_labels]
+    del cls_of_elem, first_elem, first_of_label, rank
+    # every element of space s at position i is element cls_off[cls[s]] + i of its class
+    labels = np.empty(total, dtype=index_dtype)
+    for s in range(n_spaces):
+        start = int(cls_off[cls[s]])
+        labels[offsets[s]:offsets[s + 1]] = cls_labels[start:start + int(sizes[s])]
+    return n_labels, labels
+
+
 def _finish(gm: torch.fx.GraphModule, b: _Builder, ignored: Sequence[str]) -> DependencyGraph:
     sizes = np.asarray(b.sizes, dtype=np.int64)
     n_spaces = len(sizes)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     total = int(offsets[-1])
-    src_parts, dst_parts = [], []
-    for a, c in b.ties:
-        n = sizes[a]
-        src_parts.append(offsets[a] + np.arange(n))
-        dst_parts.append(offsets[c] + np.arange(n))
-    for a, ia, c, ib in b.maps:
-        ok = (ia < sizes[a]) & (ib < sizes[c]) & (ia >= 0) & (ib >= 0)
-        src_parts.append(offsets[a] + ia[ok])
-        dst_parts.append(offsets[c] + ib[ok])
-    if src_parts:
-        src = np.concatenate(src_parts)
-        dst = np.concatenate(dst_parts)
-    else:
-        src = dst = np.zeros(0, dtype=np.int64)
-    adj = sp.coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(total, total))
-    n_atoms, labels = csgraph.connected_components(adj, directed=False)
-    elem_space = np.repeat(np.arange(n_spaces), sizes)
-    elem_pos = np.arange(total) - offsets[elem_space]
+    n_atoms, labels = _element_labels(b, sizes, offsets)
+    small = np.int32 if max(total, n_spaces) < 2**31 - 1 else np.int64  # per-element tables: half the memory
+    elem_space = np.repeat(np.arange(n_spaces, dtype=small), sizes)
+    elem_pos = (np.arange(total, dtype=np.int64) - offsets[elem_space]).astype(small)
 
     frozen_space = np.zeros(n_spaces, dtype=bool)
     for s in b.frozen:
@@ -611,9 +656,12 @@ def _signatures(labels, elem_space, mask, n_spaces):
     """For atoms in ``mask`` (per element), rows (atom, space, count) and a signature hash per atom."""
     e = np.flatnonzero(mask)
     key = labels[e].astype(np.int64) * n_spaces + elem_space[e]
+    del e
     uk, counts = np.unique(key, return_counts=True)
+    del key
     atom = uk // n_spaces
     space = uk % n_spaces
+    del uk
     h = _hash64(space * 1_000_003 + counts)
     ua, start = np.unique(atom, return_index=True)
     sig = np.add.reduceat(h, start) if len(h) else h
@@ -632,18 +680,25 @@ def _group_atoms(b, labels, elem_space, elem_pos, prunable, origin_space, n_spac
     group_of_atom = np.full(labels.max() + 1, -1, dtype=np.int64)
     group_of_atom[ua] = atom_group
     # rank atoms inside each group by their first element position in the group's first origin space
+    del row_atom, row_space, row_count
     e = np.flatnonzero(emask)
-    eg = group_of_atom[labels[e]]
+    le = labels[e]
+    idx_dtype = np.int32 if len(group_of_atom) < 2**31 - 1 else np.int64
+    eg = group_of_atom[le].astype(idx_dtype)
     es = elem_space[e]
     ep = elem_pos[e]
+    del e
     # order key for atoms: (is not origin space, space id, position) of their first element
     is_org = origin_space[es]
-    order = np.lexsort((ep, es, ~is_org, labels[e]))
-    first = np.unique(labels[e][order], return_index=True)[1]
+    order = np.lexsort((ep, es, ~is_org, le))
+    del is_org
+    first = np.unique(le[order], return_index=True)[1]
     first_e = order[first]
-    atoms_sorted = labels[e][first_e]
+    del order, first
+    atoms_sorted = le[first_e]
     atom_key_space = es[first_e]
     atom_key_pos = ep[first_e]
+    del first_e
     atom_rank = np.zeros(labels.max() + 1, dtype=np.int64)
     grp = group_of_atom[atoms_sorted]
     ordr = np.lexsort((atom_key_pos, atom_key_space, grp))
@@ -652,9 +707,11 @@ def _group_atoms(b, labels, elem_space, elem_pos, prunable, origin_space, n_spac
     ranks = np.arange(len(ordr)) - np.repeat(starts, counts_per_group)
     atom_rank[atoms_sorted[ordr]] = ranks
     # element table sorted by (group, space, rank, pos)
-    er = atom_rank[labels[e]]
+    er = atom_rank[le].astype(idx_dtype)
+    del le
     srt = np.lexsort((ep, er, es, eg))
     eg, es, er, ep = eg[srt], es[srt], er[srt], ep[srt]
+    del srt
     groups: list[Group] = []
     bounds = np.flatnonzero(np.diff(eg)) + 1
     g_starts = np.concatenate([[0], bounds])

@@ -100,20 +100,38 @@ def _fusable(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> bool:
     return same
 
 
+def _rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts, 0)``; a view, not a copy, when the parts are consecutive rows of one
+    tensor (the q/k/v capture cut from an ``nn.MultiheadAttention``'s ``in_proj_weight`` and left
+    unpruned: the fused weight is that tensor again)."""
+    with torch.no_grad():
+        first = parts[0].detach()
+        if not first.is_meta and all(p.is_contiguous() for p in parts):
+            storage, offset = first.untyped_storage(), first.storage_offset()
+            consecutive = True
+            for p in parts:
+                if p.untyped_storage().data_ptr() != storage.data_ptr() or p.storage_offset() != offset:
+                    consecutive = False
+                    break
+                offset += p.numel()
+            if consecutive:
+                rows = sum(p.shape[0] for p in parts)
+                return first.as_strided((rows, *first.shape[1:]), torch.empty((rows, *first.shape[1:]),
+                                        device="meta").stride(), first.storage_offset())
+        return torch.cat([p.detach() for p in parts], dim=0)
+
+
 def _fuse(gm: torch.fx.GraphModule, path: str, nodes: list[torch.fx.Node]) -> None:
     owner = gm.get_submodule(path) if path else gm
     mods = [gm.get_submodule(str(n.target)) for n in nodes]
     sizes = [m.out_features for m in mods]
     first = mods[0]
-    packed = nn.Linear(first.in_features, sum(sizes), bias=first.bias is not None,
-                       device=first.weight.device, dtype=first.weight.dtype)
-    with torch.no_grad():
-        packed.weight.copy_(torch.cat([m.weight for m in mods], dim=0))
-        if first.bias is not None:
-            packed.bias.copy_(torch.cat([m.bias for m in mods], dim=0))
-    packed.weight.requires_grad_(first.weight.requires_grad)
-    if packed.bias is not None:
-        packed.bias.requires_grad_(first.bias.requires_grad)
+    # scale: built on meta (no allocation, no random init), then given the packed tensors
+    packed = nn.Linear(first.in_features, sum(sizes), bias=first.bias is not None, device="meta",
+                       dtype=first.weight.dtype)
+    packed.weight = nn.Parameter(_rows([m.weight for m in mods]), requires_grad=first.weight.requires_grad)
+    if first.bias is not None:
+        packed.bias = nn.Parameter(_rows([m.bias for m in mods]), requires_grad=first.bias.requires_grad)
     packed.train(first.training)
     name = "in_proj"
     owner.add_module(name, packed)

@@ -25,6 +25,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from fxprune import progress
 from fxprune.errors import PostconditionError
 from fxprune.ir import shape_of
 from fxprune.opset import rule_for
@@ -73,7 +74,7 @@ def slice_parameters(gm: torch.fx.GraphModule, graph: DependencyGraph, kept: dic
         aliases[id(t)].append(name)
     changed = 0
     done: set[int] = set()
-    for name, cuts in per_param.items():
+    for name, cuts in progress.bar(list(per_param.items()), desc="rewrite: slicing tensors", unit="tensor"):
         owner, attr = _owner(gm, name)
         t = getattr(owner, attr)
         if id(t) in done:
@@ -81,8 +82,9 @@ def slice_parameters(gm: torch.fx.GraphModule, graph: DependencyGraph, kept: dic
         done.add(id(t))
         try:
             with torch.no_grad():
+                # the most selective cut first: the intermediate of a two-dim cut is then the smallest
                 new = t.detach()
-                for dim, idx in sorted(cuts):
+                for dim, idx in sorted(cuts, key=lambda c: (len(c[1]) / max(t.shape[c[0]], 1), c[0])):
                     new = new.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=new.device))
                 new = new.contiguous()
         except Exception as cause:

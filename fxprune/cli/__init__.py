@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 
+from fxprune import progress
 from fxprune.errors import FxpruneError
 
 __all__ = ["main", "build_parser"]
@@ -25,10 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compile PyTorch models to a hard MAC budget, export to ONNX, measure latency.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars (they go to stderr, and only when it is a terminal)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in _SUBCOMMANDS:
         importlib.import_module(f"fxprune.cli.{name}").register(sub)
+    for child in sub.choices.values():  # --quiet also after the subcommand (fxprune compile X --quiet)
+        child.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                           help="no progress bars")
     return parser
 
 
@@ -37,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        progress.set_enabled(False)
     try:
         return int(args.func(args) or 0)
     except FxpruneError as err:

@@ -37,6 +37,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrained", action="store_true", help="load the source's pretrained weights (may download)")
     p.add_argument("--groups", action="store_true", help="also print the per-group table")
+    p.add_argument("--plan-only", action="store_true",
+                   help="print the plan (keep counts per group, exact MACs, params) without building the model")
     p.add_argument("--threads", type=int, default=None,
                    help="with --latency-budget: ONNX Runtime intra-op threads (default: physical cores)")
     p.add_argument("--opt-level", choices=OPT_LEVELS, default="all",
@@ -82,10 +84,12 @@ def _check_outputs(args) -> None:
 def run(args) -> int:
     import fxprune
     from fxprune._io import atomic_write
+    from fxprune.errors import ConfigError, InvalidBudgetError
     from fxprune.models import parse_shape, resolve_model
 
-    from fxprune.errors import InvalidBudgetError
-
+    if args.plan_only and (args.output or args.save or args.save_pretrained or args.latency_budget):
+        raise ConfigError("--plan-only builds no model: drop -o/--save/--save-pretrained, and give --mac-budget "
+                          "(not --latency-budget)")
     if args.mac_budget is None and args.latency_budget is None:
         raise InvalidBudgetError("give --mac-budget (e.g. 50%) and/or --latency-budget (e.g. 20ms or 60%)")
     if args.latency_budget is None and (args.target or args.dtype or args.batch_size):
@@ -106,6 +110,7 @@ def run(args) -> int:
         target=args.target if args.latency_budget else None,
         dtype=args.dtype if args.latency_budget else None,
         batch_size=args.batch_size if args.latency_budget else None,
+        plan_only=args.plan_only,
     )
     result.report.model = spec.label
     export_s = None

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxprune import ops as fx_ops
 from fxprune.ir import TensorInfo, tensor_info
 from fxprune.opset._base import (
     OpRule,
@@ -225,6 +226,7 @@ class MetaRule(OpRule):
 
 register_method("size", "dim", "numel", "get_device", "is_contiguous", "ndimension", "nelement")(MetaRule)
 register_function(builtins.getattr, torch.numel, torch.is_tensor, torch.is_floating_point)(MetaRule)
+register_function(fx_ops.finfo_value)(MetaRule)  # a dtype limit read at run time (capture of dtype casts)
 
 
 class FactoryRule(OpRule):
