@@ -3,7 +3,9 @@
 Accepted specs:
     ``torchvision:NAME``      a torchvision classification model (random weights unless ``pretrained``)
     ``timm:NAME``             a timm model (random weights unless ``pretrained``)
-    ``hf:NAME_OR_PATH``       a Hugging Face model (``AutoModel``; local files, ``HF_HUB_OFFLINE=1`` friendly)
+    ``hf:NAME_OR_PATH``       a Hugging Face model, as the class its config names (``LlamaForCausalLM``:
+                              the LM head is kept; ``AutoModel`` when the config names none that
+                              transformers has); local files, ``HF_HUB_OFFLINE=1`` friendly
     ``path/to/file.py:fn``    ``fn()`` returns a model, or ``(model, example_inputs)``
 """
 
@@ -124,20 +126,34 @@ def _hf(name, shape, seq_len):
         path = minilm_path()
     try:
         config = AutoConfig.from_pretrained(path)
-        model = AutoModel.from_pretrained(path).eval()
+        model = _hf_class(config, AutoModel).from_pretrained(path).eval()
     except Exception as err:
         raise ModelSpecError(f"could not load Hugging Face model {name!r} ({type(err).__name__}: {err}); "
                              "give a local directory or set HF_HUB_OFFLINE=1 with a cached model") from err
     b, s = (shape[0], shape[1]) if shape else (1, seq_len)
-    if getattr(config, "model_type", "") in ("vit", "deit"):
-        size = getattr(config, "image_size", 224)
-        inputs = {"pixel_values": torch.randn(b, getattr(config, "num_channels", 3), size, size)}
+    if isinstance(getattr(config, "image_size", None), int) and hasattr(config, "num_channels"):
+        size = config.image_size  # vision models (ViT, DeiT, Swin, ConvNeXt, MobileViT...)
+        inputs = {"pixel_values": torch.randn(b, config.num_channels, size, size)}
     else:
         vocab = getattr(config, "vocab_size", 1000)
         gen = torch.Generator().manual_seed(0)
         inputs = {"input_ids": torch.randint(0, vocab, (b, s), generator=gen),
                   "attention_mask": torch.ones(b, s, dtype=torch.long)}
     return ResolvedModel(model, inputs, f"hf:{name}", shape is None)
+
+
+def _hf_class(config, fallback):
+    """The transformers class the checkpoint was saved from (``config.architectures[0]``, e.g.
+    ``LlamaForCausalLM``, so a decoder keeps its LM head and can ``generate()``), when transformers
+    has it; else ``fallback``. Only names transformers exports are looked up (no remote code)."""
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    name = archs[0] if archs and isinstance(archs[0], str) else ""
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    return fallback
 
 
 def minilm_path() -> str:

@@ -270,12 +270,16 @@ def test_cli_save_pretrained_writes_a_loadable_model(tmp_path, capsys):
     assert main(["compile", f"hf:{src}", "--mac-budget", "50%", "--input-shape", "1,16",
                  "--save-pretrained", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
-    back = transformers.AutoModel.from_pretrained(out)  # the CLI loads hf: models with AutoModel
-    orig = transformers.AutoModel.from_pretrained(src)
-    assert type(back) is type(orig)
+    # the CLI loads hf: models as the class their config names: the LM head is pruned with them
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    orig = transformers.AutoModelForCausalLM.from_pretrained(src)
+    assert type(back) is type(orig) is type(make("llama"))
     assert sum(p.numel() for p in back.parameters()) < sum(p.numel() for p in orig.parameters())
     with torch.no_grad():
-        assert back(**tokens(1, 7)).last_hidden_state.shape[:2] == (1, 7)
+        assert back(**tokens(1, 7)).logits.shape[:2] == (1, 7)
+    prompt = tokens(1, 5)["input_ids"]
+    assert back.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+                         min_new_tokens=4, do_sample=False).shape == (1, 9)
 
 
 def test_latency_budget_keeps_the_layer_ties_and_the_hf_class(tmp_path):
