@@ -679,15 +679,22 @@ def _base_environment(config: BenchConfig, threads: int) -> dict[str, Any]:
         "fxprune_version": __version__,
         "onnxruntime_version": onnxruntime.__version__,
         "onnx_version": onnx.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
         "provider_requested": PROVIDERS[config.provider],
         "provider_used": None,
         "session_providers": [],
-        "threads": threads,
         "inter_op_threads": 1,
         "execution_mode": "sequential",
         "opt_level": config.opt_level,
+        **_host_environment(threads),
+    }
+
+
+def _host_environment(threads: int) -> dict[str, Any]:
+    """What every benchmark records about the host, whatever the runtime."""
+    return {
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": threads,
         "cpu_model": _cpu_model(),
         "physical_cores": physical_cores(),
         "logical_cpus": os.cpu_count() or 1,
@@ -1360,20 +1367,12 @@ def _torch_environment(config: BenchConfig) -> dict[str, Any]:
         "runtime": "torch",
         "fxprune_version": __version__,
         "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
         "provider_requested": f"torch-{config.provider}",
         "provider_used": f"torch-{config.provider}",
         "dtype": config.dtype,
         "cuda_graphs": config.cuda_graphs,
         "channels_last": config.channels_last,
-        "threads": threads,
-        "cpu_model": _cpu_model(),
-        "physical_cores": physical_cores(),
-        "logical_cpus": os.cpu_count() or 1,
-        "loadavg_before": None,
-        "loadavg_after": None,
-        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **_host_environment(threads),
         "device": "cpu",
     }
     if config.provider == "cuda":

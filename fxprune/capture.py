@@ -335,7 +335,7 @@ def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence
     inputs, else everything timm marks is kept opaque. Leaves that stay opaque are then recorded with
     torch.export where possible (``fxprune.leaf_export``).
     """
-    from fxprune._buffers import BuffersMutated, buffer_state, mutated_buffers, write_back_reassigned
+    from fxprune._buffers import buffer_state
 
     timm_leaves, timm_wraps = _timm_extras()
     user_leaves = tuple(leaf_modules)
@@ -373,6 +373,15 @@ def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence
             module_path=where,
             construct=construct,
         ) from None
+    gm = _traced_module(model, tracer, graph, before, concrete, proxy_buffers, allow_buffer_updates)
+    return _export_leaves(gm, model, args, kwargs, optional, notes) if optional else gm
+
+
+def _traced_module(model, tracer, graph, before, concrete, proxy_buffers, allow_buffer_updates) -> torch.fx.GraphModule:
+    """The GraphModule of a finished trace: buffer reassignments written back (``proxy_buffers``)
+    or in-place buffer updates refused, inputs fixed by ``concrete_args`` dropped."""
+    from fxprune._buffers import BuffersMutated, mutated_buffers, write_back_reassigned
+
     if proxy_buffers:
         write_back_reassigned(model, graph, before)
     else:
@@ -381,16 +390,14 @@ def trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Sequence
             raise BuffersMutated(mutated)
     if concrete:
         _drop_specialized_inputs(graph, concrete)
-    name = type(model).__name__
-    gm = torch.fx.GraphModule(tracer.root, graph, name)
-    return _export_leaves(gm, model, args, kwargs, optional, notes) if optional else gm
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def _trace_through(model, args, kwargs, user_leaves, optional, wraps, proxy_buffers, allow_buffer_updates,
                    notes) -> torch.fx.GraphModule | None:
     """The trace with timm's not-traceable modules traced through where torch.fx can (None: use the
     trace with all of them as leaves)."""
-    from fxprune._buffers import BuffersMutated, buffer_state, mutated_buffers, write_back_reassigned
+    from fxprune._buffers import buffer_state
 
     forced: list[str] = []
     before = buffer_state(model)
@@ -406,15 +413,7 @@ def _trace_through(model, args, kwargs, user_leaves, optional, wraps, proxy_buff
                 return None
             forced.append(failing)
             continue
-        if proxy_buffers:
-            write_back_reassigned(model, graph, before)
-        else:
-            mutated = mutated_buffers(model, before)
-            if mutated and not allow_buffer_updates:
-                raise BuffersMutated(mutated)
-        if concrete:
-            _drop_specialized_inputs(graph, concrete)
-        gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm = _traced_module(model, tracer, graph, before, concrete, proxy_buffers, allow_buffer_updates)
         inlined = sorted(tracer.inlined)
         if inlined and not _same_outputs(model, gm, args, kwargs):
             return None
@@ -496,6 +495,8 @@ def _same_outputs(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwarg
 # ------------------------------------------------------------------------------ graph fixes
 
 def _swap_window_attention(gm: torch.fx.GraphModule) -> int:
+    if "torchvision" not in sys.modules:  # the model cannot call what was never imported
+        return 0
     try:
         import torchvision.models.swin_transformer as tv_swin
     except Exception:  # pragma: no cover
@@ -518,22 +519,32 @@ _TRAINING_ARGS: dict[Any, tuple[int, str]] = {
     F.batch_norm: (5, "training"),
     fx_ops.window_attention: (12, "training"),
 }
-try:
-    from torchvision.ops import stochastic_depth as _sd
 
-    _TRAINING_ARGS[_sd] = (3, "training")
-except Exception:  # pragma: no cover
-    pass
+
+def _training_args() -> dict[Any, tuple[int, str]]:
+    """``_TRAINING_ARGS``, with torchvision's stochastic depth once torchvision is imported."""
+    if "torchvision" in sys.modules and len(_TRAINING_ARGS) == _N_BUILTIN_TRAINING_ARGS:
+        try:
+            from torchvision.ops import stochastic_depth
+
+            _TRAINING_ARGS[stochastic_depth] = (3, "training")
+        except Exception:  # pragma: no cover
+            pass
+    return _TRAINING_ARGS
+
+
+_N_BUILTIN_TRAINING_ARGS = len(_TRAINING_ARGS)
 
 
 def _live_training_flags(gm: torch.fx.GraphModule, traced_training: bool) -> int:
     """Replace ``training=<const>`` frozen by tracing with ``self.training`` of the graph module."""
     n = 0
     flag = None
+    training_args = _training_args()
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _TRAINING_ARGS:
+        if node.op != "call_function" or node.target not in training_args:
             continue
-        pos, name = _TRAINING_ARGS[node.target]
+        pos, name = training_args[node.target]
         if pos < len(node.args):
             value, where = node.args[pos], "arg"
         elif name in node.kwargs:
@@ -627,6 +638,9 @@ def _prepared_copy(model: nn.Module, share_weights: bool, notes: list[str]) -> n
 
     work = _prepare_stock_modules(work, notes)
     _decompose_attention(work, notes)
+    from fxprune.opset import torchvision_ops
+
+    torchvision_ops.install()  # torchvision's helpers, when the model's code imported torchvision
     if "timm" in sys.modules:  # timm attention through SDPA, LeViT attention substitutes
         from fxprune.opset.timm_ops import prepare_model
 

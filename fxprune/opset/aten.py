@@ -218,15 +218,6 @@ class AtenExpandRule(ExpandRule):
 
     name = "aten_expand"
 
-    def couple(self, node, b):
-        x = node.args[0]
-        if not tie_broadcast(b, node, [x]):
-            b.freeze_node(node, f"unexpected expand in '{node.name}'")
-            return
-        from fxprune.opset.structural import tie_expanded_to_source
-
-        tie_expanded_to_source(b, node, x)
-
     def rewrite(self, node, r):
         if _name(node) not in ("expand", "broadcast_to", "expand_copy"):
             return
