@@ -11,6 +11,7 @@ import sys
 from fxprune.opset import attention, layers, structural  # noqa: F401  (registration)
 from fxprune.opset import aten  # noqa: F401,E402  (ATen overloads: graphs captured by torch.export)
 from fxprune.opset import timm_ops  # noqa: F401,E402  (timm helpers; registered lazily, timm optional)
+from fxprune.opset import torchvision_ops  # noqa: E402  (registered when torchvision is imported)
 from fxprune.opset._base import (
     UNKNOWN,
     OpRule,
@@ -24,6 +25,7 @@ from fxprune.opset._base import (
 
 if "timm" in sys.modules:
     timm_ops.install()
+torchvision_ops.install()
 
 __all__ = [
     "OpRule",

@@ -474,38 +474,5 @@ class WindowAttentionRule(OpRule):
 register_function(fx_ops.window_attention)(WindowAttentionRule)
 
 
-try:
-    import torchvision.models.swin_transformer as _tv_swin
-
-    class RelPosBiasRule(OpRule):
-        """torchvision's ``_get_relative_position_bias``: the heads dim of the table passes through."""
-
-        name = "relative_position_bias"
-
-        def couple(self, node, b):
-            table, index = node.args[0], node.args[1]
-            so = ishape(node)
-            b.tie(b.space(table, 1), b.space(node, len(so) - 3))
-            b.freeze(b.space(table, 0), f"relative position table rows ({node.name})")
-            _ = index
-
-    class PatchMergingPadRule(OpRule):
-        """torchvision's ``_patch_merging_pad``: 4 strided copies of C concatenated on the last dim."""
-
-        name = "patch_merging_pad"
-
-        def couple(self, node, b):
-            x = node.args[0]
-            xs, so = ishape(x), ishape(node)
-            for d in range(len(xs) - 3):
-                b.tie(b.space(x, d), b.space(node, d))
-            c = xs[-1]
-            j = np.arange(so[-1])
-            b.tie_map(b.space(node, len(so) - 1), j, b.space(x, len(xs) - 1), j % c)
-
-    register_function(_tv_swin._get_relative_position_bias)(RelPosBiasRule)
-    register_function(_tv_swin._patch_merging_pad)(PatchMergingPadRule)
-except Exception:  # pragma: no cover - torchvision optional
-    pass
 
 _ = (math, register_method, norm_dim)

@@ -207,13 +207,6 @@ register_module(
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
 )(UnaryRule)
 
-try:  # torchvision's stochastic depth: a per-sample (or per-batch) random mask
-    from torchvision.ops import stochastic_depth as _tv_stochastic_depth
-
-    register_function(_tv_stochastic_depth)(UnaryRule)
-except Exception:  # pragma: no cover - torchvision optional
-    pass
-
 
 class MetaRule(OpRule):
     """Ops that only read metadata (``x.size()``, ``x.dim()``, ``x.shape``): no coupling."""
