@@ -71,7 +71,7 @@ def _varying_dims(gm: torch.fx.GraphModule, names: set[str], args: tuple, kwargs
     probes: list[tuple] = []
     varying: dict[str, list[set[int]]] = {}
     for cls in size_classes(examples):
-        for target in probe_sizes(cls.size, cls.family):
+        for target in probe_sizes(cls.size, cls.family, cls.tokens):
             new_inputs, _ = probe_inputs(cls, examples, target)
             p_args, p_kwargs = tuple(new_inputs[:n_args]), dict(zip(kwargs, new_inputs[n_args:]))
             try:
