@@ -92,21 +92,10 @@ def _varying_dims(gm: torch.fx.GraphModule, names: set[str], args: tuple, kwargs
 
 
 def _same_at(gm: torch.fx.GraphModule, new: torch.fx.GraphModule, probe: tuple) -> bool:
-    """``new`` computes what ``gm`` computes at the probe inputs."""
-    from torch.utils._pytree import tree_leaves
+    """``new`` computes what ``gm`` computes at the probe inputs (the example check's tolerance)."""
+    from fxprune.capture import _same_outputs
 
-    from fxprune.capture import buffers_restored
-
-    p_args, p_kwargs = probe
-    try:
-        with torch.no_grad(), buffers_restored(gm), buffers_restored(new):
-            want = [t for t in tree_leaves(gm(*p_args, **p_kwargs)) if isinstance(t, torch.Tensor)]
-            got = [t for t in tree_leaves(new(*p_args, **p_kwargs)) if isinstance(t, torch.Tensor)]
-    except Exception as err:
-        logger.debug("spliced leaves at another size: %s", err)
-        return False
-    return len(want) == len(got) and all(
-        w.shape == g.shape and torch.allclose(w.float(), g.float(), rtol=1e-3, atol=1e-4) for w, g in zip(want, got))
+    return _same_outputs(gm, new, *probe)
 
 
 def _container(sub: torch.fx.GraphModule) -> nn.Module:
