@@ -523,17 +523,14 @@ _TRAINING_ARGS: dict[Any, tuple[int, str]] = {
 
 def _training_args() -> dict[Any, tuple[int, str]]:
     """``_TRAINING_ARGS``, with torchvision's stochastic depth once torchvision is imported."""
-    if "torchvision" in sys.modules and len(_TRAINING_ARGS) == _N_BUILTIN_TRAINING_ARGS:
+    if "torchvision" in sys.modules:
         try:
             from torchvision.ops import stochastic_depth
 
-            _TRAINING_ARGS[stochastic_depth] = (3, "training")
+            _TRAINING_ARGS.setdefault(stochastic_depth, (3, "training"))
         except Exception:  # pragma: no cover
             pass
     return _TRAINING_ARGS
-
-
-_N_BUILTIN_TRAINING_ARGS = len(_TRAINING_ARGS)
 
 
 def _live_training_flags(gm: torch.fx.GraphModule, traced_training: bool) -> int:
