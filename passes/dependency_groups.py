@@ -553,11 +553,16 @@ class DependencyGroupsAnalysis:
 
 
 def _hash64(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.uint64)
+    """splitmix64's finaliser, elementwise; a uint64 ``x`` is hashed in place (one array, no temporaries
+    beyond a shift buffer)."""
+    x = x if x.dtype == np.uint64 else x.astype(np.uint64)
+    t = np.empty_like(x)
     with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
+        for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None)):
+            np.right_shift(x, np.uint64(shift), out=t)
+            x ^= t
+            if mul is not None:
+                x *= np.uint64(mul)
     return x
 
 
@@ -652,18 +657,35 @@ def _finish(gm: torch.fx.GraphModule, b: _Builder, ignored: Sequence[str]) -> De
     return DependencyGraph(b.keys, sizes, groups, frozen, b.index, b.roles, tuple(ignored))
 
 
+def _run_starts(sorted_values: np.ndarray) -> np.ndarray:
+    """Where each run of equal values starts in a sorted array (``np.unique``'s ``return_index``
+    without its copies and sort)."""
+    first = np.ones(len(sorted_values), dtype=bool)
+    np.not_equal(sorted_values[1:], sorted_values[:-1], out=first[1:])
+    return np.flatnonzero(first)
+
+
 def _signatures(labels, elem_space, mask, n_spaces):
     """For atoms in ``mask`` (per element), rows (atom, space, count) and a signature hash per atom."""
-    e = np.flatnonzero(mask)
-    key = labels[e].astype(np.int64) * n_spaces + elem_space[e]
-    del e
-    uk, counts = np.unique(key, return_counts=True)
-    del key
-    atom = uk // n_spaces
-    space = uk % n_spaces
+    # scale: one int64 key per element, sorted in place (np.unique would hold three more copies)
+    key = labels[mask].astype(np.int64)
+    key *= n_spaces
+    key += elem_space[mask]
+    key.sort()
+    starts = _run_starts(key)
+    uk = key[starts]
+    counts = np.diff(np.append(starts, len(key)))
+    del key, starts
+    small = np.int32 if max(len(labels), n_spaces) < 2**31 - 1 else np.int64
+    atom = (uk // n_spaces).astype(small)
+    space = (uk % n_spaces).astype(small)
     del uk
-    h = _hash64(space * 1_000_003 + counts)
-    ua, start = np.unique(atom, return_index=True)
+    h = space.astype(np.uint64)
+    h *= np.uint64(1_000_003)
+    h += counts.astype(np.uint64)
+    h = _hash64(h)
+    start = _run_starts(atom)  # rows are sorted by atom
+    ua = atom[start]
     sig = np.add.reduceat(h, start) if len(h) else h
     nrows = np.diff(np.append(start, len(atom)))
     sig = _hash64(sig ^ nrows.astype(np.uint64))
@@ -681,18 +703,14 @@ def _group_atoms(b, labels, elem_space, elem_pos, prunable, origin_space, n_spac
     group_of_atom[ua] = atom_group
     # rank atoms inside each group by their first element position in the group's first origin space
     del row_atom, row_space, row_count
-    e = np.flatnonzero(emask)
-    le = labels[e]
+    le = labels[emask]  # scale: boolean indexing, no int64 index array over every element
     idx_dtype = np.int32 if len(group_of_atom) < 2**31 - 1 else np.int64
     eg = group_of_atom[le].astype(idx_dtype)
-    es = elem_space[e]
-    ep = elem_pos[e]
-    del e
+    es = elem_space[emask]
+    ep = elem_pos[emask]
     # order key for atoms: (is not origin space, space id, position) of their first element
-    is_org = origin_space[es]
-    order = np.lexsort((ep, es, ~is_org, le))
-    del is_org
-    first = np.unique(le[order], return_index=True)[1]
+    order = np.lexsort((ep, es, ~origin_space[es], le))
+    first = _run_starts(le[order])  # sorted by atom first
     first_e = order[first]
     del order, first
     atoms_sorted = le[first_e]
@@ -710,8 +728,10 @@ def _group_atoms(b, labels, elem_space, elem_pos, prunable, origin_space, n_spac
     er = atom_rank[le].astype(idx_dtype)
     del le
     srt = np.lexsort((ep, er, es, eg))
-    eg, es, er, ep = eg[srt], es[srt], er[srt], ep[srt]
-    del srt
+    eg = eg[srt]  # one at a time: never two copies of all four
+    es = es[srt]
+    ep = ep[srt]
+    del srt, er  # er only ordered the elements
     groups: list[Group] = []
     bounds = np.flatnonzero(np.diff(eg)) + 1
     g_starts = np.concatenate([[0], bounds])
