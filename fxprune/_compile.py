@@ -27,8 +27,8 @@ from fxprune import progress
 from fxprune.budget import format_macs, parse_mac_budget
 from fxprune.capture import Captured, capture, share_tensors
 from fxprune.cost_models.mac import MacCalibration, MacCountAnalysis, MacTerm, PlanCost, calibrate
-from fxprune.errors import (ConfigError, FxpruneError, InvalidBudgetError, PolicyError, PostconditionError,
-                            PreconditionError)
+from fxprune.errors import (BandUnreachableError, BudgetUnreachableError, ConfigError, FxpruneError,
+                            InvalidBudgetError, PolicyError, PostconditionError, PreconditionError)
 from fxprune.passes._infra import AnalysisManager, PassManager, TimingInstrument
 from fxprune.passes.dependency_groups import DependencyGraph, DependencyGroupsAnalysis, Group
 from fxprune._memory import release_free_memory
@@ -593,8 +593,6 @@ def compile(  # noqa: A001 - the product's name for the operation
                     else "nothing in this model can be pruned: model returned unchanged")
             report.notes.append(note)
             if budget < session.base_macs:
-                from fxprune.errors import BudgetUnreachableError
-
                 raise BudgetUnreachableError(
                     f"{note.split(':')[0]}; the budget {format_macs(budget)} is below the original "
                     f"{format_macs(session.base_macs)}", min_macs=session.base_macs, budget=budget)
@@ -704,7 +702,10 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
             if len(session.healed) != solved_with:
                 problem = with_healed(problem, session.healed)
                 if isinstance(policy, str) and policy in _CHEAP_POLICIES:
-                    plan = pol.select(problem, ctx)
+                    try:
+                        plan = pol.select(problem, ctx)
+                    except (BudgetUnreachableError, BandUnreachableError) as err:
+                        raise _healed_context(session, err) from err
                 solved_with = len(session.healed)
             proj = _project_healed(session, problem, _whole_where_frozen(problem, problem.dense(plan.keep)))
             keep_all = expand_keep(problem, proj.keep)  # one count per dependency group (ties expanded)
@@ -788,19 +789,37 @@ def _whole_where_frozen(problem: PruningProblem, target: np.ndarray) -> np.ndarr
 
 
 def _project_healed(session: PruneSession, problem: PruningProblem, target: np.ndarray) -> Projection:
-    from fxprune.errors import BandUnreachableError, BudgetUnreachableError
-
     try:
         return project(problem, target)
     except (BudgetUnreachableError, BandUnreachableError) as err:
-        if not session.healed:
-            raise
-        frozen = "; ".join(str(h) for h in list(session.healed.values())[:3])
-        more = f" (after the self-healing compile froze {len(session.healed)} group(s): {frozen})"
-        if isinstance(err, BudgetUnreachableError):
-            raise BudgetUnreachableError(f"{err}{more}", min_macs=err.min_macs, budget=err.budget) from err
-        raise BandUnreachableError(f"{err}{more}", best_macs=err.best_macs, budget=err.budget,
-                                   lower=err.lower) from err
+        raise _healed_context(session, err) from err
+
+
+def _healed_context(session: PruneSession, err: Exception) -> Exception:
+    """``err`` (budget or band unreachable) saying which groups the self-healing compile froze and at
+    which ops: what made the budget unreachable is then named, not only the MAC figures."""
+    if not session.healed:
+        return err
+    ops = {n.name: n.target for n in session.gm.graph.nodes}
+
+    def where(h: Any) -> str:
+        if not h.node:
+            return f"{h.name} ({h.stage}, found by bisection)"
+        op = ops.get(h.node)
+        op = getattr(op, "__name__", None) or str(op) if op is not None else "?"
+        return f"{h.name} ({h.stage} at {h.node}, op {op})"
+
+    healed = list(session.healed.values())
+    first = healed[0].reason.strip().splitlines()[0][:240] if healed[0].reason else ""
+    more = (f" The self-healing compile froze {len(healed)} group(s) whose pruned model failed: "
+            + "; ".join(where(h) for h in healed[:4]) + (f" and {len(healed) - 4} more" if len(healed) > 4 else "")
+            + (f". First failure: {first}" if first else "")
+            + ". Those ops have no correct channel rule yet: the groups stay whole (result.report.healed).")
+    if isinstance(err, BudgetUnreachableError):
+        return BudgetUnreachableError(f"{err}{more}", min_macs=err.min_macs, budget=err.budget)
+    if isinstance(err, BandUnreachableError):
+        return BandUnreachableError(f"{err}{more}", best_macs=err.best_macs, budget=err.budget, lower=err.lower)
+    return err
 
 
 def _verify(problem: PruningProblem, proj: Projection, macs: int) -> None:

@@ -136,3 +136,32 @@ def test_healer_freezes_only_pruned_groups_reaching_the_node():
     names = sorted(session.graph.groups[g].name for g in gids)
     assert names == ["c2", "c3"]  # c3's input channels (c2's group) and its output channels
     assert set(session.healed) == set(gids)
+
+
+def test_an_unreachable_budget_after_healing_names_the_frozen_groups_and_their_ops():
+    """A budget that only the frozen groups put out of reach: the error says which groups the
+    self-healing compile froze, at which node and op, and the first failure."""
+    from types import SimpleNamespace
+
+    from fxprune._compile import _healed_context
+    from fxprune.errors import BandUnreachableError, BudgetUnreachableError
+    from fxprune.heal import HealedGroup
+
+    class Net(nn.Module):
+        def forward(self, x):
+            return x.view(x.shape[0], -1)
+
+    gm = torch.fx.symbolic_trace(Net())
+    view = next(n.name for n in gm.graph.nodes if n.op == "call_method")
+    healed = {3: HealedGroup(3, "blocks.4.conv_pw", 672, "run", view,
+                             "the pruned model no longer runs, at node 'view': RuntimeError: shape is invalid")}
+    session = SimpleNamespace(healed=healed, gm=gm)
+    err = _healed_context(session, BudgetUnreachableError("a budget of 10 MACs is below 20", min_macs=20, budget=10))
+    assert isinstance(err, BudgetUnreachableError) and err.min_macs == 20 and err.budget == 10
+    text = str(err)
+    assert "froze 1 group(s)" in text and f"blocks.4.conv_pw (run at {view}, op view)" in text
+    assert "First failure: the pruned model no longer runs" in text
+    band = _healed_context(session, BandUnreachableError("no plan in the band", best_macs=5, budget=10, lower=9))
+    assert isinstance(band, BandUnreachableError) and band.lower == 9 and "op view" in str(band)
+    plain = BudgetUnreachableError("x", min_macs=1, budget=0)
+    assert _healed_context(SimpleNamespace(healed={}, gm=gm), plain) is plain  # nothing healed: unchanged
