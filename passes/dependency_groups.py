@@ -471,6 +471,13 @@ def _resolve_reshape(b: _Builder, node: torch.fx.Node, src: torch.fx.Node, flexi
             n = math.prod(sizes)
             j = np.arange(n)
             b.tie_map(in_sp[0], j, out_sp[k], (j // stride) % sizes[k])
+            # the other dims of the split are positions inside the picked one: a channel tie reaching
+            # them (timm's CondConv: expert weights [B, out*in] viewed as [B*out, in, kh, kw], whose
+            # in-dim meets the incoming channels) could only be cut without cutting the input
+            for i, (s, d) in enumerate(zip(out_sp, gb)):
+                if i != k and o[d] > 1:
+                    b.freeze(s, f"reshape {a}->{o} splits one dim into several: dim {d} stays positional "
+                                f"({node.name})")
 
 
 # ----------------------------------------------------------------------------------- analysis

@@ -111,3 +111,25 @@ def test_deit_tiny_at_agenticpruner_target():
     assert fxprune.count_macs(res.model, x) == res.macs
     with torch.no_grad():
         assert res.model(torch.randn(2, 3, 224, 224)).shape == (2, 1000)
+
+
+def test_condconv_experts_are_pruned_with_the_batch_folded_into_the_groups():
+    """timm's CondConv mixes expert weights per sample (``[B, out*in*k*k]`` viewed as
+    ``[B*out, in, k, k]``) and folds the batch into the conv groups (``groups = C * B``). Output
+    channels are pruned through the flattened expert dim, the in-dim of the split stays positional,
+    and a computed group count keeps its batch factor: the pruned model runs at any batch size,
+    without the self-healing compile having to freeze anything."""
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_cc_b0_4e", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    res = fxprune.compile(model, (x,), mac_budget="50%")
+    r = res.report
+    assert not r.healed
+    assert r.lower_macs <= res.macs <= r.budget_macs
+    assert fxprune.count_macs(res.model, x) == res.macs
+    before = {n: p.shape for n, p in model.named_parameters() if p.dim() == 2 and n.endswith("conv_pw.weight")}
+    after = dict(res.model.named_parameters())
+    assert before and any(after[n].shape[1] < s[1] for n, s in before.items())  # expert weights [E, out*in]
+    with torch.no_grad():
+        xb = torch.randn(3, 3, 64, 64)
+        assert res.model(xb).shape == (3, 1000)

@@ -49,6 +49,7 @@ __all__ = [
     "shape_source",
     "rewritten_sizes",
     "size_after_rewrite",
+    "scaled_size",
     "CouplingBuilder",
     "MacBuilder",
     "RewriteContext",
@@ -286,7 +287,7 @@ def rewritten_sizes(node: torch.fx.Node, sizes: Sequence[Any], r: RewriteContext
         if after == n:
             continue  # literal or symbolic, it already gives the new size (and stays symbolic)
         if n != out[d] or after is not None:
-            new[d] = _scaled_size(node, s, n, out[d], r) if shape_source(s) is None else n
+            new[d] = scaled_size(node, s, n, out[d], r) if shape_source(s) is None else n
             changed = True
     return new if changed else None
 
@@ -349,7 +350,7 @@ def _reads_shape(s: torch.fx.Node) -> bool:
         and _reads_shape(s.args[0])
 
 
-def _scaled_size(node: torch.fx.Node, s: Any, n: int, old: int, r: RewriteContext) -> Any:
+def scaled_size(node: torch.fx.Node, s: Any, n: int, old: int, r: RewriteContext) -> Any:
     """The new size of a pruned dim whose size was computed (``s``, e.g. ``batch * heads``).
 
     When ``s`` reads no pruned dim it still evaluates to ``old`` at the example, so ``s * n // old``

@@ -26,6 +26,7 @@ from fxprune.opset._base import (
     norm_dim,
     register_function,
     register_module,
+    scaled_size,
     set_arg,
 )
 
@@ -235,7 +236,9 @@ class ConvRule(OpRule):
             mod.out_channels = mod.weight.shape[0]
             mod.groups = new_groups
         elif new_groups != g:
-            set_arg(node, 6, "groups", new_groups)
+            # a computed group count keeps what it reads beyond the channels (timm's CondConv folds
+            # the batch into the groups: groups = C * B)
+            set_arg(node, 6, "groups", scaled_size(node, arg(node, 6, "groups", 1), new_groups, g, r))
 
 
 register_module(*_CONV_MODULES)(ConvRule)
