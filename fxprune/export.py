@@ -206,7 +206,49 @@ def _model_name(model: nn.Module) -> str:
 
 # =========================================================================== exporters
 
+_ANTIALIAS = {"aten::_upsample_bicubic2d_aa": ("cubic", -0.5), "aten::_upsample_bilinear2d_aa": ("linear", None)}
+_antialias_registered = False
+
+
+def _register_antialias_symbolics() -> None:
+    """Teach the TorchScript exporter antialiased resizing (``F.interpolate(..., antialias=True)``,
+    which timm's Hiera applies to its position embeddings at the input size): ONNX ``Resize``
+    (opset 18+) with ``antialias=1`` and ``exclude_outside=1`` (PyTorch normalises the weights over
+    the taps inside the image), bicubic with PIL's ``a = -0.5``. Matches onnxruntime to ~2e-6 for
+    up- and downsampling. Registered once, for opset 18 and later; older opsets still reject the op."""
+    global _antialias_registered
+    if _antialias_registered:
+        return
+    _antialias_registered = True
+    try:
+        from torch.onnx._internal.torchscript_exporter import symbolic_helper as helper
+    except ImportError:  # pragma: no cover - older torch
+        try:
+            from torch.onnx import symbolic_helper as helper
+        except ImportError:
+            return
+
+    def symbolic(mode: str, coeff: float | None):
+        def fn(g, input, output_size, align_corners, scale_factors):
+            out = helper._interpolate_helper("upsample_aa", 4, mode)(g, input, output_size, align_corners,
+                                                                     scale_factors)
+            node = out.node()
+            node.i_("antialias", 1)
+            node.i_("exclude_outside", 1)
+            if coeff is not None:
+                node.f_("cubic_coeff_a", coeff)
+            return out
+        return fn
+
+    for name, (mode, coeff) in _ANTIALIAS.items():
+        try:
+            torch.onnx.register_custom_op_symbolic(name, symbolic(mode, coeff), 18)
+        except Exception as err:  # pragma: no cover - exporter internals moved: the op stays unsupported
+            logger.debug("could not register an ONNX symbolic for %s: %s", name, err)
+
+
 def _export_torchscript(model: nn.Module, spec: _ExportSpec, file: Path, opset: int | None) -> None:
+    _register_antialias_symbolics()
     with _quiet_exporter(), contextlib.redirect_stderr(_LogStream()):
         torch.onnx.export(
             _traceable_size_math(model),

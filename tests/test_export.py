@@ -265,3 +265,36 @@ def test_parity_tolerance_follows_the_output_scale():
     assert not _compare("y", 1, want + np.float32(0.5), want, 1e-4, 1e-3).ok
     small = np.array([1.0, -0.8, 0.01], dtype=np.float32)
     assert not _compare("y", 1, small + np.float32(5e-4), small, 1e-4, 1e-3).ok  # scale 1: atol as given
+
+
+class _AntialiasedPosEmbed(nn.Module):
+    """A parameter resized to the input's height and width with antialiasing (timm's Hiera
+    position embeddings): ``aten::_upsample_{bicubic,bilinear}2d_aa`` in the trace."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.pos = nn.Parameter(torch.randn(1, 4, 14, 14))
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        pos = nn.functional.interpolate(self.pos, size=(x.shape[2], x.shape[3]), mode=self.mode, antialias=True)
+        return self.conv(x) + pos
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_antialiased_resize_exports_as_onnx_resize_and_matches_at_other_sizes(mode, tmp_path):
+    torch.manual_seed(0)
+    model = _AntialiasedPosEmbed(mode).eval()
+    x = torch.randn(1, 3, 20, 24)
+    axes = {"x": {0: "batch", 2: "height", 3: "width"}}
+    proto = export_onnx(model, (x,), tmp_path / "aa.onnx", dynamic_axes=axes, exporter="torchscript")
+    resize = [n for n in proto.graph.node if n.op_type == "Resize"]
+    assert resize and all({a.name: a.i for a in r.attribute}.get("antialias") == 1 for r in resize)
+    session = ort.InferenceSession(str(tmp_path / "aa.onnx"), providers=["CPUExecutionProvider"])
+    name = proto.graph.input[0].name
+    for shape in [(1, 3, 20, 24), (2, 3, 9, 30), (1, 3, 14, 14), (2, 3, 40, 8)]:  # down- and upsampling
+        xb = torch.randn(*shape)
+        with torch.no_grad():
+            want = model(xb).numpy()
+        np.testing.assert_allclose(session.run(None, {name: xb.numpy()})[0], want, atol=1e-4)
