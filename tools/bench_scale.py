@@ -346,29 +346,6 @@ def write_checkpoint(case: str, directory: Path, dtype_name: str = "bf16", seed:
 
 # ------------------------------------------------------------------------------------ parent
 
-def warm_memory(gb: float) -> dict[str, float]:
-    """Touch ``gb`` GB of fresh memory in a throw-away process and report the rate.
-
-    On a virtual machine whose host backs guest memory lazily, the first touch of a guest page that
-    has never been used costs a hypervisor fault: measured on this project's 2-core VM at 0.15-0.3
-    GB/s, against 3-11 GB/s once a page has been backed (a freed page stays backed). A compile that
-    builds a 2 GB pruned model then spends most of its time in those faults, and the time depends
-    on what ran on the VM before, not on fxprune. Warming first measures the compile as on a machine
-    that has been in use; the rate printed here says how cold the VM was.
-    """
-    code = ("import time, numpy as np\n"
-            f"n = int({gb} * 1e9) // 8\n"
-            "t = time.perf_counter(); a = np.ones(n); dt = time.perf_counter() - t\n"
-            "print(f'RESULT {{\"seconds\": {dt:.2f}}}')")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    seconds = json.loads(line[-1][7:])["seconds"] if line else float("nan")
-    rec = {"gb": gb, "seconds": seconds, "gb_per_s": gb / seconds if seconds else float("nan")}
-    print(f"warmed {gb:.1f} GB of memory in {seconds:.1f} s ({rec['gb_per_s']:.2f} GB/s first touch)",
-          file=sys.stderr, flush=True)
-    return rec
-
-
 def run_child(args: list[str], timeout: int) -> Any:
     cmd = [sys.executable, str(Path(__file__).resolve()), "_child", *args]
     try:
@@ -481,8 +458,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zoo-models", default=None, help="comma-separated torchvision names (default all 80)")
     ap.add_argument("--png", default="compile_vs_nodes.png")
     ap.add_argument("--out", default=None, help="directory for JSON (and the PNG with 'all')")
-    ap.add_argument("--warm-memory", type=float, default=0.0, metavar="GB",
-                    help="first touch this many GB in a throw-away process and print the rate (see warm_memory)")
     # child-only
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -503,10 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {}
-    if args.warm_memory:
-        results["warm_memory"] = warm_memory(args.warm_memory)
     common = ["--threads", str(args.threads), "--seq", str(args.seq)]
+    results: dict[str, Any] = {}
     if args.command in ("models", "all"):
         cases = (args.cases or "vit_l_16,regnet_y_128gf,llama-1.1b").split(",")
         recs = []
