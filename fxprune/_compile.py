@@ -14,6 +14,7 @@ import logging
 import math
 import numbers
 import time
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -365,6 +366,43 @@ def _importance(gm, graph: DependencyGraph, criterion: str, data, loss_fn, seed)
     return {int(k): np.asarray(v, dtype=np.float64) for k, v in scores.items()}
 
 
+def fixed_where(session: PruneSession, top: int = 3) -> tuple[str, ...]:
+    """Where the MACs no group can change are, by kind of op, largest first: ``"44 LSTM modules
+    (4.15 G, the largest 'stages.0.rnn_v': 94.4 M)"``. Each MAC term's part that stays when every
+    group is pruned away (its fixed sizes) is summed per node, then per op kind."""
+    forms = session.graph.forms()
+    sizes = _space_sizes(session.gm)
+    per_node: dict[str, float] = defaultdict(float)
+    for t in session.terms:
+        part = t.coef
+        for key in t.spaces:
+            form = forms.get(key)
+            part *= sizes.get(key, 0) if form is None or not form.mult else form.fixed
+        if part > 0:
+            per_node[t.node] += part
+    nodes = {n.name: n for n in session.gm.graph.nodes}
+    kinds: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for name, macs in per_node.items():
+        node = nodes.get(name)
+        if node is None:
+            kind, where = "ops", name
+        elif node.op == "call_module":
+            kind, where = f"{type(session.gm.get_submodule(node.target)).__name__} module", str(node.target)
+        else:
+            kind, where = str(getattr(node.target, "__name__", node.target)), name
+        kinds[kind].append((macs, where))
+    out = []
+    for kind, items in sorted(kinds.items(), key=lambda kv: -sum(m for m, _ in kv[1]))[:top]:
+        total = sum(m for m, _ in items)
+        big, where = max(items)
+        if len(items) == 1:
+            out.append(f"{kind} '{where}' ({format_macs(int(total))})")
+        else:
+            out.append(f"{len(items)} x {kind} ({format_macs(int(total))}; the largest '{where}', "
+                       f"{format_macs(int(big))})")
+    return tuple(out)
+
+
 def build_problem(session: PruneSession, budget: int, tolerance: float, channel_multiple: int,
                   min_keep_ratio: float, *, tie: bool = True) -> PruningProblem:
     """The MAC problem of ``session`` (its layout's ties applied unless ``tie=False``)."""
@@ -392,7 +430,8 @@ def build_problem(session: PruneSession, budget: int, tolerance: float, channel_
     frozen = tuple(f"{f.name} ({f.n}): {'; '.join(f.reasons[:2])}" for f in session.graph.frozen) + tuple(
         f"{h.name} ({h.size}): self-healing: {h.stage} at {h.node or 'bisection'}" for h in session.healed.values())
     lower = int(math.ceil(budget * (1.0 - tolerance)))
-    problem = PruningProblem(tuple(specs), session.base_macs, int(budget), lower, min_macs, fixed, session.cost, frozen)
+    problem = PruningProblem(tuple(specs), session.base_macs, int(budget), lower, min_macs, fixed, session.cost, frozen,
+                             fixed_where=fixed_where(session) if min_macs > budget else ())
     if tie and session.layout is not None:  # ties: one decision per role across layers (fxprune.tying)
         from fxprune.tying import apply_layout
 
@@ -593,9 +632,12 @@ def compile(  # noqa: A001 - the product's name for the operation
                     else "nothing in this model can be pruned: model returned unchanged")
             report.notes.append(note)
             if budget < session.base_macs:
+                where = fixed_where(session)
                 raise BudgetUnreachableError(
                     f"{note.split(':')[0]}; the budget {format_macs(budget)} is below the original "
-                    f"{format_macs(session.base_macs)}", min_macs=session.base_macs, budget=budget)
+                    f"{format_macs(session.base_macs)}"
+                    + (f". The MACs are in {', '.join(where)}, whose channels are frozen (report.frozen says "
+                       "why)" if where else ""), min_macs=session.base_macs, budget=budget)
             if plan_only:
                 return _plan_result(session, report, {}, start)
             return _result(session, session.owned_original(), session.base_macs, report, {}, start)

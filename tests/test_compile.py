@@ -128,6 +128,36 @@ def test_unreachable_budget_carries_min_macs(resnet18):
     assert "smallest model" in str(err.value)
 
 
+class _RecurrentHead(nn.Module):
+    """Most MACs in an LSTM whose channels fxprune keeps whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)  # its outputs can be pruned
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.rnn = nn.LSTM(16, 64, batch_first=True)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        y = self.conv(torch.relu(self.stem(x))).flatten(2).transpose(1, 2)  # [B, HW, 16]
+        y, _ = self.rnn(y)
+        return self.fc(y.mean(1))
+
+
+def test_an_unreachable_budget_names_the_ops_that_hold_the_fixed_macs():
+    torch.manual_seed(0)
+    model, x = _RecurrentHead().eval(), torch.randn(1, 3, 16, 16)
+    with pytest.raises(BudgetUnreachableError) as err:
+        fxprune.compile(model, (x,), mac_budget="30%")
+    text = str(err.value)
+    assert "cannot be pruned at all, most of it in LSTM module 'rnn'" in text, text
+    assert err.value.min_macs > 0.3 * fxprune.count_macs(model, x)
+    model.stem = nn.Identity()  # now nothing at all can be pruned: the same names in that message
+    model.conv = nn.Conv2d(3, 16, 3, padding=1)
+    with pytest.raises(BudgetUnreachableError, match=r"nothing in this model can be pruned.*LSTM module 'rnn'"):
+        fxprune.compile(model, (x,), mac_budget="30%")
+
+
 @pytest.mark.parametrize("bad", ["half", -3, True, None, "50 percent"])
 def test_invalid_budget(resnet18, bad):
     model, x = resnet18

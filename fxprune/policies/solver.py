@@ -138,7 +138,10 @@ def project(problem: PruningProblem, target: np.ndarray, *, priority: np.ndarray
         raise BudgetUnreachableError(
             f"a budget of {fmt(problem.budget)} is below the smallest model fxprune can build here "
             f"({fmt(problem.min_macs)}: every prunable group at its minimum keep; {fmt(problem.fixed_macs)} "
-            "cannot be pruned at all). Raise the budget, lower min_keep_ratio, or un-ignore modules.",
+            "cannot be pruned at all"
+            + (f", most of it in {', '.join(problem.fixed_where)}: their channels are frozen (report.frozen "
+               "says why)" if problem.fixed_where and problem.unit == "MACs" else "")
+            + "). Raise the budget, lower min_keep_ratio, or un-ignore modules.",
             min_macs=problem.min_macs, budget=problem.budget,
         )
     prune = 1.0 - target / np.maximum(sizes, 1)
