@@ -129,13 +129,13 @@ def test_unreachable_budget_carries_min_macs(resnet18):
 
 
 class _RecurrentHead(nn.Module):
-    """Most MACs in an LSTM whose channels fxprune keeps whole."""
+    """Most MACs in an LSTM whose channels fxprune keeps whole (two stacked layers)."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)  # its outputs can be pruned
         self.conv = nn.Conv2d(16, 16, 3, padding=1)
-        self.rnn = nn.LSTM(16, 64, batch_first=True)
+        self.rnn = nn.LSTM(16, 64, num_layers=2, batch_first=True)
         self.fc = nn.Linear(64, 10)
 
     def forward(self, x):
@@ -284,3 +284,44 @@ def test_data_criterion_without_calibration_data_is_noted(caplog):
     res = fxprune.compile(model, (x,), mac_budget="60%", importance="taylor", policy="uniform", tolerance=0.05,
                           calibration_data=[torch.randn(4, 3, 12, 12)])
     assert not any("calibration_data" in n for n in res.report.notes)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, kind: str, bidirectional: bool):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.rnn = getattr(nn, kind)(16, 32, batch_first=True, bidirectional=bidirectional)
+        self.fc = nn.Linear(64 if bidirectional else 32, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x)).flatten(2).transpose(1, 2)  # a sequence of H*W steps
+        y, _ = self.rnn(y)
+        return self.fc(y.mean(1))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_recurrent_layers_have_their_hidden_units_and_inputs_pruned(kind, bidirectional):
+    """A one-layer LSTM/GRU/RNN: hidden units pruned (every gate block, both directions, the output
+    features), its input features with the conv that makes them; exact MACs; the oracle holds."""
+    from fxprune.capture import capture
+    from fxprune.passes.dependency_groups import DependencyGroupsAnalysis
+    from fxprune.passes.shape_prop import ShapePropPass
+    from fxprune.testing.equivalence import check_equivalence, random_plan
+
+    torch.manual_seed(0)
+    model, x = _Recurrent(kind, bidirectional).eval(), torch.randn(1, 3, 8, 8)
+    res = fxprune.compile(model, (x,), mac_budget="50%")
+    rnn = res.model.rnn
+    assert rnn.hidden_size < 32 and rnn.input_size < 16
+    assert rnn.weight_hh_l0.shape[1] == rnn.hidden_size
+    assert res.report.lower_macs <= res.macs <= res.report.budget_macs
+    assert fxprune.count_macs(res.model, x) == res.macs and fxprune.count_macs(res.model, x).exact
+    with torch.no_grad():
+        assert res.model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+    cap = capture(model, (torch.randn(2, 3, 8, 8),))
+    ShapePropPass(cap.inputs)(cap.gm)
+    dg = DependencyGroupsAnalysis().run(cap.gm)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        check_equivalence(cap.gm, dg, random_plan(dg, rng), cap.inputs, atol=1e-4)

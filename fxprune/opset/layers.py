@@ -356,19 +356,77 @@ register_module(nn.Bilinear)(BilinearFreeze)
 
 
 class RecurrentRule(OpRule):
-    """``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (opaque): channels kept; exact MACs.
+    """``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``: exact MACs; a one-layer recurrent layer without an LSTM
+    projection has its hidden units pruned, and its input features with the layer that makes them.
 
     Per step, layer and direction: ``gates * hidden * (input + recurrent)`` with gates 1 (RNN),
     3 (GRU), 4 (LSTM), ``recurrent = proj_size or hidden``, plus ``hidden * proj_size`` for an
     LSTM projection; ``input`` is ``input_size`` for the first layer and
     ``directions * (proj_size or hidden)`` after it. Steps = every element of the input but the
     feature dim (``T * B``); packed sequences are not counted (the node is then measured).
+
+    Pruning (one layer, no projection, no initial state passed, only the output sequence used):
+    hidden unit ``h`` is row ``g * H + h`` of every gate block of ``weight_ih``/``weight_hh``/the
+    biases, column ``h`` of ``weight_hh``, and feature ``d * H + h`` of the output of direction ``d``
+    (both directions keep the same units). MACs in terms of the output width ``O = dirs * H``:
+    ``gates * O * input + gates * O * O / dirs`` per step. Anything else keeps its channels whole.
     """
 
     name = "recurrent"
 
+    @staticmethod
+    def _output(node, mod):
+        """The getitem node of the output sequence when the layer can be pruned, else None."""
+        from fxprune.opset.structural import _tuple_users
+
+        if mod.num_layers != 1 or (getattr(mod, "proj_size", 0) or 0) or len(node.args) != 1 or node.kwargs:
+            return None
+        users = _tuple_users(node)
+        if users is None:
+            return None
+        outs = [u for i, u in users if i == 0]
+        if len(outs) != 1 or any(u.users for i, u in users if i != 0):
+            return None
+        return outs[0]
+
+    @staticmethod
+    def _suffixes(mod):
+        return ["_l0"] + (["_l0_reverse"] if mod.bidirectional else [])
+
     def couple(self, node, b):
-        b.freeze_node(node, f"recurrent layer {op_label(node, b.gm)} (its hidden size is not pruned)")
+        mod = b.gm.get_submodule(node.target)
+        out = self._output(node, mod)
+        if out is None:
+            b.freeze_node(node, f"recurrent layer {op_label(node, b.gm)} (its hidden size is pruned only with one "
+                                "layer, no projection, no initial state and only the output sequence used)")
+            return
+        x = node.args[0]
+        xs, os_ = ishape(x), ishape(out)
+        for d in range(len(xs) - 1):
+            b.tie(b.space(x, d), b.space(out, d))
+        h = mod.hidden_size
+        names = [f"{w}{sfx}" for sfx in self._suffixes(mod) for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        w = _Weights(node, b.gm, names=tuple(names))
+        hidden = w.space(b, "weight_hh_l0", 1)
+        b.role(hidden, "consumer")
+        out_f = b.space(out, len(os_) - 1)
+        j = np.arange(os_[-1])
+        b.tie_map(out_f, j, hidden, j % h)
+        b.origin(out_f)
+        in_f = b.space(x, len(xs) - 1)
+        for sfx in self._suffixes(mod):
+            for n in (f"weight_ih{sfx}", f"weight_hh{sfx}", f"bias_ih{sfx}", f"bias_hh{sfx}"):
+                if not w.has(n):
+                    continue
+                rows = w.space(b, n, 0)
+                k = np.arange(w.shape(n)[0])
+                b.tie_map(rows, k, hidden, k % h)
+                b.role(rows, "producer" if n.startswith("weight") else "other")
+            b.tie(in_f, w.space(b, f"weight_ih{sfx}", 1))
+            b.role(w.space(b, f"weight_ih{sfx}", 1), "consumer")
+            if sfx != "_l0":
+                b.tie(hidden, w.space(b, f"weight_hh{sfx}", 1))
+                b.role(w.space(b, f"weight_hh{sfx}", 1), "consumer")
 
     def macs(self, node, m):
         mod = m.module(node)
@@ -377,6 +435,14 @@ class RecurrentRule(OpRule):
         if xs is None:
             return
         gates = {"LSTM": 4, "GRU": 3}.get(getattr(mod, "mode", ""), 1)
+        steps = [(x, d) for d in range(len(xs) - 1)]
+        out = self._output(node, mod)
+        if out is not None:  # in node spaces, so that the plan cost follows the pruned widths
+            dirs = 2 if mod.bidirectional else 1
+            o = (out, len(ishape(out)) - 1)
+            m.term(gates, steps + [o, (x, len(xs) - 1)])
+            m.term(gates / dirs, steps + [o, o])
+            return
         h = mod.hidden_size
         p = getattr(mod, "proj_size", 0) or 0
         r = p or h
@@ -385,7 +451,15 @@ class RecurrentRule(OpRule):
         for layer in range(mod.num_layers):
             inp = mod.input_size if layer == 0 else dirs * r
             per_step += dirs * (gates * h * (inp + r) + (h * p if p else 0))
-        m.term(per_step, [(x, d) for d in range(len(xs) - 1)])
+        m.term(per_step, steps)
+
+    def rewrite(self, node, r):
+        mod = r.module(node)
+        if self._output(node, mod) is None:
+            return
+        mod.input_size = int(mod.weight_ih_l0.shape[1])
+        mod.hidden_size = int(mod.weight_hh_l0.shape[1])
+        mod._init_flat_weights()  # the layer runs from this list of its (now replaced) parameters
 
 
 register_module(nn.RNN, nn.GRU, nn.LSTM)(RecurrentRule)
