@@ -128,6 +128,16 @@ def _child_cmd(name: str, args) -> list[str]:
     return cmd
 
 
+def _one_record(name: str, args) -> dict:
+    """The child's record of one model (``run_one``); a harness error is reported, never hidden."""
+    try:
+        return run_one(name, args.budget, args.policy, not args.no_onnx, args.tolerance, args.oracle,
+                       not args.no_limits and not args.ci, args.small, args.ci)
+    except Exception as err:
+        return {"model": name, "status": "crash", "stage": "harness",
+                "reason": f"{type(err).__name__}: {str(err)[:400]}"}
+
+
 def _child_env(args) -> dict[str, str]:
     return {"FXPRUNE_PROGRESS": "0", "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
 
@@ -159,12 +169,7 @@ def _forked_child(name: str, args, conn, log_path: str) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    try:
-        rec = run_one(name, args.budget, args.policy, not args.no_onnx, args.tolerance, args.oracle,
-                      not args.no_limits and not args.ci, args.small, args.ci)
-    except Exception as err:  # report, never hide
-        rec = {"model": name, "status": "crash", "stage": "harness", "reason": f"{type(err).__name__}: {str(err)[:400]}"}
-    conn.send(json.dumps(rec, default=str))
+    conn.send(json.dumps(_one_record(name, args), default=str))
     conn.close()
 
 
@@ -347,13 +352,7 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.one:
-        try:
-            rec = run_one(args.one, args.budget, args.policy, not args.no_onnx, args.tolerance, args.oracle,
-                          not args.no_limits and not args.ci, args.small, args.ci)
-        except Exception as err:  # report, never hide
-            rec = {"model": args.one, "status": "crash", "stage": "harness",
-                   "reason": f"{type(err).__name__}: {str(err)[:400]}"}
-        print("RESULT " + json.dumps(rec, default=str), flush=True)
+        print("RESULT " + json.dumps(_one_record(args.one, args), default=str), flush=True)
         return 0
     if args.summary:
         recs = _load(args.summary)

@@ -407,8 +407,7 @@ class RecurrentRule(OpRule):
         h = mod.hidden_size
         names = [f"{w}{sfx}" for sfx in self._suffixes(mod) for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
         w = _Weights(node, b.gm, names=tuple(names))
-        hidden = w.space(b, "weight_hh_l0", 1)
-        b.role(hidden, "consumer")
+        hidden = w.space(b, "weight_hh_l0", 1)  # the hidden units (every direction's columns tie to it)
         out_f = b.space(out, len(os_) - 1)
         j = np.arange(os_[-1])
         b.tie_map(out_f, j, hidden, j % h)
@@ -422,11 +421,9 @@ class RecurrentRule(OpRule):
                 k = np.arange(w.shape(n)[0])
                 b.tie_map(rows, k, hidden, k % h)
                 b.role(rows, "producer" if n.startswith("weight") else "other")
-            b.tie(in_f, w.space(b, f"weight_ih{sfx}", 1))
-            b.role(w.space(b, f"weight_ih{sfx}", 1), "consumer")
-            if sfx != "_l0":
-                b.tie(hidden, w.space(b, f"weight_hh{sfx}", 1))
-                b.role(w.space(b, f"weight_hh{sfx}", 1), "consumer")
+            for space, cols in ((in_f, w.space(b, f"weight_ih{sfx}", 1)), (hidden, w.space(b, f"weight_hh{sfx}", 1))):
+                b.tie(space, cols)  # a space tied to itself is a no-op
+                b.role(cols, "consumer")
 
     def macs(self, node, m):
         mod = m.module(node)

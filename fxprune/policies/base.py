@@ -159,7 +159,7 @@ class PruningProblem:
         min_macs: cost with every group at its minimum allowed keep.
         fixed_macs: cost that no group can change (frozen groups, the stem, the classifier, ...).
         frozen: human-readable list of what could not be pruned and why.
-        fixed_where: the ops holding most of ``fixed_macs`` (``"LSTM module 'rnn' (4.1 GMACs)"``), for
+        fixed_where: the ops holding most of ``fixed_macs`` (``"36 x LSTM module (3.397 G; the largest ...)"``), for
             the message when the budget is below what can be built.
         unit: ``"MACs"`` or ``"ns"``.
         constraints: with several budgets, each one (the first is the unit's); empty for a plain
