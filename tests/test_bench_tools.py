@@ -131,4 +131,3 @@ def test_speed_benchmark_core_functions(speed, splits):
             assert r["macs"] <= r["target_macs"]
         assert r["tp_ops"] <= r["tp_base_ops"]
     assert speed.parse_fraction("50%") == 0.5
-

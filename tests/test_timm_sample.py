@@ -82,9 +82,9 @@ def test_timm_sweep_forks_each_model_from_the_preloaded_server(tmp_path):
     import subprocess
     import sys
 
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "sweep_timm.py")
     out = tmp_path / "sweep.jsonl"
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "sweep_timm.py"), "resnet10t", "--small", "64", "--no-onnx",
-           "--results", str(out), "--timeout", "600"]
+    cmd = [sys.executable, tool, "resnet10t", "--small", "64", "--no-onnx", "--results", str(out), "--timeout", "600"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
