@@ -104,21 +104,54 @@ def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weigh
             left = pool_kept[pool[gs]] - lost
             lost = lost / np.maximum(left, 1e-12 * np.maximum(lost, 1e-300))
         score = lost / (saved / unit_cost) ** mac_weight
-        # remove several steps per round while far above the budget (same ranking, fewer evals)
-        order = np.argsort(score, kind="stable")
+        best = int(np.argmin(score))
         excess = cost - problem.budget
-        take = [order[0]]
-        if excess > 20 * saved[order[0]]:
-            budget_left = excess / 4
-            for j in order[1: max(1, G // 4)]:
-                if saved[j] > budget_left:
-                    break
-                take.append(j)
-                budget_left -= saved[j]
-        for j in take:
-            keep[gs[j]] = ks[j]
+        if excess <= 20 * saved[best]:  # near the budget: exactly one step, the best
+            keep[gs[best]] = ks[best]
+        else:  # far above it: many steps in one round, ranked as the one-step greedy would
+            keep = _round_of_steps(keep, gs, saved, excess / 4, allowed, cum, sizes, unit_cost, mac_weight,
+                                   pool_kept[pool] if relative else None)
         cost = int(problem.cost(keep[None, :])[0])
     return keep
+
+
+def _round_of_steps(keep, gs, saved, limit, allowed, cum, sizes, unit_cost, mac_weight, pool_kept):
+    """Several greedy steps at once, in the order the one-step greedy would take them.
+
+    Each candidate group's further steps are scored with the cost it saves per unit now (from this
+    round's one-step evaluation) and the exact importance each step removes (with the relative
+    barrier, over what its pool keeps after it); scores are made non-decreasing along each group so
+    its steps are taken in order. Steps are taken best first while the savings stay under
+    ``limit``; the first step is always taken. Returns the new keep vector.
+    """
+    entries = []  # (score, group, keep after the step, saved)
+    for j, g in enumerate(gs):
+        n, k0 = int(sizes[g]), int(keep[g])
+        below = allowed[g][allowed[g] < k0][::-1]
+        per_unit = float(saved[j]) / max(k0 - int(below[0]), 1)
+        prev, spent, worst = k0, 0.0, 0.0
+        for a in below:
+            a = int(a)
+            step_saved = per_unit * (prev - a)
+            removed = cum[g][n - a] - cum[g][n - prev]
+            if pool_kept is not None:
+                left = pool_kept[g] - (cum[g][n - a] - cum[g][n - k0])
+                removed = removed / max(left, 1e-12 * max(removed, 1e-300))
+            worst = max(worst, removed / (step_saved / unit_cost) ** mac_weight)
+            entries.append((worst, g, a, step_saved))
+            spent += step_saved
+            prev = a
+            if spent > limit:
+                break
+    entries.sort(key=lambda e: (e[0], e[1], -e[2]))
+    out = keep.copy()
+    budget_left = limit
+    for i, (_, g, a, step_saved) in enumerate(entries):
+        if i and step_saved > budget_left:
+            break
+        out[g] = min(out[g], a)
+        budget_left -= step_saved
+    return out
 
 
 class GlobalPolicy:
