@@ -131,22 +131,30 @@ class LatencyPlanner:
             problem = apply_layout(problem, layout.ties, layout.fixed)
         return problem
 
-    def build(self, latency_ns: int) -> Any:
-        """The ``CompileResult`` at a predicted-latency budget (memoized by plan)."""
+    def _compile(self, latency_ns: int, plan_only: bool) -> Any:
         from fxprune._compile import compile_at_budget
 
         s = self.settings
         kwargs = dict(tolerance=s["tolerance"], policy=s["policy"], channel_multiple=s["channel_multiple"],
                       min_keep_ratio=s["min_keep_ratio"], importance=s["importance"], evaluate=s["evaluate"],
                       calibration_data=s["calibration_data"], seed=s["seed"], verify=s["verify"],
-                      policy_options=s["policy_options"])
+                      policy_options=s["policy_options"], plan_only=plan_only)
         budget_macs = self.mac_budget if self.mac_budget is not None else self.session.base_macs
         try:
-            result = compile_at_budget(self.model, self.session, budget_macs, self.start,
-                                       problem=self.problem(int(latency_ns)), **kwargs)
+            return compile_at_budget(self.model, self.session, budget_macs, self.start,
+                                     problem=self.problem(int(latency_ns)), **kwargs)
         except BandUnreachableError:  # coarse widths: the closest plan under the budget will do
-            result = compile_at_budget(self.model, self.session, budget_macs, self.start,
-                                       problem=self.problem(int(latency_ns), band=False), **kwargs)
+            return compile_at_budget(self.model, self.session, budget_macs, self.start,
+                                     problem=self.problem(int(latency_ns), band=False), **kwargs)
+
+    def plan(self, latency_ns: int) -> tuple[np.ndarray, int]:
+        """The keep counts and exact MACs of the plan at a predicted-latency budget (no model built)."""
+        result = self._compile(latency_ns, plan_only=True)
+        return self.keep_of(result), int(result.macs)
+
+    def build(self, latency_ns: int) -> Any:
+        """The ``CompileResult`` at a predicted-latency budget (memoized by plan)."""
+        result = self._compile(latency_ns, plan_only=False)
         keep = np.array([result.keep.get(g.id, g.n) for g in self.session.graph.groups], dtype=np.int64)
         key = keep.tobytes()
         if key not in self.results:

@@ -295,6 +295,16 @@ def test_every_policy_runs_on_the_latency_cost(mini, policy):
     assert fxprune.count_macs(res.model, mini[1]) == res.macs
 
 
+def test_a_plan_is_the_keep_counts_and_macs_its_built_model_has(mini):
+    planner = _planner(mini)
+    full_ns = int(planner.tables.cost(planner.full[None, :])[0])
+    for frac in (0.8, 0.5):
+        keep, macs = planner.plan(int(frac * full_ns))
+        built = planner.build(int(frac * full_ns))
+        assert np.array_equal(keep, planner.keep_of(built)) and macs == built.macs
+        assert planner.tables.cost(keep[None, :])[0] <= int(frac * full_ns)
+
+
 def test_solver_on_the_fake_latency_model_is_deterministic_and_in_band(mini):
     planner = _planner(mini)
     full_ns = int(planner.tables.cost(planner.full[None, :])[0])
