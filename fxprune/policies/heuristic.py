@@ -9,7 +9,11 @@
                 expensive (the stem of a ResNet, the heads of a BERT layer), while unimportant
                 units inside a group still go first. ``mac_weight`` (default 1) is the exponent of
                 the MACs saved in the ratio; ``relative=False`` restores the plain removed-importance
-                loss.
+                loss. Problems with at most 50,000 combinations of allowed keep counts (a small
+                CNN, an LLM whose roles are tied across layers) are solved exactly: the in-band
+                plan of least total loss. Near the budget the greedy also weighs *finishing jumps*
+                (one group cut in one go to land in the band), so coarse steps (measured latency
+                plateaus) end in a plan chosen by the same loss rather than by the band filling.
 ``isomorphic``  like ``global``, but importance is normalised within isomorphic buckets (groups
                 with the same structure, widths and resolution) and the barrier is over the
                 bucket's kept importance, so structurally identical blocks compete on raw
@@ -19,6 +23,8 @@ All three end with the budget solver, so every plan is in the band.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -75,6 +81,13 @@ def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weigh
     thins out, so no group is drained because its channels are expensive). ``pools`` gives each
     group's pool (default: every group its own pool; ``isomorphic`` pools each bucket).
     Otherwise the loss is the removed importance itself.
+
+    Near the budget, every iteration also looks at the *finishing jumps*: each group cut in one go
+    to its largest keep count that meets the budget. A jump that lands in the band is a complete
+    plan; the plan returned is the one of least total loss among those and the greedy's own end
+    (when it is in the band). With coarse steps (measured latency plateaus) the greedy's last step
+    often overshoots the band, and the band filling that follows does not weigh importance per
+    cost; the jumps give the greedy in-band plans chosen by its own objective.
     """
     G = len(problem.groups)
     allowed = [np.asarray(g.allowed) for g in problem.groups]
@@ -84,6 +97,21 @@ def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weigh
     cost = int(problem.cost(keep[None, :])[0])
     unit_cost = max(problem.base_macs / max(int(sizes.sum()), 1), 1.0)
     pool = np.arange(G) if pools is None else np.asarray(pools)
+    n_pools = int(pool.max()) + 1 if G else 0
+    pool_total = np.bincount(pool, weights=[c[-1] for c in cum], minlength=n_pools) if G else np.zeros(0)
+
+    def objective(k: np.ndarray) -> float:  # the total loss the greedy's steps add up to
+        removed = np.array([cum[g][sizes[g] - k[g]] for g in range(G)])
+        if not relative:
+            return float(removed.sum())
+        kept = pool_total - np.bincount(pool, weights=removed, minlength=n_pools)
+        return float(np.sum(np.log(np.maximum(pool_total, 1e-300) / np.maximum(kept, 1e-300))))
+
+    if cost > problem.budget:
+        exact = _best_of_all_plans(problem, allowed, objective)
+        if exact is not None:
+            return exact
+    finished = None  # (loss, plan): the best in-band plan seen (finishing jumps)
     while cost > problem.budget:
         gs, ks = [], []
         for g in range(G):
@@ -107,12 +135,58 @@ def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weigh
         best = int(np.argmin(score))
         excess = cost - problem.budget
         if excess <= 20 * saved[best]:  # near the budget: exactly one step, the best
+            for jump in _finishing_jumps(problem, keep, allowed, gs):
+                loss = objective(jump)
+                if finished is None or loss < finished[0]:
+                    finished = (loss, jump)
             keep[gs[best]] = ks[best]
         else:  # far above it: many steps in one round, ranked as the one-step greedy would
             keep = _round_of_steps(keep, gs, saved, excess / 4, allowed, cum, sizes, unit_cost, mac_weight,
                                    pool_kept[pool] if relative else None)
         cost = int(problem.cost(keep[None, :])[0])
+    if finished is not None and not (problem.lower <= cost <= problem.budget and objective(keep) <= finished[0]):
+        return finished[1]
     return keep
+
+
+def _best_of_all_plans(problem: PruningProblem, allowed: list[np.ndarray], objective,
+                       limit: int = 50_000) -> np.ndarray | None:
+    """Small problems: the in-band plan of least loss among every combination of allowed keep
+    counts (``None`` when there are more than ``limit`` combinations or none lands in the band)."""
+    counts = [len(a) for a in allowed]
+    if not counts or math.prod(counts) > limit:
+        return None
+    grids = np.meshgrid(*allowed, indexing="ij")
+    K = np.stack([g.ravel() for g in grids], axis=1).astype(np.int64)
+    costs = problem.cost(K)
+    inside = np.flatnonzero((costs >= problem.lower) & (costs <= problem.budget))
+    if not len(inside):
+        return None
+    losses = [objective(K[i]) for i in inside]
+    return K[inside[int(np.argmin(losses))]].copy()
+
+
+def _finishing_jumps(problem: PruningProblem, keep: np.ndarray, allowed: list[np.ndarray], gs: list[int]):
+    """Plans that cut one group of ``keep`` in one go to its largest allowed count meeting the budget
+    and land in the band (a binary search per group, all groups evaluated together)."""
+    idx_hi = np.array([int(np.searchsorted(allowed[g], keep[g], side="left")) - 1 for g in gs])
+    lo = np.zeros(len(gs), dtype=np.int64)
+    hi = idx_hi.copy()
+
+    def plans(idx):
+        K = np.repeat(keep[None, :], len(gs), axis=0)
+        K[np.arange(len(gs)), gs] = [allowed[g][i] for g, i in zip(gs, idx)]
+        return K
+
+    ok = problem.cost(plans(lo)) <= problem.budget  # groups that can meet the budget alone
+    while np.any(lo < hi):
+        mid = (lo + hi + 1) // 2
+        fits = problem.cost(plans(mid)) <= problem.budget
+        lo = np.where(fits, mid, lo)
+        hi = np.where(fits, hi, mid - 1)
+    K = plans(lo)
+    costs = problem.cost(K)
+    return [K[j] for j in range(len(gs)) if ok[j] and costs[j] >= problem.lower]
 
 
 def _round_of_steps(keep, gs, saved, limit, allowed, cum, sizes, unit_cost, mac_weight, pool_kept):
