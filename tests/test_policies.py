@@ -41,3 +41,21 @@ def test_batched_greedy_follows_the_one_step_greedy(monkeypatch, name, budget):
     assert _barrier(imp, batched) <= 1.02 * _barrier(imp, exact)
     # the plans agree group by group up to a step or two
     assert np.abs(batched - exact).sum() <= 0.02 * problem.sizes.sum()
+
+
+def test_small_problems_get_the_in_band_plan_of_least_loss():
+    import itertools
+
+    from fxprune.testing.digits import DigitsCNN
+
+    torch.manual_seed(0)
+    session = open_session(DigitsCNN(32).eval(), (torch.randn(1, 1, 8, 8),))
+    for frac in (0.3, 0.5):
+        problem = build_problem(session, int(session.base_macs * frac), 0.01, 8, 0.1)
+        imp = heuristic._importance(problem, False)
+        plan = heuristic.greedy_keep(problem, imp)
+        assert problem.lower <= problem.cost(plan[None, :])[0] <= problem.budget
+        every = np.array(list(itertools.product(*[g.allowed for g in problem.groups])), dtype=np.int64)
+        costs = problem.cost(every)
+        inside = every[(costs >= problem.lower) & (costs <= problem.budget)]
+        assert len(inside) and _barrier(imp, plan) <= min(_barrier(imp, k) for k in inside) + 1e-12
