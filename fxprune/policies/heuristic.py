@@ -100,15 +100,21 @@ def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weigh
     n_pools = int(pool.max()) + 1 if G else 0
     pool_total = np.bincount(pool, weights=[c[-1] for c in cum], minlength=n_pools) if G else np.zeros(0)
 
-    def objective(k: np.ndarray) -> float:  # the total loss the greedy's steps add up to
-        removed = np.array([cum[g][sizes[g] - k[g]] for g in range(G)])
+    onehot = np.zeros((G, n_pools))
+    onehot[np.arange(G), pool] = 1.0
+
+    def objectives(K: np.ndarray) -> np.ndarray:  # [n, G] plans -> the total loss the greedy's steps add up to
+        removed = np.stack([cum[g][sizes[g] - K[:, g]] for g in range(G)], axis=1)
         if not relative:
-            return float(removed.sum())
-        kept = pool_total - np.bincount(pool, weights=removed, minlength=n_pools)
-        return float(np.sum(np.log(np.maximum(pool_total, 1e-300) / np.maximum(kept, 1e-300))))
+            return removed.sum(axis=1)
+        kept = pool_total[None, :] - removed @ onehot
+        return np.log(np.maximum(pool_total, 1e-300)[None, :] / np.maximum(kept, 1e-300)).sum(axis=1)
+
+    def objective(k: np.ndarray) -> float:
+        return float(objectives(np.asarray(k)[None, :])[0])
 
     if cost > problem.budget:
-        exact = _best_of_all_plans(problem, allowed, objective)
+        exact = _best_of_all_plans(problem, allowed, objectives)
         if exact is not None:
             return exact
     finished = None  # (loss, plan): the best in-band plan seen (finishing jumps)
@@ -149,21 +155,29 @@ def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weigh
     return keep
 
 
-def _best_of_all_plans(problem: PruningProblem, allowed: list[np.ndarray], objective,
-                       limit: int = 50_000) -> np.ndarray | None:
+def _best_of_all_plans(problem: PruningProblem, allowed: list[np.ndarray], objectives,
+                       limit: int = 50_000, chunk: int = 4096) -> np.ndarray | None:
     """Small problems: the in-band plan of least loss among every combination of allowed keep
-    counts (``None`` when there are more than ``limit`` combinations or none lands in the band)."""
-    counts = [len(a) for a in allowed]
-    if not counts or math.prod(counts) > limit:
+    counts (``None`` when there are more than ``limit`` combinations or none lands in the band).
+    Only the groups with a choice are enumerated, ``chunk`` plans at a time."""
+    free = [g for g, a in enumerate(allowed) if len(a) > 1]
+    if not free or math.prod(len(allowed[g]) for g in free) > limit:
         return None
-    grids = np.meshgrid(*allowed, indexing="ij")
-    K = np.stack([g.ravel() for g in grids], axis=1).astype(np.int64)
-    costs = problem.cost(K)
-    inside = np.flatnonzero((costs >= problem.lower) & (costs <= problem.budget))
-    if not len(inside):
-        return None
-    losses = [objective(K[i]) for i in inside]
-    return K[inside[int(np.argmin(losses))]].copy()
+    base = np.array([a[-1] for a in allowed], dtype=np.int64)
+    grids = np.meshgrid(*[allowed[g] for g in free], indexing="ij")
+    choices = np.stack([x.ravel() for x in grids], axis=1).astype(np.int64)
+    best = None
+    for start in range(0, len(choices), chunk):
+        K = np.repeat(base[None, :], min(chunk, len(choices) - start), axis=0)
+        K[:, free] = choices[start:start + chunk]
+        costs = problem.cost(K)
+        inside = (costs >= problem.lower) & (costs <= problem.budget)
+        if inside.any():
+            losses = objectives(K[inside])
+            i = int(np.argmin(losses))
+            if best is None or losses[i] < best[0]:
+                best = (float(losses[i]), K[inside][i].copy())
+    return None if best is None else best[1]
 
 
 def _finishing_jumps(problem: PruningProblem, keep: np.ndarray, allowed: list[np.ndarray], gs: list[int]):
