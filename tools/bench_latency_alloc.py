@@ -52,7 +52,7 @@ def parse(argv):
     p.add_argument("--max-points", type=int, default=12)
     p.add_argument("--equal-tol", type=float, default=0.01,
                    help="the equal-MAC latency plan's MACs are within this fraction of the MAC plan's (default 0.01)")
-    p.add_argument("--scan-points", type=int, default=120, help="predicted-latency targets scanned for it")
+    p.add_argument("--scan-points", type=int, default=300, help="predicted-latency targets scanned for it")
     p.add_argument("--random-plans", type=int, default=4, help="extra random plans to check the prediction on")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--runs", type=int, default=20)
