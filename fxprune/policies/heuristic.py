@@ -182,25 +182,28 @@ def _best_of_all_plans(problem: PruningProblem, allowed: list[np.ndarray], objec
 
 def _finishing_jumps(problem: PruningProblem, keep: np.ndarray, allowed: list[np.ndarray], gs: list[int]):
     """Plans that cut one group of ``keep`` in one go to its largest allowed count meeting the budget
-    and land in the band (a binary search per group, all groups evaluated together)."""
-    idx_hi = np.array([int(np.searchsorted(allowed[g], keep[g], side="left")) - 1 for g in gs])
-    lo = np.zeros(len(gs), dtype=np.int64)
-    hi = idx_hi.copy()
+    and land in the band (a binary search per group, all groups evaluated together; only the groups
+    whose smallest count meets the budget are searched)."""
+    gs = np.asarray(gs)
 
-    def plans(idx):
-        K = np.repeat(keep[None, :], len(gs), axis=0)
-        K[np.arange(len(gs)), gs] = [allowed[g][i] for g, i in zip(gs, idx)]
+    def plans(groups, idx):
+        K = np.repeat(keep[None, :], len(groups), axis=0)
+        K[np.arange(len(groups)), groups] = [allowed[g][i] for g, i in zip(groups, idx)]
         return K
 
-    ok = problem.cost(plans(lo)) <= problem.budget  # groups that can meet the budget alone
+    lo = np.zeros(len(gs), dtype=np.int64)
+    cost_lo = problem.cost(plans(gs, lo))
+    ok = cost_lo <= problem.budget
+    gs, lo, cost_lo = gs[ok], lo[ok], cost_lo[ok]
+    hi = np.array([int(np.searchsorted(allowed[g], keep[g], side="left")) - 1 for g in gs], dtype=np.int64)
     while np.any(lo < hi):
         mid = (lo + hi + 1) // 2
-        fits = problem.cost(plans(mid)) <= problem.budget
-        lo = np.where(fits, mid, lo)
+        cost_mid = problem.cost(plans(gs, mid))
+        fits = cost_mid <= problem.budget  # a finished search has mid == lo, which fits
         hi = np.where(fits, hi, mid - 1)
-    K = plans(lo)
-    costs = problem.cost(K)
-    return [K[j] for j in range(len(gs)) if ok[j] and costs[j] >= problem.lower]
+        lo, cost_lo = np.where(fits, mid, lo), np.where(fits, cost_mid, cost_lo)
+    K = plans(gs, lo)
+    return [K[j] for j in range(len(gs)) if cost_lo[j] >= problem.lower]
 
 
 def _round_of_steps(keep, gs, saved, limit, allowed, cum, sizes, unit_cost, mac_weight, pool_kept):
