@@ -186,7 +186,7 @@ def equal_mac_plan(planner, target_macs: int, tol: float, points: int):
     hi = float(planner.tables.cost(planner.full[None, :])[0])
     best, closest = None, None
     for t in np.linspace(lo, hi, points):
-        keep, macs = planner.plan(int(t))
+        _, macs = planner.plan(int(t))
         gap = abs(macs - target_macs) / target_macs
         if closest is None or gap < closest[0]:
             closest = (gap, int(t))

@@ -88,7 +88,7 @@ def _compile_pair(model, example, args, batch):
     out = {}
     for allocation in ("macs", "latency"):
         budget = args.budget
-        if allocation == "latency" and args.match and not isinstance(out.get("macs"), (str, type(None))):
+        if allocation == "latency" and args.match and not isinstance(out["macs"], str):
             lat = out["macs"].report.latency
             budget = f"{100 * lat['pruned_median_ms'] / lat['original_median_ms']:.2f}%"
         t0 = time.perf_counter()
