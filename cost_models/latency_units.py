@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.ir import TensorInfo
+from fxprune.opset.layers import conv_kind
 
 __all__ = [
     "OpSpec",
@@ -196,8 +197,16 @@ class UnitTemplate:
         def sub(shape):
             return tuple(sizes[d.index] if isinstance(d, Ax) else int(d) for d in shape)
 
-        ops = tuple(OpSpec(o.kind, o.attrs, sub(o.out)) for o in self.ops)
-        return UnitSpec(ops, tuple(sub(s) for s in self.inputs))
+        inputs = tuple(sub(s) for s in self.inputs)
+        ops, shape = [], inputs[0] if inputs else ()
+        for o in self.ops:
+            attrs = o.attrs
+            if o.kind == "conv" and len(shape) > 1 and (o.get("depthwise") or o.get("group_width")):
+                # the group count at this width: the same spec as the pruned model's own layer
+                attrs = _attrs(**{**{k: v for k, v in o.attrs if k != "group_width"}, "groups": conv_groups(o, shape[1])})
+            ops.append(OpSpec(o.kind, attrs, sub(o.out)))
+            shape = ops[-1].out
+        return UnitSpec(tuple(ops), inputs)
 
 
 @dataclass
@@ -335,8 +344,12 @@ def _classify_module(node, mod: nn.Module, out, shapes) -> Any:
         nd = x[2:]
         pads = _conv_pads(mod.padding, mod.kernel_size, mod.dilation, mod.stride, nd)
         depthwise = mod.groups > 1 and mod.groups == mod.in_channels
+        # pruned by whole conv groups (fxprune.opset.layers.conv_kind): the channels per group stay
+        whole = conv_kind(node, mod.groups, mod.in_channels, mod.out_channels) == "whole"
+        # the group count of a conv pruned by whole groups follows its width: only the width per group is kept
+        grouping = {"group_width": mod.in_channels // mod.groups} if whole else {"groups": mod.groups}
         return OpSpec("conv", _attrs(kernel=mod.kernel_size, stride=mod.stride, pads=pads, dilation=mod.dilation,
-                                     groups=mod.groups, depthwise=depthwise, bias=mod.bias is not None), out)
+                                     depthwise=depthwise, bias=mod.bias is not None, **grouping), out)
     if isinstance(mod, nn.Linear):
         return OpSpec("linear", _attrs(bias=mod.bias is not None), out)
     if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
@@ -672,6 +685,15 @@ def _template(unit: dict[str, Any], gm, forms, shapes, base_shapes) -> UnitTempl
 # --------------------------------------------------------------------------------------------
 
 
+def conv_groups(op: OpSpec, cin: int) -> int:
+    """A conv op's group count at ``cin`` input channels: depthwise convs and convs pruned by whole
+    groups (``group_width``) change it with the width; other grouped convs keep it."""
+    if op.get("depthwise"):
+        return cin
+    width = int(op.get("group_width") or 0)
+    return max(cin // width, 1) if width else int(op.get("groups"))
+
+
 def spec_macs(spec: UnitSpec, pad: int = 1) -> float:
     """Multiply-accumulates of a spec, channel counts rounded up to multiples of ``pad``."""
 
@@ -683,7 +705,7 @@ def spec_macs(spec: UnitSpec, pad: int = 1) -> float:
     for op in spec.ops:
         if op.kind == "conv":
             cin, cout = shape[1], op.out[1]
-            groups = cin if op.get("depthwise") else int(op.get("groups"))
+            groups = conv_groups(op, cin)
             per_group_in = cin // max(groups, 1)
             per_group_in = per_group_in if op.get("depthwise") else up(per_group_in)
             total += shape[0] * math.prod(op.out[2:]) * up(cout) * per_group_in * math.prod(op.get("kernel"))
@@ -755,7 +777,7 @@ class _Op(nn.Module):
         k = op.kind
         if k == "conv":
             cin, cout = in_shape[1], op.out[1]
-            groups = cin if op.get("depthwise") else int(op.get("groups"))
+            groups = conv_groups(op, cin)
             nd = len(op.get("kernel"))
             cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
             pads = op.get("pads")
@@ -906,7 +928,7 @@ def build_onnx(spec: UnitSpec, opset: int = 17) -> Any:
         k = op.kind
         if k == "conv":
             cin, cout = shape[1], op.out[1]
-            groups = cin if op.get("depthwise") else int(op.get("groups"))
+            groups = conv_groups(op, cin)
             kernel = list(op.get("kernel"))
             w = weight([cout, cin // groups, *kernel])
             args = [cur, w] + ([const(rng.standard_normal(cout) * 0.05)] if op.get("bias") else [])

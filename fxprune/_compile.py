@@ -226,7 +226,7 @@ class PruneSession:
 def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, importance: str = "l1",
                  calibration_data: Any = None, loss_fn: Any = None, capture_method: str = "auto",
                  leaf_modules: Sequence[type] = (), seed: int = 0, layer_uniform: bool | None = None,
-                 dynamic: bool = True) -> PruneSession:
+                 dynamic: bool = True, grouped_convs: str = "within") -> PruneSession:
     t0 = time.perf_counter()
     # the capture shares the user's tensors (read-only): materialize() copies only what it prunes
     with progress.stage("capture"):
@@ -241,7 +241,7 @@ def open_session(model: nn.Module, example_inputs: Any, *, ignore: Any = None, i
     t2 = time.perf_counter()
     ignore_names, ignore_fn = _ignore_spec(ignore, cap.gm, model)
     with progress.stage("dependency groups and MACs"):
-        graph = am.get(DependencyGroupsAnalysis(ignore=ignore_names, ignore_fn=ignore_fn))
+        graph = am.get(DependencyGroupsAnalysis(ignore=ignore_names, ignore_fn=ignore_fn, grouped_convs=grouped_convs))
         count = am.get(MacCountAnalysis())
     release_free_memory()  # the analysis' temporaries, before the pruned weights are allocated
     terms = count.terms
@@ -538,6 +538,7 @@ def compile(  # noqa: A001 - the product's name for the operation
     dtype: Any = None,
     batch_size: int | None = None,
     plan_only: bool = False,
+    grouped_convs: str | None = None,
 ) -> CompileResult:
     """Compile ``model`` to a MAC budget: a physically smaller model with MACs in the band.
 
@@ -571,6 +572,14 @@ def compile(  # noqa: A001 - the product's name for the operation
         layer_uniform: keep the same number of units in every layer for groups that play the same
             role (one decision variable per role). ``None``: on for Hugging Face models that
             ``result.to_hf()`` can rebuild (their config has one width per role), off otherwise.
+        grouped_convs: how a grouped conv with more groups than channels per group (RegNet,
+            ResNeXt's early stages) is pruned: ``"within"`` every group (the group count stays;
+            input and output channels of the conv are pruned apart, so its MACs fall with both) or
+            by ``"whole"`` groups (the channels per group, so the kernel's shape, stay). ``None``:
+            ``"whole"`` with a latency budget (kept groups keep their measured kernel), ``"within"``
+            otherwise (more accuracy at equal MACs: ``tools/bench_grouped_conv.py``). Where another
+            op relies on the group count (a norm or channel shuffle with as many groups), the conv
+            is pruned within its groups either way.
         plan_only: return the plan only (``result.keep`` per group, exact ``macs`` from the plan
             cost model, ``params``, the report; ``result.model`` is None): no pruned model is
             built. A model whose weights are on the meta device can only be planned; it is
@@ -594,7 +603,8 @@ def compile(  # noqa: A001 - the product's name for the operation
         leaf_modules = tuple(leaf_modules)  # a generator is read once, here
     _check_options(tolerance=tolerance, channel_multiple=channel_multiple, min_keep_ratio=min_keep_ratio,
                    policy=policy, policy_options=policy_options, seed=seed, evaluate=evaluate,
-                   leaf_modules=leaf_modules, latency_options=latency_options, importance=importance)
+                   leaf_modules=leaf_modules, latency_options=latency_options, importance=importance,
+                   grouped_convs=grouped_convs)
     if mac_budget is not None:
         parse_mac_budget(mac_budget, 1)  # a budget that cannot parse fails now, before the capture
     weightless_note = None
@@ -615,7 +625,7 @@ def compile(  # noqa: A001 - the product's name for the operation
             importance=importance, calibration_data=calibration_data, evaluate=evaluate, loss_fn=loss_fn,
             seed=seed, verify=verify, policy_options=policy_options, capture=capture,
             leaf_modules=leaf_modules, options=latency_options or {}, mac_budget=mac_budget,
-            target=target, dtype=dtype, batch_size=batch_size,
+            target=target, dtype=dtype, batch_size=batch_size, grouped_convs=grouped_convs,
         )
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -623,7 +633,7 @@ def compile(  # noqa: A001 - the product's name for the operation
         session = open_session(model, example_inputs, ignore=ignore, importance=importance,
                                calibration_data=calibration_data, loss_fn=loss_fn, capture_method=capture,
                                leaf_modules=leaf_modules, seed=seed, layer_uniform=layer_uniform,
-                               dynamic=not plan_only)
+                               dynamic=not plan_only, grouped_convs=grouped_convs or "within")
         budget = parse_mac_budget(mac_budget, session.base_macs)
         report = _new_report(model, session, policy, importance, mac_budget, budget, tolerance, channel_multiple, seed)
         if weightless_note:
@@ -653,7 +663,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _check_options(*, tolerance, channel_multiple, min_keep_ratio, policy, policy_options, seed, evaluate,
-                   leaf_modules, latency_options, importance) -> None:
+                   leaf_modules, latency_options, importance, grouped_convs=None) -> None:
     """Every option of :func:`compile`, checked before any work starts (clear errors, never a raw one)."""
     if not (_is_number(tolerance) and 0 < tolerance < 1):
         raise InvalidBudgetError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
@@ -677,6 +687,8 @@ def _check_options(*, tolerance, channel_multiple, min_keep_ratio, policy, polic
     if isinstance(leaf_modules, (str, type)) or not isinstance(leaf_modules, Iterable) or not all(
             isinstance(c, type) and issubclass(c, nn.Module) for c in leaf_modules):
         raise ConfigError(f"leaf_modules must be a list of nn.Module classes, got {leaf_modules!r:.80}")
+    if grouped_convs not in (None, "within", "whole"):
+        raise ConfigError(f"grouped_convs must be 'within', 'whole' or None, got {grouped_convs!r:.60}")
     if not hasattr(policy, "select"):
         get_policy(policy, dict(policy_options or {}))  # unknown names and bad options fail now, not after analysis
 

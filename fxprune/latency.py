@@ -724,6 +724,7 @@ def compile_to_latency(
     target: str | None = None,
     dtype: Any = None,
     batch_size: int | None = None,
+    grouped_convs: str | None = None,
 ):
     """``fxprune.compile`` to a measured-latency budget; returns a ``CompileResult``.
 
@@ -757,7 +758,8 @@ def compile_to_latency(
 
         settings = dict(policy=policy, tolerance=tolerance, channel_multiple=channel_multiple,
                         min_keep_ratio=min_keep_ratio, importance=importance, evaluate=evaluate,
-                        calibration_data=calibration_data, seed=seed, verify=verify, policy_options=policy_options)
+                        calibration_data=calibration_data, seed=seed, verify=verify, policy_options=policy_options,
+                        grouped_convs=grouped_convs or "whole")
         return compile_latency_driven(model, example_inputs, latency_budget=latency_budget, mac_budget=mac_budget,
                                       target=target, dtype=dtype, batch_size=opts.batch, options=opts,
                                       settings=settings, ignore=ignore, capture=capture, leaf_modules=leaf_modules,
@@ -770,7 +772,7 @@ def compile_to_latency(
         torch.manual_seed(seed)
         session = open_session(model, example_inputs, ignore=ignore, importance=importance,
                                calibration_data=calibration_data, loss_fn=loss_fn, capture_method=capture,
-                               leaf_modules=leaf_modules, seed=seed)
+                               leaf_modules=leaf_modules, seed=seed, grouped_convs=grouped_convs or "within")
         settings = dict(policy=policy, tolerance=tolerance, channel_multiple=channel_multiple,
                         min_keep_ratio=min_keep_ratio, importance=importance, evaluate=evaluate,
                         calibration_data=calibration_data, seed=seed, verify=verify,

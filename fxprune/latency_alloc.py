@@ -301,6 +301,13 @@ def search_by_prediction(planner: LatencyPlanner, original: Candidate, budget: A
 # --------------------------------------------------------------------------------------------
 
 
+def _grouping_key(settings: Mapping[str, Any]) -> dict[str, str]:
+    """The calibration key's entry for how grouped convs are pruned: absent for ``"within"``, the
+    structure every calibration cached before the option existed was made with."""
+    mode = settings.get("grouped_convs") or "whole"
+    return {} if mode == "within" else {"grouped_convs": mode}
+
+
 def compile_latency_driven(model: nn.Module, example_inputs: Any, *, latency_budget: Any, mac_budget: Any = None,
                            target: str | None = None, dtype: Any = None, batch_size: int | None = None,
                            options: Any, settings: dict[str, Any], ignore: Any = None, capture: str = "auto",
@@ -318,7 +325,8 @@ def compile_latency_driven(model: nn.Module, example_inputs: Any, *, latency_bud
         torch.manual_seed(seed)
         session = open_session(model, example_inputs, ignore=ignore, importance=settings["importance"],
                                calibration_data=calibration_data, loss_fn=loss_fn, capture_method=capture,
-                               leaf_modules=leaf_modules, seed=seed)
+                               leaf_modules=leaf_modules, seed=seed,
+                               grouped_convs=settings.get("grouped_convs") or "whole")
         mac_abs = parse_mac_budget(mac_budget, session.base_macs) if mac_budget is not None else None
         if not session.graph.groups:
             raise BudgetUnreachableError(
@@ -339,7 +347,7 @@ def compile_latency_driven(model: nn.Module, example_inputs: Any, *, latency_bud
         key = {"schema": 1, "graph": graph_fingerprint(session.gm, session.captured.inputs),
                "runtime": runtime.settings(), "max_points": opts.max_points, "min_keep_ratio": settings["min_keep_ratio"],
                "fractions": list(opts.fit_fractions), "ignore": repr(ignore) if not callable(ignore) else "callable",
-               "plateau_tol": opts.plateau_tol}
+               "plateau_tol": opts.plateau_tol, **_grouping_key(settings)}
         cal_cache = CalibrationCache(opts.cache_dir) if opts.cache else None
         orig_t = planner.calibrate(original, tuple(opts.fit_fractions), cal_cache, key)
         base_ms = orig_t.median_ms if orig_t is not None else planner.predict_ms(planner.full)

@@ -46,6 +46,7 @@ from fxprune.importance import ParamSlice, UnitGroup
 from fxprune.ir import TensorInfo, measured_macs, node_module_path, shape_of, tensor_info
 from fxprune.opset import op_label, rule_for
 from fxprune.opset._base import norm_dim
+from fxprune.opset.layers import META_GROUPED_WITHIN, ConvRule
 from fxprune.passes._infra import AnalysisManager
 
 __all__ = ["DependencyGroupsAnalysis", "DependencyGraph", "Group", "FrozenGroup", "ParamSlice"]
@@ -488,10 +489,14 @@ class DependencyGroupsAnalysis:
 
     Attributes:
         ignore: module paths (prefixes) whose parameters must not be touched.
+        grouped_convs: how a grouped conv with more groups than channels per group is pruned:
+            ``"within"`` its groups (the group count stays; the default) or by ``"whole"`` groups
+            (the channels per group stay; see :class:`~fxprune.opset.layers.ConvRule`).
     """
 
     ignore: tuple[str, ...] = ()
     ignore_fn: Callable[[str], bool] | None = None
+    grouped_convs: str = "within"
     name: ClassVar[str] = "dependency-groups"
 
     def _ignored(self, path: str) -> bool:
@@ -500,6 +505,26 @@ class DependencyGroupsAnalysis:
         return bool(self.ignore_fn and self.ignore_fn(path))
 
     def run(self, gm: torch.fx.GraphModule, am: AnalysisManager | None = None) -> DependencyGraph:
+        """The groups of ``gm``. With ``grouped_convs="whole"``, grouped convs are first coupled by
+        whole conv groups (where :meth:`~fxprune.opset.layers.ConvRule.kind` says so); a conv whose
+        groups another op also structures (see :func:`_whole_group_conflicts`) is marked to be
+        pruned within its groups, and the graph is analysed once more. The marks are node metadata
+        (``fxprune.grouped_within``) that the MAC terms, the rewrite and the latency units read."""
+        within = self.grouped_convs == "within"
+        for node in gm.graph.nodes:
+            node.meta.pop(META_GROUPED_WITHIN, None)
+            if within and node.op != "placeholder" and isinstance(rule_for(node, gm), ConvRule):
+                node.meta[META_GROUPED_WITHIN] = True
+        graph = self._build(gm)
+        conflicts = _whole_group_conflicts(gm, graph)
+        if conflicts:
+            for node in conflicts:
+                node.meta[META_GROUPED_WITHIN] = True
+            logger.debug("grouped convs pruned within their groups: %s", [n.name for n in conflicts])
+            graph = self._build(gm)
+        return graph
+
+    def _build(self, gm: torch.fx.GraphModule) -> DependencyGraph:
         b = _Builder(gm, self._ignored)
         for node in gm.graph.nodes:
             info = tensor_info(node)
@@ -557,6 +582,29 @@ class DependencyGroupsAnalysis:
         for node, src, ga, gb in pending:
             _freeze_positional(b, node, ga, gb, src)
         return _finish(gm, b, ignored=self.ignore)
+
+
+def _whole_group_conflicts(gm: torch.fx.GraphModule, graph: DependencyGraph) -> list[torch.fx.Node]:
+    """Grouped convs coupled by whole conv groups (a ``conv_groups`` virtual axis) where another op
+    structures the same channels by groups, so whole groups are not what it can lose: a node or
+    parameter dim holding one element per conv group (EvoNorm's or a channel shuffle's
+    ``reshape(B, groups, C // groups, ...)`` with a constant group count), a block constraint on the
+    units (a GroupNorm), or units that ended frozen. Pruning within the groups keeps the group count
+    such ops rely on."""
+    group_of = {}
+    for g in graph.groups:
+        for s in g.spaces:
+            group_of[s] = g
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = []
+    for key, sid in graph.space_index.items():
+        if key[0] != "v" or key[2] != "conv_groups" or key[1] not in nodes:
+            continue
+        g = group_of.get(sid)
+        if (g is None or g.block_count > 1
+                or any(idx.shape[1] == 1 and graph.keys[s][0] in ("n", "p") for s, idx in g.spaces.items())):
+            out.append(nodes[key[1]])
+    return out
 
 
 def _hash64(x: np.ndarray) -> np.ndarray:

@@ -86,6 +86,69 @@ def test_grouped_conv_blocks_groupnorm_and_depthwise_multiplier():
     assert c3.spaces[dw_space[0]].shape == (16, 2)  # each input channel owns 2 depthwise outputs
 
 
+def test_grouped_conv_with_more_groups_than_channels_per_group_prunes_whole_groups():
+    import fxprune
+
+    model, inputs = tiny_model("grouped_whole")
+    cap, dg = analyse(model, inputs, grouped_convs="whole")
+    groups = by_name(dg)
+    inner = groups["a"]  # a -> b (8 groups of 4) -> SE gate -> c: one unit per conv group of b
+    assert inner.n == 8 and inner.unit == 4 and inner.block_count == 1
+    assert inner.spaces[dg.space_index[("n", "b", 1)]].shape == (8, 4)
+    np.testing.assert_array_equal(inner.spaces[dg.space_index[("p", "c.weight", 1)]][2], [8, 9, 10, 11])
+    stream = groups["stem"]  # e: 16 groups of 2 inputs and 4 outputs: the residual stream in pairs
+    assert stream.n == 16 and stream.unit == 2
+    assert stream.spaces[dg.space_index[("n", "e", 1)]].shape == (16, 4)
+    assert groups["se1"].n == 8
+    res = fxprune.compile(model, inputs, mac_budget="50%", channel_multiple=1, tolerance=0.05, grouped_convs="whole")
+    b, e = res.model.get_submodule("b"), res.model.get_submodule("e")
+    kept = {g.name: g.keep for g in res.report.groups}
+    assert b.groups == kept["a"] < 8 or e.groups == kept["stem"] < 16  # something was pruned
+    assert (b.in_channels, b.out_channels, b.weight.shape[1]) == (4 * b.groups, 4 * b.groups, 4)
+    assert (e.in_channels, e.out_channels, e.weight.shape[1]) == (2 * e.groups, 4 * e.groups, 2)
+    assert res.macs == fxprune.count_macs(res.model, inputs)
+
+
+def test_grouped_convs_are_pruned_within_their_groups_by_default_and_where_an_op_relies_on_them():
+    import fxprune
+
+    model, inputs = tiny_model("grouped_whole")
+    cap, dg = analyse(model, inputs)  # the default: within the groups, input and output side apart
+    assert by_name(dg)["a"].n == 32 and by_name(dg)["a"].block_count == 8
+    res = fxprune.compile(model, inputs, mac_budget="50%", channel_multiple=1, tolerance=0.05)
+    assert res.model.get_submodule("b").groups == 8 and res.model.get_submodule("e").groups == 16
+    with pytest.raises(fxprune.ConfigError, match="grouped_convs"):
+        fxprune.compile(model, inputs, mac_budget="50%", grouped_convs="rows")
+
+    class GroupStats(nn.Module):
+        """An EvoNorm-style statistic over 8 groups of a grouped conv with 8 groups: whole groups would
+        change the constant group count the reshape and its check rely on."""
+
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 32, 1)
+            self.b = nn.Conv2d(32, 32, 3, padding=1, groups=8)
+            self.c = nn.Conv2d(32, 16, 1)
+
+        def forward(self, x):
+            y = self.b(torch.relu(self.a(x)))
+            n, c, h, w = y.shape
+            torch._assert(c % 8 == 0, "channels must divide into 8 groups")
+            std = y.reshape(n, 8, c // 8, h, w).var(dim=(2, 3, 4), keepdim=True).add(1e-5).sqrt()
+            y = y / std.expand(n, 8, c // 8, 1, 1).reshape(n, c, 1, 1)
+            return self.c(y)
+
+    torch.manual_seed(0)
+    model, x = GroupStats().eval(), torch.randn(2, 3, 6, 6)
+    cap, dg = analyse(model, (x,), grouped_convs="whole")
+    conv_b = next(n for n in cap.gm.graph.nodes if n.target == "b")
+    assert conv_b.meta.get("fxprune.grouped_within")  # fell back: within the groups
+    assert all(key[0] != "v" for g in dg.groups for key in (dg.keys[s] for s in g.spaces))
+    res = fxprune.compile(model, (x,), mac_budget="60%", channel_multiple=1, tolerance=0.3, grouped_convs="whole")
+    assert res.model.get_submodule("b").groups == 8 and not res.report.healed
+    assert res.macs < res.report.base_macs and res.macs == fxprune.count_macs(res.model, (x,))
+
+
 def test_squeeze_excite_ties_gate_to_channels():
     cap, dg = analyse(*tiny_model("squeeze_excite"))
     groups = by_name(dg)

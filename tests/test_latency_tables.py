@@ -122,6 +122,33 @@ def test_built_layers_match_their_specs_on_torch_and_onnxruntime(mini):
     assert len(seen) >= 8
 
 
+def test_whole_group_convs_are_timed_at_the_group_count_the_pruned_model_has():
+    """A conv pruned by whole groups keeps its channels per group: the layer timed for a plan is the
+    layer the pruned model runs (same group count), on torch and ONNX Runtime."""
+    import onnxruntime as ort
+
+    from fxprune.testing.zoo import tiny_model
+
+    model, inputs = tiny_model("grouped_whole")
+    session = open_session(model, inputs, grouped_convs="whole")
+    names = {g.name: g.id for g in session.graph.groups}
+    keep = np.array([g.n for g in session.graph.groups], dtype=np.int64)
+    keep[names["a"]], keep[names["stem"]] = 3, 10
+    planned = sorted(u.concrete({g.id: int(k) for g, k in zip(session.graph.groups, keep)}).key()
+                     for u in extract_units(session.gm, session.graph.forms()).units)
+    gm, _ = session.materialize(keep)
+    assert (gm.get_submodule("b").groups, gm.get_submodule("e").groups) == (3, 10)
+    assert planned == sorted(u.concrete({}).key() for u in extract_units(gm).units)
+    for u in extract_units(session.gm, session.graph.forms()).units:
+        if "[conv" in u.label and u.label.split(" [")[0] in ("b", "e"):
+            spec = u.concrete({g.id: int(k) for g, k in zip(session.graph.groups, keep)})
+            module, xs = build_torch(spec)
+            with torch.no_grad():
+                assert tuple(module(*xs).shape) == spec.ops[-1].out
+            sess = ort.InferenceSession(build_onnx(spec).SerializeToString(), providers=["CPUExecutionProvider"])
+            assert sess.run(None, {f"x{i}": t.numpy() for i, t in enumerate(xs)})[0].shape == spec.ops[-1].out
+
+
 def test_onnx_layer_computes_what_the_torch_layer_computes():
     """Same weights are not shared, so compare ops without weights: add+relu, gelu, softmax, sdpa."""
     import onnxruntime as ort

@@ -95,8 +95,9 @@ def run_model(name: str, args) -> dict:
     opts = {"threads": args.threads, "max_points": args.max_points, "cache_dir": args.cache_dir,
             "rounds": args.rounds, "runs_per_round": args.runs}
     settings = dict(policy="global", tolerance=0.01, channel_multiple=8, min_keep_ratio=0.1, importance="l1",
-                    evaluate=None, calibration_data=None, seed=0, verify=True, policy_options=None)
-    session = open_session(model, (x,))
+                    evaluate=None, calibration_data=None, seed=0, verify=True, policy_options=None,
+                    grouped_convs="whole")  # compile's default with a latency budget
+    session = open_session(model, (x,), grouped_convs="whole")
     runtime = OrtRuntime("cpu", threads=args.threads, example_inputs=session.captured.inputs, warmup=5,
                          rounds=args.rounds, runs_per_round=args.runs)
     planner = LatencyPlanner.create(model, session, runtime, settings, start=t0, max_points=args.max_points,
@@ -104,7 +105,7 @@ def run_model(name: str, args) -> dict:
     original = Candidate("original", session.base_macs, session.deployed_original())
     key = {"schema": 1, "graph": graph_fingerprint(session.gm, session.captured.inputs),
            "runtime": runtime.settings(), "max_points": args.max_points, "min_keep_ratio": 0.1,
-           "fractions": [0.75, 0.5, 0.3], "ignore": "None", "plateau_tol": 0.002}
+           "fractions": [0.75, 0.5, 0.3], "ignore": "None", "plateau_tol": 0.002, "grouped_convs": "whole"}
     # calibrated now (the layer tables may come from the cache): the prediction error is the model's,
     # not the drift of the machine's speed since a cached calibration
     planner.calibrate(original, (0.75, 0.5, 0.3), CalibrationCache(args.cache_dir) if args.cached_calibration else None,
@@ -127,7 +128,7 @@ def run_model(name: str, args) -> dict:
     # 5. one interleaved run: original, the plans, random plans
     rng = np.random.default_rng(0)
     cands = [original, Candidate("mac", mac.macs, mac.model)]
-    plans = {"mac": planner_keep(planner, mac)}
+    plans = {"mac": planner_keep(planner, mac)}  # None: not expressible in the planner's groups
     if equal is not None:
         cands.append(Candidate("latency@equal-macs", equal.macs, equal.model))
         plans["latency@equal-macs"] = planner.keep_of(equal)
@@ -144,6 +145,8 @@ def run_model(name: str, args) -> dict:
     fastest_round = dict(zip([c.label for c in cands], runtime.round_min))
     errors = {}
     for label, keep in plans.items():
+        if keep is None:
+            continue
         pred = planner.predict_ms(keep)
         errors[label] = {"predicted_ms": pred, "measured_ms": measured[label],
                          "error": abs(pred - measured[label]) / measured[label],
@@ -198,10 +201,18 @@ def equal_mac_plan(planner, target_macs: int, tol: float, points: int):
 
 
 def planner_keep(planner, result):
-    """A compile result's keep vector in the planner's group order (from its report)."""
+    """A compile result's keep vector in the planner's group order (from its report, matched by
+    group name and size), or ``None`` when the result prunes a group the planner does not have (the
+    MAC plan prunes grouped convs within their groups, the planner by whole groups)."""
     keep = planner.full.copy()
+    ids = {(g.name, g.n): g.id for g in planner.session.graph.groups}
     for g in result.report.groups:
-        keep[g.id] = g.keep
+        gid = ids.get((g.name, g.size))
+        if gid is None:
+            if g.keep != g.size:
+                return None
+            continue
+        keep[gid] = g.keep
     return keep
 
 

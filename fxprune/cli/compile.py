@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--policy", default="global", help="uniform | global | isomorphic | agentic | rl (default global)")
     p.add_argument("--tolerance", type=float, default=0.01, help="band below the budget (default 0.01 = 1%%)")
     p.add_argument("--channel-multiple", type=int, default=8, help="kept channels are multiples of this (default 8)")
+    p.add_argument("--grouped-convs", choices=("within", "whole"), default=None,
+                   help="grouped convs with more groups than channels per group: prune within every group or by "
+                        "whole groups (default: whole with --latency-budget, within otherwise)")
     p.add_argument("--min-keep-ratio", type=float, default=0.1, help="every group keeps at least this fraction")
     p.add_argument("--importance", default="l1", help="l1 | l2 | bn_scale | taylor | snip | grasp | synflow")
     p.add_argument("--ignore", action="append", default=[], help="module name to leave untouched (repeatable)")
@@ -103,6 +106,7 @@ def run(args) -> int:
         spec.model, spec.example_inputs,
         mac_budget=args.mac_budget, latency_budget=args.latency_budget, tolerance=args.tolerance,
         policy=args.policy, channel_multiple=args.channel_multiple, min_keep_ratio=args.min_keep_ratio,
+        grouped_convs=args.grouped_convs,
         importance=args.importance, ignore=args.ignore or None, seed=args.seed,
         verify="onnx" if args.output else True,  # an ONNX failure then heals like any other
         latency_options=({"threads": args.threads, "opt_level": args.opt_level, "allocation": args.allocation,

@@ -133,14 +133,33 @@ def couple_positions(b, node, x, first: int, one_to_one: bool) -> None:
             b.freeze(b.space(node, d), f"spatial dim {d} of '{node.name}'")
 
 
+META_GROUPED_WITHIN = "fxprune.grouped_within"  # set by the dependency analysis (see ``conv_kind``)
+
+
+def conv_kind(node, groups: int, cin: int, cout: int, plain_weight: bool = True) -> str:
+    """:meth:`ConvRule.kind` of a conv node: ``"whole"`` becomes ``"grouped"`` where the dependency
+    analysis marked the node (another op structures its channels by the same groups: a norm with
+    that many groups, a channel shuffle), so that pruning within the groups is what stays valid."""
+    kind = ConvRule.kind(groups, cin, cout, plain_weight)
+    return "grouped" if kind == "whole" and node.meta.get(META_GROUPED_WITHIN) else kind
+
+
 class ConvRule(OpRule):
     """Conv{1,2,3}d modules and ``F.conv{1,2,3}d``.
 
     Coupling: output channels are produced by weight dim 0 (an origin); with ``groups == 1``
     the input channels are consumed by weight dim 1. A depthwise conv (``groups == C_in``) ties
-    each input channel to its ``C_out / C_in`` output channels. Any other grouped conv keeps its
-    group count: input and output channels must be pruned uniformly within each group (a block
-    constraint) and the weight is rebuilt per group by the rewrite.
+    each input channel to its ``C_out / C_in`` output channels. Any other grouped conv is pruned
+    along the finer of its two structures (:meth:`kind`):
+
+    * ``"whole"`` (more groups than channels per group, as in RegNet and ResNeXt's early stages):
+      whole conv groups are removed, their input and output channels together (one unit per conv
+      group, through a virtual axis of the groups); the channels per group stay, so the kernel
+      keeps its shape and the group count shrinks;
+    * ``"grouped"`` (otherwise, always for a computed weight, and where another op structures the
+      channels by the same groups, which the dependency analysis finds): the group count stays; input
+      and output channels are pruned uniformly within each group (a block constraint) and the
+      weight is rebuilt per group by the rewrite.
     """
 
     name = "conv"
@@ -160,12 +179,22 @@ class ConvRule(OpRule):
         return w, groups, x, xs, os_, cdim, wshape
 
     @staticmethod
-    def kind(groups, cin, cout):
+    def kind(groups, cin, cout, plain_weight=True):
+        """``"dense"``, ``"depthwise"``, ``"whole"`` (prune whole conv groups) or ``"grouped"`` (prune
+        uniformly within the groups). Whole groups when there are more groups than channels per
+        group: that gives more keep counts, and the channels per group (the kernel's shape, which
+        decides its speed) stay. A computed weight (NF-Net's standardised one) stays ``"grouped"``."""
         if groups == 1:
             return "dense"
         if groups == cin and cout % cin == 0:
             return "depthwise"
+        if plain_weight and cin % groups == 0 and cout % groups == 0 and max(cin, cout) // groups < groups:
+            return "whole"
         return "grouped"
+
+    @staticmethod
+    def _plain(w) -> bool:
+        return isinstance(w.refs["weight"], str)
 
     def couple(self, node, b):
         w, g, x, xs, os_, c, wshape = self._info(node, b.gm)
@@ -182,7 +211,7 @@ class ConvRule(OpRule):
             bs = w.space(b, "bias", 0)
             b.tie(out_c, bs)
             b.role(bs, "other")
-        kind = self.kind(g, cin, cout)
+        kind = conv_kind(node, g, cin, cout, self._plain(w))
         if kind == "dense":
             w1 = w.space(b, "weight", 1)
             b.tie(in_c, w1)
@@ -191,6 +220,10 @@ class ConvRule(OpRule):
             mult = cout // cin
             j = np.arange(cout)
             b.tie_map(out_c, j, in_c, j // mult)
+        elif kind == "whole":  # conv group k: input channels k*cin/g.., output channels k*cout/g..
+            conv_groups = b.vspace(node, "conv_groups", g)
+            b.tie_map(in_c, np.arange(cin), conv_groups, np.arange(cin) // (cin // g))
+            b.tie_map(out_c, np.arange(cout), conv_groups, np.arange(cout) // (cout // g))
         else:
             b.blocks(out_c, g, f"grouped conv '{node.name}' (groups={g})")
             if isinstance(w.refs["weight"], str):
@@ -202,8 +235,8 @@ class ConvRule(OpRule):
         w, g, x, xs, os_, c, wshape = self._info(node, m.gm)
         ksize = math.prod(wshape[2:])
         spatial = [(node, d) for d in range(len(os_)) if d != c]
-        kind = self.kind(g, xs[c], os_[c])
-        if kind == "depthwise":
+        kind = conv_kind(node, g, xs[c], os_[c], self._plain(w))
+        if kind in ("depthwise", "whole"):  # the input channels per group are fixed
             m.term(ksize * (xs[c] // g), spatial + [(node, c)])
         else:
             m.term(ksize / g, spatial + [(node, c), (x, c)])
@@ -213,11 +246,13 @@ class ConvRule(OpRule):
         w, g, x, xs, os_, c, wshape = self._info(node, gm)
         cin_old = xs[c]
         cout_old = os_[c]  # the weight may already be sliced: use the recorded shapes
-        kind = self.kind(g, cin_old, cout_old)
+        kind = conv_kind(node, g, cin_old, cout_old, self._plain(w))
         new_cin = r.new_size(x, c)
         new_groups = g
         if kind == "depthwise":
             new_groups = new_cin
+        elif kind == "whole":  # whole groups went: the kept rows and all their columns stay
+            new_groups = new_cin // (cin_old // g)
         elif kind == "grouped":
             kept_in = r.kept(x, c)
             if kept_in is not None and isinstance(w.refs["weight"], str):

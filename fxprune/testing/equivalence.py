@@ -19,7 +19,7 @@ import torch.fx
 
 from fxprune.ir import shape_of
 from fxprune.opset import rule_for
-from fxprune.opset.layers import ConvRule
+from fxprune.opset.layers import ConvRule, conv_kind
 from fxprune.passes.dependency_groups import DependencyGraph
 
 __all__ = ["random_plan", "masked_reference", "prune_with_units", "check_equivalence"]
@@ -79,7 +79,7 @@ def masked_reference(gm: torch.fx.GraphModule, graph: DependencyGraph,
             mod = ref.get_submodule(node.target)
             x = node.args[0]
             cin = shape_of(x)[1]
-            if ConvRule.kind(mod.groups, cin, mod.weight.shape[0]) != "grouped":
+            if conv_kind(node, mod.groups, cin, mod.weight.shape[0]) != "grouped":
                 continue
             sid = graph.space_index.get(("n", x.name, 1))
             if sid is None or sid not in removed:

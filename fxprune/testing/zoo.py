@@ -82,6 +82,34 @@ class Grouped(nn.Module):
         return self.fc(x.amax((2, 3)))
 
 
+class GroupedWhole(nn.Module):
+    """RegNet/ResNeXt style: grouped convs with more groups than channels per group (pruned by whole
+    conv groups), one with more output than input channels per group, squeeze-excite, a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(32)
+        self.a = nn.Conv2d(32, 32, 1)
+        self.bn_a = nn.BatchNorm2d(32)
+        self.b = nn.Conv2d(32, 32, 3, padding=1, groups=8)  # 8 groups of 4
+        self.bn_b = nn.BatchNorm2d(32)
+        self.se1 = nn.Conv2d(32, 8, 1)
+        self.se2 = nn.Conv2d(8, 32, 1)
+        self.c = nn.Conv2d(32, 32, 1)
+        self.bn_c = nn.BatchNorm2d(32)
+        self.e = nn.Conv2d(32, 64, 3, padding=1, groups=16)  # 16 groups: 2 inputs, 4 outputs each
+        self.fc = nn.Linear(64, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        y = F.relu(self.bn_a(self.a(x)))
+        y = F.relu(self.bn_b(self.b(y)))
+        y = y * torch.sigmoid(self.se2(F.relu(self.se1(y.mean((2, 3), keepdim=True)))))
+        x = F.relu(x + self.bn_c(self.c(y)))
+        return self.fc(self.e(x).mean((2, 3)))
+
+
 class SqueezeExcite(nn.Module):
     def __init__(self):
         super().__init__()
@@ -160,6 +188,7 @@ TINY_MODELS = {
     "concat_split": (ConcatSplit, (2, 3, 16, 16)),
     "shuffle": (Shuffle, (2, 3, 12, 12)),
     "grouped": (Grouped, (2, 3, 10, 10)),
+    "grouped_whole": (GroupedWhole, (2, 3, 10, 10)),
     "squeeze_excite": (SqueezeExcite, (2, 3, 16, 16)),
     "convnextish": (ConvNeXtish, (2, 3, 16, 16)),
     "attention": (TinyAttention, (2, 9, 12)),
