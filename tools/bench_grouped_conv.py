@@ -22,7 +22,6 @@ import statistics
 import sys
 import warnings
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -49,18 +48,9 @@ class DigitsResNeXt(nn.Module):
 
 
 def train(data, seed: int, epochs: int) -> nn.Module:
-    torch.manual_seed(seed)
-    model = DigitsResNeXt()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(data.train_batches()))
-    model.train()
-    for epoch in range(epochs):
-        for xb, yb in data.train_batches(seed=seed + epoch):
-            opt.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+    from fxprune.testing.digits import train_digits_cnn
+
+    return train_digits_cnn(data, epochs=epochs, seed=seed, model_fn=DigitsResNeXt)[0]
 
 
 def compile_mode(model, x, budget: str, policy: str, mode: str):
