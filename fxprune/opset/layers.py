@@ -138,8 +138,9 @@ META_GROUPED_WITHIN = "fxprune.grouped_within"  # set by the dependency analysis
 
 def conv_kind(node, groups: int, cin: int, cout: int, plain_weight: bool = True) -> str:
     """:meth:`ConvRule.kind` of a conv node: ``"whole"`` becomes ``"grouped"`` where the dependency
-    analysis marked the node (another op structures its channels by the same groups: a norm with
-    that many groups, a channel shuffle), so that pruning within the groups is what stays valid."""
+    analysis marked the node: ``grouped_convs="within"`` (the default), or another op structures its
+    channels by the same groups (a norm with that many groups, a channel shuffle), so that pruning
+    within the groups is what stays valid."""
     kind = ConvRule.kind(groups, cin, cout, plain_weight)
     return "grouped" if kind == "whole" and node.meta.get(META_GROUPED_WITHIN) else kind
 
@@ -150,14 +151,16 @@ class ConvRule(OpRule):
     Coupling: output channels are produced by weight dim 0 (an origin); with ``groups == 1``
     the input channels are consumed by weight dim 1. A depthwise conv (``groups == C_in``) ties
     each input channel to its ``C_out / C_in`` output channels. Any other grouped conv is pruned
-    along the finer of its two structures (:meth:`kind`):
+    one of two ways (:func:`conv_kind`):
 
-    * ``"whole"`` (more groups than channels per group, as in RegNet and ResNeXt's early stages):
-      whole conv groups are removed, their input and output channels together (one unit per conv
+    * ``"whole"`` (with ``grouped_convs="whole"``, the default with a latency budget, for a conv
+      with more groups than channels per group, as in RegNet and ResNeXt's early stages): whole
+      conv groups are removed, their input and output channels together (one unit per conv
       group, through a virtual axis of the groups); the channels per group stay, so the kernel
       keeps its shape and the group count shrinks;
-    * ``"grouped"`` (otherwise, always for a computed weight, and where another op structures the
-      channels by the same groups, which the dependency analysis finds): the group count stays; input
+    * ``"grouped"`` (the default with a MAC budget, always for other shapes and a computed weight,
+      and where another op structures the channels by the same groups, which the dependency
+      analysis finds): the group count stays; input
       and output channels are pruned uniformly within each group (a block constraint) and the
       weight is rebuilt per group by the rewrite.
     """
@@ -180,10 +183,12 @@ class ConvRule(OpRule):
 
     @staticmethod
     def kind(groups, cin, cout, plain_weight=True):
-        """``"dense"``, ``"depthwise"``, ``"whole"`` (prune whole conv groups) or ``"grouped"`` (prune
-        uniformly within the groups). Whole groups when there are more groups than channels per
-        group: that gives more keep counts, and the channels per group (the kernel's shape, which
-        decides its speed) stay. A computed weight (NF-Net's standardised one) stays ``"grouped"``."""
+        """``"dense"``, ``"depthwise"``, ``"whole"`` (may be pruned by whole conv groups) or
+        ``"grouped"`` (pruned uniformly within the groups). ``"whole"`` where there are more groups
+        than channels per group: whole groups then give more keep counts, and the channels per group
+        (the kernel's shape, which decides its speed) stay; :func:`conv_kind` turns it into
+        ``"grouped"`` unless the analysis was asked for whole groups. A computed weight (NF-Net's
+        standardised one) stays ``"grouped"``."""
         if groups == 1:
             return "dense"
         if groups == cin and cout % cin == 0:
