@@ -228,6 +228,19 @@ def test_equivalence_oracle_torchvision(name):
     check_equivalence(cap.gm, dg, random_plan(dg, rng), cap.inputs, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["regnet_y_400mf", "resnext50_32x4d"])
+def test_equivalence_oracle_whole_conv_groups(name):
+    """Grouped convs pruned by whole groups (``grouped_convs="whole"``): random plans are still exact."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.get_model(name, weights=None).eval()
+    cap, dg = analyse(model, (torch.randn(1, 3, 96, 96),), grouped_convs="whole")
+    whole = [g for g in dg.groups if any(dg.keys[s][-1] == "conv_groups" for s in g.spaces)]
+    assert whole and all(g.unit >= 4 for g in whole)
+    rng = np.random.default_rng(0)
+    check_equivalence(cap.gm, dg, random_plan(dg, rng), cap.inputs, atol=1e-3)
+
+
 class _GQA(nn.Module):
     """4 query heads sharing 2 key/value heads through ``enable_gqa`` (keyword-only in torch)."""
 

@@ -133,3 +133,23 @@ def test_condconv_experts_are_pruned_with_the_batch_folded_into_the_groups():
     with torch.no_grad():
         xb = torch.randn(3, 3, 64, 64)
         assert res.model(xb).shape == (3, 1000)
+
+
+@pytest.mark.parametrize("name,whole", [("regnetz_005", True), ("regnetz_b16_evos", False)])
+def test_whole_conv_groups_on_timm_regnets(name, whole):
+    """``grouped_convs="whole"`` (the latency default): RegNetZ's grouped convs lose whole groups; the
+    EvoNorm variant's norms reshape by a constant group count, so its convs fall back to pruning within
+    their groups. Both compile without the self-healing net, with exact MACs and ONNX parity."""
+    from fxprune.export import onnx_parity
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, 3, 96, 96)
+    res = fxprune.compile(model, x, mac_budget="50%", policy="uniform", grouped_convs="whole")
+    assert not res.report.healed and fxprune.count_macs(res.model, x) == res.macs
+    before = {n: m.groups for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Conv2d) and 1 < m.groups < m.in_channels}
+    after = {n: res.model.get_submodule(n).groups for n in before}
+    assert before and (any(after[n] < g for n, g in before.items()) if whole else after == before)
+    par = onnx_parity(res.model, x, res.export_onnx(), batch_sizes=(1, 2))
+    assert par.ok, par.summary()
