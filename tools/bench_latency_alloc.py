@@ -4,7 +4,8 @@ For each model (random weights, batch 1, ``--threads`` intra-op threads, default
 
 1. the per-group latency model is built on ONNX Runtime (layer tables, cached under
    ``--cache-dir``) and calibrated on the original and two uniform plans;
-2. **MAC plan**: ``fxprune.compile(m, x, mac_budget="50%")`` (the default ``global`` policy);
+2. **MAC plan**: ``fxprune.compile(m, x, mac_budget="50%")`` (the default ``global`` policy, or
+   ``--policy``: every plan here uses the same one);
 3. **latency plan at equal MACs**: the latency-driven plan (same policy on the predicted-latency
    cost) whose MACs equal the MAC plan's within ``--equal-tol`` (1%, either side): the smallest
    predicted-latency target that gives one, found by a scan of ``--scan-points`` targets (cost-model
@@ -47,6 +48,7 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--policy", default="global", help="the policy of every plan (default global)")
     p.add_argument("--budget", default="50%", help="MAC budget of the MAC plan and latency budget (default 50%%)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--max-points", type=int, default=12)
@@ -94,7 +96,7 @@ def run_model(name: str, args) -> dict:
     t0 = time.perf_counter()
     opts = {"threads": args.threads, "max_points": args.max_points, "cache_dir": args.cache_dir,
             "rounds": args.rounds, "runs_per_round": args.runs}
-    settings = dict(policy="global", tolerance=0.01, channel_multiple=8, min_keep_ratio=0.1, importance="l1",
+    settings = dict(policy=args.policy, tolerance=0.01, channel_multiple=8, min_keep_ratio=0.1, importance="l1",
                     evaluate=None, calibration_data=None, seed=0, verify=True, policy_options=None,
                     grouped_convs="whole")  # compile's default with a latency budget
     session = open_session(model, (x,), grouped_convs="whole")
@@ -113,7 +115,7 @@ def run_model(name: str, args) -> dict:
     table_s = time.perf_counter() - t0
 
     # 2. the MAC plan
-    mac = fxprune.compile(model, (x,), mac_budget=args.budget)
+    mac = fxprune.compile(model, (x,), mac_budget=args.budget, policy=args.policy)
     # 3. the latency plan with the MAC plan's MACs: the smallest predicted-latency target whose plan
     #    has the MAC plan's MACs within --equal-tol (a scan: the plans' MACs are not monotone in it)
     equal, equal_scan = equal_mac_plan(planner, mac.macs, args.equal_tol, args.scan_points)
@@ -121,7 +123,7 @@ def run_model(name: str, args) -> dict:
     lat_error = None
     lat = None
     try:
-        lat = fxprune.compile(model, (x,), latency_budget=args.budget, target="ort-cpu",
+        lat = fxprune.compile(model, (x,), latency_budget=args.budget, target="ort-cpu", policy=args.policy,
                               latency_options={**opts, "warmup": 5})
     except fxprune.FxpruneError as err:
         lat_error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
@@ -217,7 +219,8 @@ def planner_keep(planner, result):
 
 
 def print_rows(rows, args):
-    print(f"\n## Latency-driven vs MAC-driven allocation, ONNX Runtime CPU, {args.threads} thread(s), batch 1\n")
+    print(f"\n## Latency-driven vs MAC-driven allocation, ONNX Runtime CPU, {args.threads} thread(s), batch 1, "
+          f"policy {args.policy}\n")
     print("| model | original ms | MAC plan: MACs, ms | latency plan, equal MACs: MACs, ms | **lat/MAC** | "
           f"latency {args.budget}: ms (x orig), met | model error (median, n) | layers (s) | loadavg |")
     print("|---|---|---|---|---|---|---|---|---|")
