@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from fxprune.errors import BandUnreachableError, BudgetUnreachableError, Invalid
 from fxprune.policies.base import CombinedCost, Constraint, PruningProblem
 from fxprune.policies.solver import snap
 
-__all__ = ["LatencyPlanner", "compile_latency_driven", "search_by_prediction"]
+__all__ = ["LatencyPlanner", "calibration_key", "compile_latency_driven", "search_by_prediction"]
 
 logger = logging.getLogger(__name__)
 
@@ -301,11 +301,18 @@ def search_by_prediction(planner: LatencyPlanner, original: Candidate, budget: A
 # --------------------------------------------------------------------------------------------
 
 
-def _grouping_key(settings: Mapping[str, Any]) -> dict[str, str]:
-    """The calibration key's entry for how grouped convs are pruned: absent for ``"within"``, the
-    structure every calibration cached before the option existed was made with."""
-    mode = settings.get("grouped_convs") or "whole"
-    return {} if mode == "within" else {"grouped_convs": mode}
+def calibration_key(session: Any, runtime: Any, *, max_points: int, min_keep_ratio: float,
+                    fractions: Sequence[float], ignore: Any, plateau_tol: float, grouped_convs: str) -> dict[str, Any]:
+    """What a cached whole-model calibration depends on (``CalibrationCache``). How grouped convs are
+    pruned is absent for ``"within"``, the structure every calibration cached before the option
+    existed was made with."""
+    key = {"schema": 1, "graph": graph_fingerprint(session.gm, session.captured.inputs),
+           "runtime": runtime.settings(), "max_points": max_points, "min_keep_ratio": min_keep_ratio,
+           "fractions": list(fractions), "ignore": repr(ignore) if not callable(ignore) else "callable",
+           "plateau_tol": plateau_tol}
+    if grouped_convs != "within":
+        key["grouped_convs"] = grouped_convs
+    return key
 
 
 def compile_latency_driven(model: nn.Module, example_inputs: Any, *, latency_budget: Any, mac_budget: Any = None,
@@ -314,19 +321,19 @@ def compile_latency_driven(model: nn.Module, example_inputs: Any, *, latency_bud
                            leaf_modules: Any = (), calibration_data: Any = None, loss_fn: Any = None) -> Any:
     """The latency-driven compile (see the module docstring); returns a ``CompileResult``."""
     from fxprune._compile import _new_report, _result, open_session
-    from fxprune.latency import _diagnose, latency_record, relative_budget
+    from fxprune.latency import _diagnose, relative_budget
     from fxprune.runtimes import make_runtime
 
     parse_latency_budget(latency_budget, base_ms=1.0)
     opts = options
     seed = settings["seed"]
+    grouped_convs = settings["grouped_convs"]
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         session = open_session(model, example_inputs, ignore=ignore, importance=settings["importance"],
                                calibration_data=calibration_data, loss_fn=loss_fn, capture_method=capture,
-                               leaf_modules=leaf_modules, seed=seed,
-                               grouped_convs=settings.get("grouped_convs") or "whole")
+                               leaf_modules=leaf_modules, seed=seed, grouped_convs=grouped_convs)
         mac_abs = parse_mac_budget(mac_budget, session.base_macs) if mac_budget is not None else None
         if not session.graph.groups:
             raise BudgetUnreachableError(
@@ -344,10 +351,9 @@ def compile_latency_driven(model: nn.Module, example_inputs: Any, *, latency_bud
                                         max_points=opts.max_points, cache_dir=opts.cache_dir, use_cache=opts.cache,
                                         plateau_tol=opts.plateau_tol)
         original = Candidate("original", session.base_macs, session.deployed_original())
-        key = {"schema": 1, "graph": graph_fingerprint(session.gm, session.captured.inputs),
-               "runtime": runtime.settings(), "max_points": opts.max_points, "min_keep_ratio": settings["min_keep_ratio"],
-               "fractions": list(opts.fit_fractions), "ignore": repr(ignore) if not callable(ignore) else "callable",
-               "plateau_tol": opts.plateau_tol, **_grouping_key(settings)}
+        key = calibration_key(session, runtime, max_points=opts.max_points, min_keep_ratio=settings["min_keep_ratio"],
+                              fractions=opts.fit_fractions, ignore=ignore, plateau_tol=opts.plateau_tol,
+                              grouped_convs=grouped_convs)
         cal_cache = CalibrationCache(opts.cache_dir) if opts.cache else None
         orig_t = planner.calibrate(original, tuple(opts.fit_fractions), cal_cache, key)
         base_ms = orig_t.median_ms if orig_t is not None else planner.predict_ms(planner.full)

@@ -85,9 +85,9 @@ def run_model(name: str, args) -> dict:
 
     import fxprune
     from fxprune._compile import open_session
-    from fxprune.cost_models.latency import Candidate, graph_fingerprint
+    from fxprune.cost_models.latency import Candidate
     from fxprune.cost_models.latency_table import CalibrationCache
-    from fxprune.latency_alloc import LatencyPlanner
+    from fxprune.latency_alloc import LatencyPlanner, calibration_key
     from fxprune.runtimes import OrtRuntime
 
     torch.manual_seed(0)
@@ -105,9 +105,8 @@ def run_model(name: str, args) -> dict:
     planner = LatencyPlanner.create(model, session, runtime, settings, start=t0, max_points=args.max_points,
                                     cache_dir=args.cache_dir)
     original = Candidate("original", session.base_macs, session.deployed_original())
-    key = {"schema": 1, "graph": graph_fingerprint(session.gm, session.captured.inputs),
-           "runtime": runtime.settings(), "max_points": args.max_points, "min_keep_ratio": 0.1,
-           "fractions": [0.75, 0.5, 0.3], "ignore": "None", "plateau_tol": 0.002, "grouped_convs": "whole"}
+    key = calibration_key(session, runtime, max_points=args.max_points, min_keep_ratio=0.1,
+                          fractions=(0.75, 0.5, 0.3), ignore=None, plateau_tol=0.002, grouped_convs="whole")
     # calibrated now (the layer tables may come from the cache): the prediction error is the model's,
     # not the drift of the machine's speed since a cached calibration
     planner.calibrate(original, (0.75, 0.5, 0.3), CalibrationCache(args.cache_dir) if args.cached_calibration else None,

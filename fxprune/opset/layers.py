@@ -231,7 +231,7 @@ class ConvRule(OpRule):
             b.tie_map(out_c, np.arange(cout), conv_groups, np.arange(cout) // (cout // g))
         else:
             b.blocks(out_c, g, f"grouped conv '{node.name}' (groups={g})")
-            if isinstance(w.refs["weight"], str):
+            if self._plain(w):
                 b.blocks(in_c, g, f"grouped conv '{node.name}' (groups={g})")
             else:  # the rewrite regroups a parameter; a computed weight (NF-Net's standardised one) cannot be
                 b.freeze(in_c, f"grouped conv '{node.name}' on a computed weight: its input channels are kept")
@@ -260,7 +260,7 @@ class ConvRule(OpRule):
             new_groups = new_cin // (cin_old // g)
         elif kind == "grouped":
             kept_in = r.kept(x, c)
-            if kept_in is not None and isinstance(w.refs["weight"], str):
+            if kept_in is not None and self._plain(w):
                 weight = w.tensor("weight")  # rows already sliced to the kept outputs
                 per_in = cin_old // g
                 new_rows = weight.shape[0] // g
