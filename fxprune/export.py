@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import inspect
 import logging
 import math
@@ -573,6 +574,7 @@ def export_onnx(
                 except _StepFailed as failed:
                     logger.info("ONNX export of %s with the %s exporter failed at %s",
                                 _model_name(model), name, failed)
+                    _raise_if_storage_failed(model, failed, file.parent.parent)
                     failures.append(failed)
                     if failed.step != "dynamic sizes" or not spec.size_axes:
                         continue
@@ -652,6 +654,35 @@ def _publish(file: Path, target: Path) -> None:
             os.replace(file, tmp)
     except OSError as err:
         raise ExportError(f"ONNX export: cannot write {target}: {err}. The previous file, if any, is unchanged.") from err
+
+
+# errors of the file system, not of the model: another exporter cannot do better, and the operator hint
+# of _export_error would send the user the wrong way
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _storage_error(err: BaseException | None) -> OSError | None:
+    """The file-system ``OSError`` in ``err``'s cause/context chain, if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _raise_if_storage_failed(model: nn.Module, failed: _StepFailed, directory: Path) -> None:
+    """An exporter failed because the disk refused the file: stop with that, not 'unsupported operator'."""
+    err = _storage_error(failed.err)
+    if err is None:
+        return
+    what = os.strerror(err.errno) if err.errno else str(err)
+    raise ExportError(
+        f"ONNX export of {_model_name(model)}: cannot write the ONNX file in {str(directory)!r} "
+        f"({failed.step}: [Errno {err.errno}] {what}). The model itself was not the problem: free space "
+        f"there, or export to another directory; with path=None the file goes to "
+        f"the temporary directory (set TMPDIR to move it).") from err
 
 
 def _export_error(model: nn.Module, failures: list[_StepFailed]) -> ExportError:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import errno
+import os
 from typing import Callable
 
 import numpy as np
@@ -217,6 +219,35 @@ def test_falls_back_to_the_dynamo_exporter(monkeypatch, tmp_path):
     assert assert_onnx_parity(gm, x, tmp_path / "mlp.onnx", batch_sizes=(1, 5)).ok
     with pytest.raises(ExportError, match="simulated TorchScript exporter failure"):
         export_onnx(gm, x, exporter="torchscript")
+
+
+def test_a_full_disk_is_reported_as_such_and_other_exporters_are_not_tried(monkeypatch, tmp_path):
+    calls = []
+
+    def disk_full(model, spec, file, opset):
+        calls.append("torchscript")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        except OSError as err:  # exporters wrap the write error in their own
+            raise RuntimeError("serialization failed") from err
+
+    def dynamo(*args, **kwargs):
+        calls.append("dynamo")
+
+    monkeypatch.setitem(export_mod._EXPORT_FUNCS, "torchscript", disk_full)
+    monkeypatch.setitem(export_mod._EXPORT_FUNCS, "dynamo", dynamo)
+    target = tmp_path / "mlp.onnx"
+    target.write_bytes(b"previous")
+    gm = torch.fx.symbolic_trace(Mlp())
+    with pytest.raises(ExportError) as info:
+        export_onnx(gm, torch.randn(1, 8), target)
+    message = str(info.value)
+    assert "No space left on device" in message and str(tmp_path) in message, message
+    assert "operator is unsupported" not in message
+    assert calls == ["torchscript"]  # the next exporter would hit the same disk
+    assert isinstance(info.value.__cause__, OSError)
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["mlp.onnx"]  # no private directory left behind
 
 
 def test_checker_failure_names_the_step(monkeypatch):
