@@ -5,7 +5,7 @@ For each model (random weights, batch 1, ``--threads`` intra-op threads, default
 1. the per-group latency model is built on ONNX Runtime (layer tables, cached under
    ``--cache-dir``) and calibrated on the original and two uniform plans;
 2. **MAC plan**: ``fxprune.compile(m, x, mac_budget="50%")`` (the default ``global`` policy, or
-   ``--policy``: every plan here uses the same one);
+   ``--policy``: every plan here uses the same one, unless ``--mac-policy`` gives the MAC plan its own);
 3. **latency plan at equal MACs**: the latency-driven plan (same policy on the predicted-latency
    cost) whose MACs equal the MAC plan's within ``--equal-tol`` (1%, either side): the smallest
    predicted-latency target that gives one, found by a scan of ``--scan-points`` targets (cost-model
@@ -49,6 +49,8 @@ def parse(argv):
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--policy", default="global", help="the policy of every plan (default global)")
+    p.add_argument("--mac-policy", default=None,
+                   help="the MAC plan's policy when it differs from the latency plans' (default: --policy)")
     p.add_argument("--budget", default="50%", help="MAC budget of the MAC plan and latency budget (default 50%%)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--max-points", type=int, default=12)
@@ -114,7 +116,7 @@ def run_model(name: str, args) -> dict:
     table_s = time.perf_counter() - t0
 
     # 2. the MAC plan
-    mac = fxprune.compile(model, (x,), mac_budget=args.budget, policy=args.policy)
+    mac = fxprune.compile(model, (x,), mac_budget=args.budget, policy=args.mac_policy or args.policy)
     # 3. the latency plan with the MAC plan's MACs: the smallest predicted-latency target whose plan
     #    has the MAC plan's MACs within --equal-tol (a scan: the plans' MACs are not monotone in it)
     equal, equal_scan = equal_mac_plan(planner, mac.macs, args.equal_tol, args.scan_points)
@@ -219,7 +221,7 @@ def planner_keep(planner, result):
 
 def print_rows(rows, args):
     print(f"\n## Latency-driven vs MAC-driven allocation, ONNX Runtime CPU, {args.threads} thread(s), batch 1, "
-          f"policy {args.policy}\n")
+          f"policy {args.policy}" + (f", MAC plan {args.mac_policy}" if args.mac_policy else "") + "\n")
     print("| model | original ms | MAC plan: MACs, ms | latency plan, equal MACs: MACs, ms | **lat/MAC** | "
           f"latency {args.budget}: ms (x orig), met | model error (median, n) | layers (s) | loadavg |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -55,6 +55,9 @@ def parse(argv):
     p.add_argument("--budget", default="60%", help="latency budget, relative to the original (default 60%%)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--policy", default="global", help="the policy of both allocations (default global)")
+    p.add_argument("--mac-policy", default=None,
+                   help="the MAC-driven allocation's policy when it differs from the latency-driven one's "
+                        "(default: --policy)")
     p.add_argument("--digits-batch", type=int, default=256,
                    help="batch of the digits CNN's timing (default 256: smaller batches are per-call overhead)")
     p.add_argument("--no-match", dest="match", action="store_false",
@@ -96,7 +99,8 @@ def _compile_pair(model, example, args, batch):
         try:
             out[allocation] = fxprune.compile(model, example, latency_budget=budget, target="ort-cpu",
                                               batch_size=batch, latency_options=_opts(args, allocation),
-                                              policy=args.policy)
+                                              policy=(args.mac_policy or args.policy) if allocation == "macs"
+                                              else args.policy)
             out[allocation].seconds = time.perf_counter() - t0
             out[allocation].budget_spec = budget
         except fxprune.FxpruneError as err:
