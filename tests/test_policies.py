@@ -59,3 +59,48 @@ def test_small_problems_get_the_in_band_plan_of_least_loss():
         costs = problem.cost(every)
         inside = every[(costs >= problem.lower) & (costs <= problem.budget)]
         assert len(inside) and _barrier(imp, plan) <= min(_barrier(imp, k) for k in inside) + 1e-12
+
+
+def _stream_problem(fraction: float, unit: str = "ns", layers: int = 12):
+    """A ViT-like latency problem: a residual stream measured in sixths of its width, spanning every
+    layer (its step takes a sixth of the model's time), and one MLP width per layer (small steps)."""
+    from fxprune.policies.base import GroupSpec, PruningProblem
+
+    def cost(K):
+        K = np.atleast_2d(K).astype(np.float64)
+        stream, mlp = K[:, :1] / 6.0, K[:, 1:] / 6.0
+        return np.rint(1e6 * stream * (0.5 + mlp)).sum(axis=1).astype(np.int64) + 1000
+
+    steps = tuple(range(1, 7))
+    groups = [GroupSpec(0, "stream", "channels", 6, 1, steps, "stream", ("stream",), 1.0)]
+    groups += [GroupSpec(g, f"mlp{g}", "channels", 6, 1, steps, "mlp", (f"mlp{g}",), 0.05)
+               for g in range(1, layers + 1)]
+    full, mins = np.full(layers + 1, 6), np.ones(layers + 1, dtype=np.int64)
+    budget = int(cost(full)[0] * fraction)
+    return PruningProblem(tuple(groups), int(cost(full)[0]), budget, int(np.ceil(budget * 0.98)),
+                          int(cost(mins)[0]), 1000, cost, unit=unit)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.4, 0.45, 0.6, 0.75, 0.9])
+def test_a_coarse_step_that_would_overshoot_the_band_gives_way_to_smaller_ones(fraction):
+    problem = _stream_problem(fraction)  # 6^13 plans: the greedy, not the exact search
+    imp = heuristic._importance(problem, False)
+    old = heuristic.greedy_keep(problem, imp, block_overshoot=False)
+    new = heuristic.greedy_keep(problem, imp)
+    cost = lambda k: int(problem.cost(k[None, :])[0])  # noqa: E731
+    assert cost(old) < problem.lower  # the stream's last step lands far below the band
+    assert problem.lower <= cost(new) <= problem.budget, (new, cost(new), problem.lower, problem.budget)
+    assert new[0] > old[0]  # it keeps the stream step and cuts the MLPs instead
+    # the policy end to end lands in the band too
+    from fxprune.policies.base import SearchContext
+    from fxprune.policies.heuristic import GlobalPolicy
+
+    plan = GlobalPolicy().select(problem, SearchContext(seed=0))
+    keep = problem.dense(plan.keep)
+    assert problem.lower <= cost(keep) <= problem.budget
+
+
+def test_mac_problems_keep_the_greedy_as_it_was():
+    problem = _stream_problem(0.45, unit="MACs")
+    imp = heuristic._importance(problem, False)
+    assert np.array_equal(heuristic.greedy_keep(problem, imp), heuristic.greedy_keep(problem, imp, block_overshoot=False))

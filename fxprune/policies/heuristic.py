@@ -73,7 +73,8 @@ def _importance(problem: PruningProblem, by_bucket: bool) -> list[np.ndarray]:
 
 
 def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weight: float = 1.0,
-                relative: bool = True, pools: list[int] | None = None) -> np.ndarray:
+                relative: bool = True, pools: list[int] | None = None,
+                block_overshoot: bool | None = None) -> np.ndarray:
     """Remove, one step at a time, the step with the least importance lost per MAC saved.
 
     ``relative``: the loss of a step is the importance it removes divided by the importance its
@@ -88,6 +89,12 @@ def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weigh
     (when it is in the band). With coarse steps (measured latency plateaus) the greedy's last step
     often overshoots the band, and the band filling that follows does not weigh importance per
     cost; the jumps give the greedy in-band plans chosen by its own objective.
+
+    ``block_overshoot`` (default: on for cost models other than MACs, whose measured steps are
+    coarse): a best step near the budget that would land *below the band* is not taken; its plan is
+    kept as the last resort and the greedy goes on with the other groups, whose smaller steps can
+    land in the band. (A residual stream measured in sixths of its width spans every layer: its
+    last step can take a sixth of the model's time, far past a 2% band.)
     """
     G = len(problem.groups)
     allowed = [np.asarray(g.allowed) for g in problem.groups]
@@ -118,11 +125,15 @@ def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weigh
         if exact is not None:
             return exact
     finished = None  # (loss, plan): the best in-band plan seen (finishing jumps)
+    if block_overshoot is None:
+        block_overshoot = problem.unit != "MACs"
+    blocked: set[int] = set()  # groups whose next step would overshoot the band
+    overshoot = None  # the plan of the first blocked step: the greedy's own end had it not been blocked
     while cost > problem.budget:
         gs, ks = [], []
         for g in range(G):
             i = int(np.searchsorted(allowed[g], keep[g], side="left"))
-            if i > 0:
+            if i > 0 and g not in blocked:
                 gs.append(g)
                 ks.append(allowed[g][i - 1])
         if not gs:
@@ -145,11 +156,19 @@ def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weigh
                 loss = objective(jump)
                 if finished is None or loss < finished[0]:
                     finished = (loss, jump)
+            if block_overshoot and problem.lower > 0 and costs[best] < problem.lower:
+                blocked.add(gs[best])
+                if overshoot is None:
+                    overshoot = keep.copy()
+                    overshoot[gs[best]] = ks[best]
+                continue
             keep[gs[best]] = ks[best]
         else:  # far above it: many steps in one round, ranked as the one-step greedy would
             keep = _round_of_steps(keep, gs, saved, excess / 4, allowed, cum, sizes, unit_cost, mac_weight,
                                    pool_kept[pool] if relative else None)
         cost = int(problem.cost(keep[None, :])[0])
+    if cost > problem.budget and overshoot is not None:  # the other groups could not reach the budget
+        keep, cost = overshoot, int(problem.cost(overshoot[None, :])[0])
     if finished is not None and not (problem.lower <= cost <= problem.budget and objective(keep) <= finished[0]):
         return finished[1]
     return keep
