@@ -91,6 +91,17 @@ def test_a_coarse_step_that_would_overshoot_the_band_gives_way_to_smaller_ones(f
     assert cost(old) < problem.lower  # the stream's last step lands far below the band
     assert problem.lower <= cost(new) <= problem.budget, (new, cost(new), problem.lower, problem.budget)
     assert new[0] > old[0]  # it keeps the stream step and cuts the MLPs instead
+    # the step the greedy did not take, with the solver's give-back into the band, is the alternative:
+    # what is returned has no more loss than it
+    from fxprune.errors import BandUnreachableError
+    from fxprune.policies.solver import project
+
+    try:
+        filled = project(problem, old.astype(float), priority=heuristic.give_back_priority(imp, problem.sizes)).keep
+    except BandUnreachableError:
+        filled = None
+    if filled is not None:
+        assert _barrier(imp, new) <= _barrier(imp, filled) + 1e-12
     # the policy end to end lands in the band too
     from fxprune.policies.base import SearchContext
     from fxprune.policies.heuristic import GlobalPolicy
@@ -104,3 +115,32 @@ def test_mac_problems_keep_the_greedy_as_it_was():
     problem = _stream_problem(0.45, unit="MACs")
     imp = heuristic._importance(problem, False)
     assert np.array_equal(heuristic.greedy_keep(problem, imp), heuristic.greedy_keep(problem, imp, block_overshoot=False))
+
+
+def test_with_a_give_back_into_the_band_the_plan_of_lower_loss_wins():
+    import dataclasses
+
+    from fxprune.errors import BandUnreachableError
+    from fxprune.policies.solver import project
+
+    # MLP units of very unequal importance: the greedy cuts the MLPs' weak units first, so the solver
+    # has steps to give back after the stream's step
+    weights = np.array([0.02, 0.02, 0.05, 0.3, 2.0, 3.61])
+    weights = tuple(weights / weights.mean())
+    compared = 0
+    for fraction in np.arange(0.3, 0.95, 0.05):
+        base = _stream_problem(float(fraction))
+        problem = dataclasses.replace(base, groups=tuple(
+            dataclasses.replace(g, importance=weights) if g.id else g for g in base.groups))
+        imp = heuristic._importance(problem, False)
+        new = heuristic.greedy_keep(problem, imp)
+        assert problem.lower <= int(problem.cost(new[None, :])[0]) <= problem.budget
+        greedy_end = heuristic.greedy_keep(problem, imp, block_overshoot=False)
+        try:
+            filled = project(problem, greedy_end.astype(float),
+                             priority=heuristic.give_back_priority(imp, problem.sizes)).keep
+        except BandUnreachableError:
+            continue
+        compared += 1
+        assert _barrier(imp, new) <= _barrier(imp, filled) + 1e-12
+    assert compared >= 5

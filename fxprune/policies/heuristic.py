@@ -28,6 +28,7 @@ import math
 
 import numpy as np
 
+from fxprune.errors import BandUnreachableError
 from fxprune.policies.base import PruningPlan, PruningProblem, SearchContext
 from fxprune.policies.solver import project, snap
 
@@ -91,10 +92,12 @@ def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weigh
     cost; the jumps give the greedy in-band plans chosen by its own objective.
 
     ``block_overshoot`` (default: on for cost models other than MACs, whose measured steps are
-    coarse): a best step near the budget that would land *below the band* is not taken; its plan is
-    kept as the last resort and the greedy goes on with the other groups, whose smaller steps can
-    land in the band. (A residual stream measured in sixths of its width spans every layer: its
-    last step can take a sixth of the model's time, far past a 2% band.)
+    coarse): a best step near the budget that would land *below the band* is not taken, and the
+    greedy goes on with the other groups, whose smaller steps can land in the band. (A residual
+    stream measured in sixths of its width spans every layer: its last step can take a sixth of the
+    model's time, far past a 2% band, and the solver may find nothing to give back into it.) The
+    step's plan is not forgotten: with the solver's give-back into the band it is the alternative,
+    and of the two in-band plans the one of lower loss is returned.
     """
     G = len(problem.groups)
     allowed = [np.asarray(g.allowed) for g in problem.groups]
@@ -167,11 +170,33 @@ def greedy_keep(problem: PruningProblem, sorted_imp: list[np.ndarray], mac_weigh
             keep = _round_of_steps(keep, gs, saved, excess / 4, allowed, cum, sizes, unit_cost, mac_weight,
                                    pool_kept[pool] if relative else None)
         cost = int(problem.cost(keep[None, :])[0])
-    if cost > problem.budget and overshoot is not None:  # the other groups could not reach the budget
-        keep, cost = overshoot, int(problem.cost(overshoot[None, :])[0])
+    if overshoot is not None:
+        # the blocked step, then the solver giving back other steps into the band: the plan the
+        # greedy made before blocking existed; of it and the blocked path's end, the lower loss wins
+        try:
+            filled = project(problem, overshoot.astype(np.float64),
+                             priority=give_back_priority(sorted_imp, sizes)).keep.astype(np.int64)
+        except BandUnreachableError:
+            filled = None
+        if cost > problem.budget or (filled is not None and objective(filled) < objective(keep)):
+            keep = overshoot if filled is None else filled
+            cost = int(problem.cost(keep[None, :])[0])
     if finished is not None and not (problem.lower <= cost <= problem.budget and objective(keep) <= finished[0]):
         return finished[1]
     return keep
+
+
+def give_back_priority(sorted_imp: list[np.ndarray], sizes: np.ndarray):
+    """The solver's order for giving steps back into the band: the group whose most important
+    removed unit is the most important first."""
+    def priority(k):
+        out = np.zeros(len(k))
+        for g, s in enumerate(sorted_imp):
+            removed = sizes[g] - k[g]
+            out[g] = s[removed - 1] if removed > 0 else -np.inf
+        return out
+
+    return priority
 
 
 def _best_of_all_plans(problem: PruningProblem, allowed: list[np.ndarray], objectives,
@@ -283,16 +308,7 @@ class GlobalPolicy:
                     pools[i] = b
         keep = greedy_keep(problem, imp, float(ctx.options.get("mac_weight", self.mac_weight)),
                            relative=bool(ctx.options.get("relative", True)), pools=pools)
-        sizes = problem.sizes
-
-        def priority(k):  # give back the step whose best removed unit is most important per MAC
-            out = np.zeros(len(k))
-            for g, s in enumerate(imp):
-                removed = sizes[g] - k[g]
-                out[g] = s[removed - 1] if removed > 0 else -np.inf
-            return out
-
-        proj = project(problem, keep.astype(np.float64), priority=priority)
+        proj = project(problem, keep.astype(np.float64), priority=give_back_priority(imp, problem.sizes))
         return PruningPlan({g.id: int(k) for g, k in zip(problem.groups, proj.keep)}, self.name,
                            "greedy: least importance lost per MAC saved")
 
