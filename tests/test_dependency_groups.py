@@ -171,6 +171,61 @@ def test_layernorm_group_is_inexact_and_heads_are_units():
     assert heads[0].spaces[qkv].shape == (3, 24)  # q, k and v rows of each head
 
 
+class _GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2's GRN on channels-last activations, with the norm written in one of its forms."""
+
+    def __init__(self, channels, form):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(channels) * 0.1)
+        self.beta = nn.Parameter(torch.randn(channels) * 0.1)
+        self.form = form
+
+    def forward(self, x):  # x: [B, H, W, C]
+        if self.form == "method":
+            g = x.norm(p=2, dim=(1, 2), keepdim=True)
+        elif self.form == "torch.norm":
+            g = torch.norm(x, 2, (1, 2), True)
+        else:
+            g = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        return x + self.gamma * (x * n) + self.beta
+
+
+class _GrnMlp(nn.Module):
+    def __init__(self, form):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16, 64)
+        self.grn = _GlobalResponseNorm(64, form)
+        self.fc2 = nn.Linear(64, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)
+        x = x + self.fc2(self.grn(torch.relu(self.fc1(x))))
+        return self.head(x.mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("form", ["method", "torch.norm", "vector_norm"])
+def test_a_norm_over_other_dims_keeps_the_channels_prunable(form):
+    """x.norm / torch.norm / torch.linalg.vector_norm over the spatial dims: per-channel, so the MLP
+    width stays a group (it was frozen: no rule for norm); the GRN's mean over the channels makes it
+    inexact, as a LayerNorm does."""
+    import fxprune
+
+    model = _GrnMlp(form).eval()
+    x = torch.randn(1, 3, 8, 8)
+    cap, dg = analyse(model, (x,))
+    groups = by_name(dg)
+    assert "fc1" in groups and groups["fc1"].n == 64 and not groups["fc1"].exact, (
+        [(f.name, f.reasons) for f in dg.frozen])
+    assert groups["fc1"].members == ("fc1", "grn", "fc2")  # the GRN's gamma and beta are sliced with it
+    res = fxprune.compile(model, (x,), mac_budget="25%", policy="uniform", verify="onnx")
+    assert res.report.healed == [] and res.keep[groups["fc1"].id] < 64
+    assert res.macs == fxprune.count_macs(res.model, (x,))
+    assert res.model.grn.gamma.shape[0] == res.keep[groups["fc1"].id]
+
+
 def mystery(x):
     """An op fxprune has no rule for (kept opaque by torch.fx.wrap)."""
     return x.flip(1) * 2

@@ -44,6 +44,7 @@ from fxprune.opset.structural import (
     FactoryRule,
     MetaRule,
     PadRule,
+    NormReduceRule,
     ReduceRule,
     RepeatRule,
     RollRule,
@@ -140,6 +141,8 @@ register_function(*_ops(
 register_function(*_ops("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax"))(SoftmaxRule)
 register_function(*_ops("mean", "sum", "nansum", "nanmean", "amax", "amin", "var", "std", "logsumexp", "prod",
                         "any", "all", "argmax", "argmin"))(ReduceRule)
+
+register_function(*_ops("linalg_vector_norm", "norm"))(NormReduceRule)
 
 register_function(*_ops("matmul", "bmm", "mm"))(MatmulRule)
 register_function(*_ops("linear"))(LinearRule)

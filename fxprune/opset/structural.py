@@ -326,6 +326,7 @@ class ReduceRule(OpRule):
     """
 
     name = "reduce"
+    dim_pos, keepdim_pos = 1, 2  # positions of dim and keepdim in the call
 
     def couple(self, node, b):
         x = node.args[0]
@@ -333,13 +334,13 @@ class ReduceRule(OpRule):
         if os_ is None:
             b.freeze_node(node, f"reduction with several outputs ({node.name})")
             return
-        dims = const(arg(node, 1, "dim"))
+        dims = const(arg(node, self.dim_pos, "dim"))
         if dims is None:
             dims = list(range(len(xs)))
         elif isinstance(dims, int):
             dims = [dims]
         dims = sorted(norm_dim(int(d), len(xs)) for d in dims)
-        keep = bool(const(arg(node, 2, "keepdim", False)))
+        keep = bool(const(arg(node, self.keepdim_pos, "keepdim", False)))
         j = 0
         for d in range(len(xs)):
             if d in dims:
@@ -354,6 +355,19 @@ class ReduceRule(OpRule):
 register_function(torch.sum, torch.nansum, torch.mean, torch.amax, torch.amin, torch.var, torch.std,
                   torch.logsumexp, torch.nanmean, torch.prod)(ReduceRule)
 register_method("sum", "nansum", "mean", "amax", "amin", "var", "std", "logsumexp", "nanmean", "prod")(ReduceRule)
+
+
+class NormReduceRule(ReduceRule):
+    """Vector norms over given dims (``x.norm(p, dim, keepdim)``, ``torch.linalg.vector_norm``):
+    a reduction whose order ``p`` comes before ``dim`` (ConvNeXt-V2's global response norm takes
+    the spatial L2 norm of every channel)."""
+
+    name = "norm_reduce"
+    dim_pos, keepdim_pos = 2, 3
+
+
+register_function(torch.norm, torch.linalg.vector_norm, torch.linalg.norm)(NormReduceRule)
+register_method("norm")(NormReduceRule)
 
 
 # --------------------------------------------------------------------------------- permutes
