@@ -16,16 +16,16 @@ def test_sweep_latency_records_and_table(tmp_path, capsys):
     sys.modules[spec.name] = tool
     spec.loader.exec_module(tool)
     out = tmp_path / "sweep.json"
-    assert tool.main(["tv:squeezenet1_1:64", "tv:no_such_model", "--budget", "60%", "--cache-dir",
-                      str(tmp_path / "cache"), "--json", str(out)]) == 0
+    assert tool.main(["torchvision:squeezenet1_1", "torchvision:no_such_model", "--budget", "60%",
+                      "--input-shape", "1,3,64,64", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
     records = json.loads(out.read_text())
-    assert [r["model"] for r in records] == ["tv:squeezenet1_1:64", "tv:no_such_model"]
+    assert [r["model"] for r in records] == ["torchvision:squeezenet1_1", "torchvision:no_such_model"]
     small, unknown = records
     if small["ok"]:  # met by the compile's own interleaved measurement
         assert small["ratio"] <= 0.6 and 0 < small["macs_kept"] < 1 and small["measurements"] >= 1
     else:  # a noisy machine may miss the budget: then the error is fxprune's, not a crash
         assert "Error" in small["error"] and not small.get("crash")
-    assert not unknown["ok"] and unknown.get("crash")  # torchvision's own error, reported per model
+    assert not unknown["ok"] and unknown["error"].startswith("ModelSpecError")  # the resolver's error, per model
     table = capsys.readouterr().out
-    assert "| tv:squeezenet1_1:64 |" in table and "| tv:no_such_model |" in table
+    assert "| torchvision:squeezenet1_1 |" in table and "| torchvision:no_such_model |" in table
     assert f"{int(small['ok'])}/2 compiled" in table

@@ -8,11 +8,12 @@ MACs kept, seconds, and the error for a model that failed. Layer tables are cach
 (``~/.cache/fxprune/latency`` unless ``--cache-dir``), so a second run mostly measures whole models.
 
     python tools/sweep_latency.py                               # the default 20 torchvision/timm models
-    python tools/sweep_latency.py tv:resnet18 timm:levit_128 --budget 60%
+    python tools/sweep_latency.py torchvision:resnet18 timm:levit_128 --budget 60%
     python tools/sweep_latency.py --json sweep.json
 
-A model is ``tv:NAME`` (torchvision), ``timm:NAME`` or ``NAME:SIZE`` after either to set the input
-size. Needs a quiet machine: the verification is a timing.
+A model is a spec of ``fxprune compile`` (``torchvision:NAME``, ``timm:NAME``, ``file.py:factory``),
+built by the CLI's resolver at the input size of its default weights (``--input-shape`` for all).
+Needs a quiet machine: the verification is a timing.
 """
 
 from __future__ import annotations
@@ -25,41 +26,27 @@ import sys
 import time
 
 MODELS = (
-    "tv:squeezenet1_1", "tv:shufflenet_v2_x1_0", "tv:mnasnet1_0", "tv:mobilenet_v3_large", "tv:densenet121",
-    "tv:googlenet", "tv:convnext_tiny", "tv:efficientnet_v2_s", "tv:regnet_x_400mf", "tv:resnext50_32x4d",
-    "tv:swin_t", "tv:vit_b_16", "tv:inception_v3:299", "timm:resnet18d", "timm:levit_128", "timm:mobilevit_xs:256",
+    "torchvision:squeezenet1_1", "torchvision:shufflenet_v2_x1_0", "torchvision:mnasnet1_0",
+    "torchvision:mobilenet_v3_large", "torchvision:densenet121", "torchvision:googlenet", "torchvision:convnext_tiny",
+    "torchvision:efficientnet_v2_s", "torchvision:regnet_x_400mf", "torchvision:resnext50_32x4d", "torchvision:swin_t",
+    "torchvision:vit_b_16", "torchvision:inception_v3", "timm:resnet18d", "timm:levit_128", "timm:mobilevit_xs",
     "timm:convnextv2_atto", "timm:ghostnet_100", "timm:efficientformer_l1", "timm:deit_tiny_patch16_224",
 )
 
 
-def child(spec: str, budget: str, threads: int, cache_dir: str | None) -> dict:
+def child(spec: str, budget: str, threads: int, cache_dir: str | None, input_shape: str | None = None) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
-    import torch
-
     import fxprune
+    from fxprune.models import parse_shape, resolve_model
 
-    parts = spec.split(":")
-    source, name = parts[0], parts[1]
-    size = int(parts[2]) if len(parts) > 2 else 224
-    torch.manual_seed(0)
-    if source == "tv":
-        import torchvision.models as tvm
-
-        kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
-        model = tvm.get_model(name, weights=None, **kwargs).eval()
-    elif source == "timm":
-        import timm
-
-        model = timm.create_model(name, pretrained=False).eval()
-    else:
-        raise SystemExit(f"unknown source {source!r} in {spec!r}: use tv:NAME or timm:NAME")
-    x = torch.randn(1, 3, size, size)
     record: dict = {"model": spec}
     t0 = time.perf_counter()
     try:
-        result = fxprune.compile(model, (x,), latency_budget=budget, target="ort-cpu",
+        # the CLI's resolver: random weights, the input size of the model's default weights
+        resolved = resolve_model(spec, input_shape=parse_shape(input_shape) if input_shape else None)
+        result = fxprune.compile(resolved.model, resolved.example_inputs, latency_budget=budget, target="ort-cpu",
                                  latency_options={"threads": threads, "cache_dir": cache_dir})
         lat = result.report.latency
         record.update(ok=True, original_ms=lat["original_median_ms"],
@@ -78,17 +65,20 @@ def main(argv=None) -> int:
     p.add_argument("--budget", default="50%")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--input-shape", default=None, help="example input shape of every model, e.g. 1,3,160,160")
     p.add_argument("--timeout", type=int, default=900, help="seconds per model (default 900)")
     p.add_argument("--json", default=None, help="write the records to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print("RECORD " + json.dumps(child(args.child, args.budget, args.threads, args.cache_dir)), flush=True)
+        print("RECORD " + json.dumps(child(args.child, args.budget, args.threads, args.cache_dir, args.input_shape)),
+              flush=True)
         return 0
     records = []
     for spec in args.models:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", spec, "--budget", args.budget,
-               "--threads", str(args.threads)] + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
+               "--threads", str(args.threads)] + (["--cache-dir", args.cache_dir] if args.cache_dir else []) + (
+                   ["--input-shape", args.input_shape] if args.input_shape else [])
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RECORD ")]
