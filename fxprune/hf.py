@@ -2,24 +2,36 @@
 
 ``fxprune.compile`` works on a captured graph, so ``result.model`` is a ``torch.fx.GraphModule``
 for every model (ONNX export, ``fxprune.save``, latency and ``count_macs`` treat all models
-alike). For a Hugging Face causal LM of a family fxprune knows, :meth:`CompileResult.to_hf`
+alike). For a Hugging Face causal LM whose layers fxprune can read, :meth:`CompileResult.to_hf`
 (:func:`to_hf`) rebuilds the pruned model as an instance of the *original class* with an updated
 config (hidden size, heads, KV heads, ``head_dim``, intermediate size), so ``generate()`` with the
 KV cache, ``save_pretrained`` and ``AutoModelForCausalLM.from_pretrained`` work as before.
 
+Which models: GPT-2, and any decoder whose layers have a query (or fused q/k/v) projection, an
+attention output projection and an MLP output projection under one of the names in
+:data:`_NAMES`, and whose config has ``hidden_size``, ``num_attention_heads`` and an MLP width
+(:data:`_INTERMEDIATE`). That is found from the model's structure, not from a list of model
+types: LLaMA's naming covers Mistral, Qwen2/3, Phi-3, Gemma 1-3, Granite, OLMo 1-2, Cohere,
+StableLM, Helium, GLM and SmolLM3; Phi, Starcoder2, GPT-J, GPT-NeoX and OPT name theirs otherwise.
+What the config can express is measured, not assumed: the class is instantiated on the meta
+device with a wider hidden size to see whether it sizes attention by ``config.head_dim``.
+
 A config has one width per kind of layer, so the plan must keep the same counts in every layer.
 For these models :func:`layout_for` ties the groups that play the same role in every layer into
 one decision variable (see :mod:`fxprune.tying`), which is on by default
-(``compile(layer_uniform=None)``); groups the config cannot express are left whole:
+(``compile(layer_uniform=None)``); groups the config cannot express are left whole, and the
+report's notes say why:
 
 ==========================  =========================================================================
-LLaMA, Mistral, Qwen2/3,    ``hidden_size`` (the residual stream), ``num_key_value_heads`` (a KV head
-Phi-3                       is pruned with its query heads, so ``num_attention_heads`` follows),
-                            ``intermediate_size``; ``head_dim`` is kept (and written to the config).
-GPT-2                       the config ties the attention width to the residual width
-                            (``n_embd = n_head * head_dim``, ``head_dim = n_embd // n_head``): the
-                            heads of every layer and the residual stream are one variable (the
-                            residual keeps ``head_dim`` channels per kept head); ``n_inner`` (MLP).
+``head_dim`` in the config  ``hidden_size`` (the residual stream), ``num_key_value_heads`` (a KV head
+(LLaMA, Qwen, Gemma, ...)   is pruned with its query heads, so ``num_attention_heads`` follows),
+                            the MLP width; ``head_dim`` is kept (and written to the config).
+``head_dim`` derived        ``head_dim = hidden_size // num_attention_heads`` (GPT-2, StableLM,
+(GPT-2, StableLM, GPT-NeoX, GPT-NeoX, OPT, GPT-J): the heads of every layer and the residual stream
+OPT, GPT-J)                 are one variable (the residual keeps ``head_dim`` channels per kept
+                            query head); the MLP width.
+scaled embeddings (Gemma)   the class multiplies the input embeddings by ``sqrt(hidden_size)``, so
+                            a pruned residual would change that factor: the residual stays whole.
 ==========================  =========================================================================
 
 The rebuilt model takes the pruned graph's tensors by their (unchanged) names and is checked
@@ -47,7 +59,8 @@ from fxprune.tying import Tie
 
 __all__ = ["HFSource", "Layout", "source_of", "layout_for", "hf_config_for", "to_hf", "save_pretrained", "FAMILIES"]
 
-#: ``config.model_type`` -> how fxprune rewrites the config.
+#: ``config.model_type`` -> how fxprune rewrites the config, for the families the tests pin; any other
+#: decoder whose layers :func:`_layer_names` reads is rebuilt the "llama" way.
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
             "gpt2": "gpt2"}
 
@@ -64,6 +77,13 @@ class HFSource:
     n_layers: int
     head_dim: int
     example: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: the class sizes attention by ``config.head_dim``; else ``head_dim = hidden_size // heads`` and
+    #: the residual width is tied to the heads (GPT-2, Cohere, StableLM)
+    head_dim_free: bool = True
+    #: the input embeddings' factor when the class derives it from the hidden size (Gemma)
+    embed_scale: float | None = None
+    #: the layer's projections by role (:data:`_NAMES`), for every family but GPT-2
+    names: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,20 +112,101 @@ def _layers_path(model: nn.Module) -> tuple[str, int] | None:
     return best
 
 
+#: Where a decoder layer keeps the projections :func:`hf_config_for` reads widths off, per role (the
+#: first name present in layer 0 is the model's): the query (or fused q/k/v) projection, the key
+#: projection, the attention output and the MLP's output projection.
+_NAMES = {
+    "q": ("self_attn.q_proj", "attn.q_proj"),
+    "k": ("self_attn.k_proj", "attn.k_proj"),
+    "qkv": ("self_attn.qkv_proj", "attention.query_key_value"),
+    "o": ("self_attn.o_proj", "self_attn.dense", "self_attn.out_proj", "attn.out_proj", "attention.dense"),
+    "down": ("mlp.down_proj", "mlp.fc2", "mlp.c_proj", "mlp.fc_out", "mlp.dense_4h_to_h", "fc2"),
+}
+#: Config fields of the MLP width, first present wins.
+_INTERMEDIATE = ("intermediate_size", "n_inner", "ffn_dim")
+
+
+def _layer_names(model: nn.Module, layers: str) -> dict[str, str] | None:
+    """The projections of a decoder layer by role (see :data:`_NAMES`), when its layout is one
+    :func:`hf_config_for` can write a config for, else None. LLaMA's naming
+    (``self_attn.{q,k,v,o}_proj`` or a fused ``qkv_proj``, ``mlp.down_proj``) is shared by Gemma 1-3,
+    Granite, OLMo 1-2, Cohere, StableLM, Helium, GLM, SmolLM3 and more; Phi, Starcoder2, GPT-J,
+    GPT-NeoX and OPT name them otherwise."""
+    try:
+        present = {n for n, m in model.get_submodule(f"{layers}.0").named_modules()
+                   if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    except AttributeError:
+        return None
+    found = {role: next((n for n in cands if n in present), None) for role, cands in _NAMES.items()}
+    if found["q"] is None and found["qkv"] is None or found["o"] is None or found["down"] is None:
+        return None
+    cfg = model.config
+    if not all(isinstance(getattr(cfg, a, None), int) for a in ("hidden_size", "num_attention_heads")):
+        return None
+    if not any(hasattr(cfg, a) for a in _INTERMEDIATE):
+        return None
+    return {role: n for role, n in found.items() if n is not None}
+
+
+def _head_dim_free(model: nn.Module, layers: str, o_proj: str, head_dim: int) -> bool:
+    """Whether the model's class sizes its attention by ``config.head_dim`` rather than by
+    ``hidden_size // num_attention_heads``: a copy of the config with twice the hidden size is
+    instantiated on the meta device (no memory, no arithmetic) and its output projection read."""
+    cfg = copy.deepcopy(model.config)
+    heads = cfg.num_attention_heads
+    cfg.hidden_size = 2 * cfg.hidden_size
+    cfg.head_dim = head_dim
+    try:
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            probe = type(model)(cfg)
+        o = probe.get_submodule(f"{layers}.0.{o_proj}").weight
+    except Exception:  # noqa: BLE001 - a class that cannot be built this way is treated as tied
+        return False
+    return tuple(o.shape) == (cfg.hidden_size, heads * head_dim)
+
+
+def _embedding_scale(model: nn.Module) -> float | None:
+    """The factor the input embeddings are multiplied by when it follows the hidden size in the
+    class (Gemma's ``sqrt(hidden_size)``: a pruned residual width would change it), else None."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for holder, attr in ((emb, "scalar_embed_scale"), (emb, "embed_scale"), (getattr(model, "model", None), "embed_scale")):
+        v = getattr(holder, attr, None) if holder is not None else None
+        if v is None:
+            continue
+        try:
+            v = float(v)
+        except (TypeError, ValueError, RuntimeError):
+            continue
+        if v != 1.0:
+            return v
+    if getattr(model.config, "scale_embedding", False):
+        return float(model.config.hidden_size) ** 0.5
+    return None
+
+
 def source_of(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> HFSource | None:
-    """An :class:`HFSource` for a Hugging Face model of a family in :data:`FAMILIES`, else None."""
+    """An :class:`HFSource` for a Hugging Face model fxprune can rebuild (a family in
+    :data:`FAMILIES`, or any model whose layers are named like LLaMA's), else None."""
     if not _is_hf(model):
         return None
     cfg = getattr(model, "config", None)
-    family = FAMILIES.get(getattr(cfg, "model_type", None))
+    family = FAMILIES.get(getattr(cfg, "model_type", None))  # None: any decoder whose layers _layer_names reads
     found = _layers_path(model)
-    if family is None or found is None:
+    if found is None:
         return None
     layers, n = found
+    names: dict[str, str] = {}
+    if family != "gpt2":
+        names = _layer_names(model, layers) or {}
+        if not names:
+            return None
+        family = "llama"
     if family == "gpt2":
         head_dim = cfg.n_embd // cfg.n_head
+        free = False
     else:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        free = _head_dim_free(model, layers, names["o"], int(head_dim))
     example = dict(kwargs or {})
     if args:
         try:
@@ -116,7 +217,8 @@ def source_of(model: nn.Module, args: tuple = (), kwargs: dict | None = None) ->
             if i < len(names):
                 example[names[i]] = a
     gen = getattr(model, "generation_config", None)
-    return HFSource(type(model), copy.deepcopy(cfg), copy.deepcopy(gen), family, layers, n, int(head_dim), example)
+    return HFSource(type(model), copy.deepcopy(cfg), copy.deepcopy(gen), family, layers, n, int(head_dim), example,
+                    head_dim_free=free, embed_scale=_embedding_scale(model), names=names)
 
 
 # ------------------------------------------------------------------------------------ layout
@@ -137,7 +239,7 @@ def _role(group, src: HFSource) -> tuple[str, int | None]:
     (i,) = inside
     if group.kind == "heads":
         return "heads", i
-    mlp = ("mlp.", "feed_forward.", "ffn.")
+    mlp = ("mlp.", "feed_forward.", "ffn.", ".fc1", ".fc2")
     if group.kind == "channels" and all(any(s in m for s in mlp) for m in group.members):
         return "mlp", i
     return "other", i
@@ -174,14 +276,27 @@ def layout_for(src: HFSource, groups: Sequence) -> Layout:
         for g in hidden:
             out.fixed[g.id] = f"the residual stream of {name} splits into {len(hidden)} groups"
         hidden = []
-    if src.family == "gpt2":
+    cfg = src.config
+    if hidden and src.embed_scale is not None:
+        for g in hidden:
+            out.fixed[g.id] = (f"{name} multiplies its input embeddings by {src.embed_scale:.4g}, which it derives from "
+                               "hidden_size: a pruned residual width would change that factor in the rebuilt model")
+        hidden = []
+    if not src.head_dim_free:
+        # head_dim = hidden_size // num_attention_heads: the residual keeps head_dim channels per kept query head
         heads = complete.pop("heads", None)
-        if heads and hidden:
-            out.ties.append(Tie(tuple((g.id, 1) for g in heads) + ((hidden[0].id, src.head_dim),),
-                                "GPT-2: n_embd = n_head * head_dim in every layer"))
+        n_q = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+        n_kv = getattr(cfg, "num_key_value_heads", None) or n_q
+        mult = src.head_dim * max(n_q // n_kv, 1)
+        what = ("GPT-2: n_embd = n_head * head_dim in every layer" if src.family == "gpt2" else
+                f"{name}: hidden_size = num_attention_heads * head_dim (its attention derives head_dim from them)")
+        if heads and hidden and hidden[0].n == mult * heads[0].n:
+            out.ties.append(Tie(tuple((g.id, 1) for g in heads) + ((hidden[0].id, mult),), what))
         else:
             for g in (heads or []) + hidden:
-                out.fixed[g.id] = "GPT-2's config ties the attention width to the residual width"
+                out.fixed[g.id] = (f"{name}'s config ties the attention width to the residual width "
+                                   "(hidden_size = num_attention_heads * head_dim), and one of them is kept whole")
+            hidden = []
     for role, gs in complete.items():
         if len(gs) > 1:
             out.ties.append(Tie(tuple((g.id, 1) for g in gs), f"{name}: one {role} width for every layer"))
@@ -191,8 +306,9 @@ def layout_for(src: HFSource, groups: Sequence) -> Layout:
     out.notes.append(f"{name}: result.to_hf() rebuilds the pruned model as a {name} (generate with the KV cache, "
                      "save_pretrained)")
     if out.fixed:
+        why = sorted(set(out.fixed.values()))
         out.notes.append(f"layer_uniform: {len(out.fixed)} group(s) left whole ({name}'s config cannot express "
-                         "them otherwise)")
+                         f"them otherwise): " + "; ".join(why[:4]) + ("; ..." if len(why) > 4 else ""))
     return out
 
 
@@ -241,13 +357,11 @@ def hf_config_for(src: HFSource, gm: nn.Module) -> Any:
         cfg.n_embd, cfg.n_head, cfg.n_inner = n_embd, attn // hd, inner
         return cfg
     dims = []
+    nm = src.names
     for i in range(src.n_layers):
         p = f"{src.layers}.{i}"
-        o = _shape(t, f"{p}.self_attn.o_proj.weight")
-        down = _shape(t, f"{p}.mlp.down_proj.weight")
-        q = _shape(t, f"{p}.self_attn.q_proj.weight")
-        k = _shape(t, f"{p}.self_attn.k_proj.weight")
-        qkv = _shape(t, f"{p}.self_attn.qkv_proj.weight")
+        o, down, q, k, qkv = (_shape(t, f"{p}.{nm[r]}.weight") if r in nm else None
+                              for r in ("o", "down", "q", "k", "qkv"))
         if o is None or down is None or (q is None and qkv is None):
             raise ExportError(f"the pruned graph has no attention/MLP projections under {p}; cannot rebuild {name}")
         q_out = o[1]
@@ -258,11 +372,23 @@ def hf_config_for(src: HFSource, gm: nn.Module) -> Any:
     if q_out % hd or kv_out % hd or (q_out // hd) % (kv_out // hd):
         raise ConfigError(f"the pruned {name} has {q_out} query and {kv_out} key/value channels, not whole heads of "
                           f"{hd} in groups; its config cannot express that")
+    if kv_out != q_out and not hasattr(cfg, "num_key_value_heads"):
+        raise ConfigError(f"the pruned {name} has {q_out} query and {kv_out} key/value channels, and its config has "
+                          "no num_key_value_heads")
+    if not src.head_dim_free and hidden != q_out:
+        raise ConfigError(
+            f"{name} derives head_dim from hidden_size // num_attention_heads, so its config cannot express "
+            f"{q_out} query channels with a residual width of {hidden}. Compile with layer_uniform=True (the default "
+            "for Hugging Face models), which keeps the two tied.")
+    if getattr(cfg, "word_embed_proj_dim", None) == src.config.hidden_size:  # OPT: embeddings as wide as the stream
+        cfg.word_embed_proj_dim = hidden
     cfg.hidden_size = hidden
     cfg.num_attention_heads = q_out // hd
-    cfg.num_key_value_heads = kv_out // hd
-    cfg.head_dim = hd
-    cfg.intermediate_size = inter
+    if hasattr(cfg, "num_key_value_heads"):
+        cfg.num_key_value_heads = kv_out // hd
+    if src.head_dim_free:
+        cfg.head_dim = hd
+    setattr(cfg, next(a for a in _INTERMEDIATE if hasattr(cfg, a)), inter)
     return cfg
 
 
@@ -339,9 +465,11 @@ def to_hf(result: Any, *, verify: bool = True) -> nn.Module:
     src = getattr(result, "hf_source", None)
     if src is None:
         raise ConfigError(
-            "to_hf() needs a Hugging Face model of a family fxprune can rebuild "
-            f"({', '.join(sorted(FAMILIES))}); this result came from another model. result.model (a "
-            "GraphModule) runs, trains, saves with fxprune.save and exports to ONNX.")
+            "to_hf() needs a Hugging Face decoder fxprune can rebuild: GPT-2, or one whose layers have query (or "
+            "fused q/k/v), attention-output and MLP-output projections fxprune knows by name (LLaMA's "
+            "self_attn.q_proj/o_proj and mlp.down_proj, as in Mistral, Qwen, Gemma, Phi, OLMo, GPT-NeoX, OPT, ...) "
+            "and a config with hidden_size, num_attention_heads and an MLP width; this result came from another "
+            "model. result.model (a GraphModule) runs, trains, saves with fxprune.save and exports to ONNX.")
     return rebuild(src, result.model, verify=verify)
 
 

@@ -2,7 +2,10 @@
 
 Small configs with random weights and the default ``use_cache=True``: LLaMA (multi-head), Qwen2
 (grouped-query attention, attention bias), Mistral (GQA), Phi-3 (fused ``qkv_proj`` and
-``gate_up_proj``) and GPT-2 (transformers' ``Conv1D``, tied embeddings). Each compiles at 50% of
+``gate_up_proj``), GPT-2 (transformers' ``Conv1D``, tied embeddings), Gemma 2 (embeddings scaled by
+sqrt(hidden_size), so the residual width stays whole), OLMo 2 (q/k norms over all heads), StableLM,
+GPT-NeoX and OPT (head_dim follows hidden_size // heads, so the residual is tied to the heads;
+other layer naming, a fused head-interleaved ``query_key_value``, ``ffn_dim``). Each compiles at 50% of
 its MACs, comes back through ``result.to_hf()`` as its own class with an updated config,
 generates with the KV cache exactly what a full-prefix greedy loop on the pruned graph produces,
 and round-trips through ``save_pretrained`` / ``from_pretrained`` with identical logits.
@@ -43,6 +46,20 @@ def make(family: str) -> nn.Module:
     if family == "phi3":
         cfg = transformers.Phi3Config(**_COMMON, num_key_value_heads=2, pad_token_id=0)
         return transformers.Phi3ForCausalLM(cfg).eval()
+    if family == "gemma2":  # embeddings scaled by sqrt(hidden_size): the residual width stays whole
+        cfg = transformers.Gemma2Config(**_COMMON, num_key_value_heads=2, head_dim=16, pad_token_id=0)
+        return transformers.Gemma2ForCausalLM(cfg).eval()
+    if family == "olmo2":  # q/k RMSNorm over all heads at once
+        return transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**_COMMON, pad_token_id=0)).eval()
+    if family == "stablelm":  # head_dim = hidden_size // num_attention_heads: residual tied to the heads
+        cfg = transformers.StableLmConfig(**_COMMON, num_key_value_heads=4, pad_token_id=0)
+        return transformers.StableLmForCausalLM(cfg).eval()
+    if family == "gpt_neox":  # fused, head-interleaved query_key_value; attention.dense; dense_4h_to_h
+        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**_COMMON)).eval()
+    if family == "opt":  # fc1/fc2 directly in the layer; ffn_dim; word_embed_proj_dim follows the stream
+        cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)
+        return transformers.OPTForCausalLM(cfg).eval()
     if family == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                       bos_token_id=0, eos_token_id=1)
@@ -55,9 +72,16 @@ def tokens(batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, torch.Tens
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gpt2"]
-_WIDTHS = {"gpt2": ("n_embd", "n_head", "n_inner"),
-           "other": ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")}
+FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gpt2", "gemma2", "olmo2", "stablelm", "gpt_neox", "opt"]
+_WIDTHS = ("n_embd", "n_head", "n_inner", "hidden_size", "num_attention_heads", "num_key_value_heads",
+           "intermediate_size", "ffn_dim")
+
+
+def _widths(cfg) -> dict:
+    out = {k: getattr(cfg, k) for k in _WIDTHS if getattr(cfg, k, None) is not None}
+    if "n_embd" in out:  # GPT-2 and GPT-J: n_inner None is 4 * n_embd
+        out.setdefault("n_inner", 4 * out["n_embd"])
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,15 +110,18 @@ def test_decoder_compiles_in_band_and_rebuilds_as_its_own_class(compiled):
     assert any("layer_uniform" in n for n in res.report.notes)
     hf = res.to_hf()
     assert type(hf) is type(model)
-    keys = _WIDTHS["gpt2" if family == "gpt2" else "other"]
-    old = {k: getattr(model.config, k) for k in keys}
-    new = {k: getattr(hf.config, k) for k in keys}
-    assert new != old and all(new[k] <= (old[k] or new[k]) for k in keys), (old, new)
+    old, new = _widths(model.config), _widths(hf.config)
+    assert new.keys() == old.keys() and new != old and all(new[k] <= old[k] for k in old), (old, new)
     assert hf.config.use_cache
     if family == "gpt2":  # what GPT-2's config can express: the attention width is the residual width
         assert hf.config.n_embd == hf.config.n_head * (model.config.n_embd // model.config.n_head)
+    elif family in ("stablelm", "gpt_neox", "opt"):  # head_dim follows hidden_size // heads: the two stay tied
+        assert hf.config.hidden_size == hf.config.num_attention_heads * 16
     else:
-        assert hf.config.head_dim == model.config.hidden_size // model.config.num_attention_heads
+        assert hf.config.head_dim == 16
+    if family == "gemma2":  # its embeddings are scaled by sqrt(hidden_size): the stream is left whole
+        assert hf.config.hidden_size == 64
+        assert any("left whole" in n and "input embeddings by 8" in n for n in res.report.notes), res.report.notes
     # every layer has the same widths (the config has one), and the per-layer groups agree
     by_role = {}
     for g in res.report.groups:
@@ -244,7 +271,7 @@ def test_layer_uniform_on_any_model_keeps_one_count_per_role():
 
 # ---------------------------------------------------------------------------------- ONNX + KV cache
 
-@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "gemma2", "gpt_neox"])
 def test_onnx_runtime_greedy_generation_with_kv_cache_matches_pytorch(family, tmp_path):
     from fxprune.kv_onnx import OrtDecoder, export_decoder_onnx
 
