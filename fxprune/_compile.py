@@ -9,6 +9,7 @@ Each step is a named pass or analysis; the policy only sees a serialisable ``Pru
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import logging
 import math
@@ -135,6 +136,7 @@ class PruneSession:
     last_passes: list[dict[str, Any]] = field(default_factory=list, repr=False)
     layout: Any = None  # fxprune.hf.Layout: tied / whole groups (layer_uniform)
     hf_source: Any = None  # fxprune.hf.HFSource of a Hugging Face model fxprune can rebuild
+    layout_by_default: bool = False  # the layout came from layer_uniform=None (not asked for)
     _deployed: torch.fx.GraphModule | None = field(default=None, repr=False)
     calibration: MacCalibration | None = None
     healed: dict[int, Any] = field(default_factory=dict)  # group id -> fxprune.heal.HealedGroup
@@ -281,7 +283,7 @@ def _set_layout(session: PruneSession, model: nn.Module, layer_uniform: bool | N
     cap = session.captured
     session.hf_source = source_of(model, cap.args, cap.kwargs)
     if layer_uniform is None:
-        layer_uniform = session.hf_source is not None
+        layer_uniform = session.layout_by_default = session.hf_source is not None
     if not layer_uniform:
         return
     if session.hf_source is not None:
@@ -436,7 +438,7 @@ def build_problem(session: PruneSession, budget: int, tolerance: float, channel_
     if tie and session.layout is not None:  # ties: one decision per role across layers (fxprune.tying)
         from fxprune.tying import apply_layout
 
-        problem = apply_layout(problem, session.layout.ties, session.layout.fixed)
+        problem = apply_layout(problem, session.layout.ties, session.layout.fixed, session.layout.allowed)
     return problem
 
 
@@ -714,6 +716,20 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
 
     if problem is None:
         problem = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio)
+        if problem.min_macs > budget and session.layout is not None and session.layout_by_default:
+            # the default layout (one width per role, what the config can express) cannot reach the
+            # budget: plan per layer rather than fail; to_hf() then says why it cannot rebuild
+            untied = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio, tie=False)
+            if untied.min_macs <= budget:
+                why = (f"layer_uniform: a plan {type(model).__name__}'s config can express has "
+                       f"{format_macs(problem.min_macs)} MACs at the least, above the budget of {format_macs(budget)}; "
+                       "planned per layer instead, so result.model is the pruned model and result.to_hf() cannot "
+                       "rebuild it. Raise the budget to get a plan with the config's one width per role.")
+                report.notes.append(why)
+                problem = untied
+                session.layout = None
+                if session.hf_source is not None:
+                    session.hf_source = dataclasses.replace(session.hf_source, refused=why)
         report.lower_macs = problem.lower
     problem = with_healed(problem, session.healed)
     solved_with = len(session.healed)

@@ -84,6 +84,10 @@ class HFSource:
     embed_scale: float | None = None
     #: the layer's projections by role (:data:`_NAMES`), for every family but GPT-2
     names: dict[str, str] = field(default_factory=dict)
+    #: the config refuses a hidden size that is not a multiple of num_attention_heads
+    heads_divide_hidden: bool = False
+    #: why this compile's plan cannot be rebuilt (set when it was planned per layer), else ""
+    refused: str = ""
 
 
 @dataclass
@@ -93,6 +97,8 @@ class Layout:
     ties: list[Tie] = field(default_factory=list)
     fixed: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: group id -> the only keep counts its config can express (besides its size)
+    allowed: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -165,6 +171,32 @@ def _head_dim_free(model: nn.Module, layers: str, o_proj: str, head_dim: int) ->
     return tuple(o.shape) == (cfg.hidden_size, heads * head_dim)
 
 
+def _heads_divide_hidden(cfg: Any) -> bool:
+    """Whether ``cfg``'s validation (``save_pretrained`` runs it; so does ``from_pretrained``)
+    rejects a hidden size that is not a multiple of ``num_attention_heads``, as LLaMA's and Gemma 3's
+    do even where ``head_dim`` is explicit. Measured on copies of the config, not assumed."""
+    validate = getattr(cfg, "validate", None) or getattr(cfg, "validate_architecture", None)
+    hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
+    if validate is None or not isinstance(hidden, int) or not isinstance(heads, int):
+        return False
+    odd = next((q for q in range(heads - 1, 1, -1) if hidden % q), None)
+    if odd is None:
+        return False
+
+    def passes(q: int) -> bool:
+        c = copy.deepcopy(cfg)
+        c.num_attention_heads = q
+        if isinstance(getattr(c, "num_key_value_heads", None), int):
+            c.num_key_value_heads = 1
+        try:
+            (getattr(c, "validate", None) or c.validate_architecture)()
+        except Exception:  # noqa: BLE001 - any refusal of the probe config counts
+            return False
+        return True
+
+    return passes(heads) and not passes(odd)
+
+
 def _embedding_scale(model: nn.Module) -> float | None:
     """The factor the input embeddings are multiplied by when it follows the hidden size in the
     class (Gemma's ``sqrt(hidden_size)``: a pruned residual width would change it), else None."""
@@ -218,7 +250,8 @@ def source_of(model: nn.Module, args: tuple = (), kwargs: dict | None = None) ->
                 example[names[i]] = a
     gen = getattr(model, "generation_config", None)
     return HFSource(type(model), copy.deepcopy(cfg), copy.deepcopy(gen), family, layers, n, int(head_dim), example,
-                    head_dim_free=free, embed_scale=_embedding_scale(model), names=names)
+                    head_dim_free=free, embed_scale=_embedding_scale(model), names=names,
+                    heads_divide_hidden=_heads_divide_hidden(cfg))
 
 
 # ------------------------------------------------------------------------------------ layout
@@ -297,6 +330,24 @@ def layout_for(src: HFSource, groups: Sequence) -> Layout:
                 out.fixed[g.id] = (f"{name}'s config ties the attention width to the residual width "
                                    "(hidden_size = num_attention_heads * head_dim), and one of them is kept whole")
             hidden = []
+    heads = complete.get("heads")
+    if heads and src.heads_divide_hidden:  # (with head_dim derived, the tie above already keeps it)
+        n_q = cfg.num_attention_heads
+        r = max(n_q // (getattr(cfg, "num_key_value_heads", None) or n_q), 1)  # query heads per pruned unit
+        width = int(cfg.hidden_size)
+        if hidden:
+            complete.pop("heads")
+            per = width // n_q
+            out.ties.append(Tie(tuple((g.id, 1) for g in heads) + ((hidden[0].id, per * r),), ""))
+            out.notes.append(f"layer_uniform: {name}'s config requires hidden_size to be a multiple of "
+                             f"num_attention_heads, so the residual width and the heads are one decision (the "
+                             f"residual keeps {per} channels per kept query head)")
+        else:
+            ok = tuple(k for k in range(1, heads[0].n + 1) if width % (k * r) == 0)
+            for g in heads:
+                out.allowed[g.id] = ok
+            out.notes.append(f"layer_uniform: {name}'s config requires hidden_size ({width}) to be a multiple of "
+                             f"num_attention_heads, so the heads keep {r} x one of {list(ok)} per layer")
     for role, gs in complete.items():
         if len(gs) > 1:
             out.ties.append(Tie(tuple((g.id, 1) for g in gs), f"{name}: one {role} width for every layer"))
@@ -470,6 +521,8 @@ def to_hf(result: Any, *, verify: bool = True) -> nn.Module:
             "self_attn.q_proj/o_proj and mlp.down_proj, as in Mistral, Qwen, Gemma, Phi, OLMo, GPT-NeoX, OPT, ...) "
             "and a config with hidden_size, num_attention_heads and an MLP width; this result came from another "
             "model. result.model (a GraphModule) runs, trains, saves with fxprune.save and exports to ONNX.")
+    if src.refused:
+        raise ConfigError(src.refused)
     return rebuild(src, result.model, verify=verify)
 
 

@@ -128,7 +128,7 @@ class LatencyPlanner:
         if layout is not None:  # the same per-layer ties as the MAC problem (fxprune.tying)
             from fxprune.tying import apply_layout
 
-            problem = apply_layout(problem, layout.ties, layout.fixed)
+            problem = apply_layout(problem, layout.ties, layout.fixed, layout.allowed)
         return problem
 
     def _compile(self, latency_ns: int, plan_only: bool) -> Any:

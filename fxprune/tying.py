@@ -189,11 +189,23 @@ def collapse(problem: PruningProblem, ties: Sequence[Tie]) -> PruningProblem:
                        full=problem, matrix=matrix, ties=tuple(ties))
 
 
-def apply_layout(problem: PruningProblem, ties: Sequence[Tie] = (), fixed: dict[int, str] | None = None
-                 ) -> PruningProblem:
-    """Leave the ``fixed`` groups whole (their only allowed keep is their size), then :func:`collapse`."""
-    if fixed:
-        groups = tuple(replace(g, allowed=(g.size,)) if g.id in fixed else g for g in problem.groups)
+def apply_layout(problem: PruningProblem, ties: Sequence[Tie] = (), fixed: dict[int, str] | None = None,
+                 allowed: dict[int, Sequence[int]] | None = None) -> PruningProblem:
+    """Leave the ``fixed`` groups whole (their only allowed keep is their size), keep the groups in
+    ``allowed`` to those keep counts (intersected with their own; the size stays allowed), then
+    :func:`collapse`."""
+    allowed = allowed or {}
+
+    def narrowed(g):
+        if g.id in (fixed or {}):
+            return replace(g, allowed=(g.size,))
+        if g.id in allowed:
+            ok = set(allowed[g.id]) | {g.size}
+            return replace(g, allowed=tuple(k for k in g.allowed if k in ok) or (g.size,))
+        return g
+
+    if fixed or allowed:
+        groups = tuple(narrowed(g) for g in problem.groups)
         problem = replace(problem, groups=groups)
         mins = np.array([g.allowed[0] for g in groups], dtype=np.int64)
         problem = replace(problem, min_macs=int(problem.cost(mins[None, :])[0]) if len(groups) else problem.min_macs)

@@ -324,3 +324,56 @@ def test_latency_budget_keeps_the_layer_ties_and_the_hf_class(tmp_path):
     assert type(hf) is type(model)
     ids = tokens()["input_ids"]
     assert torch.allclose(hf(input_ids=ids).logits, res.model(**tokens()).logits, atol=1e-4)
+
+
+# ------------------------------------------------------------------- what the config can express
+
+def _validates(cfg) -> bool:
+    try:
+        cfg.validate()
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+@pytest.mark.parametrize("budget", ["35%", "50%", "65%"])
+@pytest.mark.parametrize("family", ["llama", "gemma3-1kv"])
+def test_config_validation_holds_so_save_pretrained_works(family, budget, tmp_path):
+    """LLaMA's and Gemma 3's configs refuse hidden_size % num_attention_heads != 0 (at save_pretrained
+    and from_pretrained) even with an explicit head_dim. LLaMA: the residual keeps head_dim channels
+    per kept query head; Gemma 3 (residual whole: scaled embeddings, one KV head for 4 query heads):
+    only query-head counts that divide the hidden size."""
+    torch.manual_seed(0)
+    if family == "llama":  # 6 heads of 16: the old plans kept 40 or 64 channels with 6 heads
+        cfg = transformers.LlamaConfig(**{**_COMMON, "hidden_size": 96, "num_attention_heads": 6,
+                                          "intermediate_size": 192})
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    else:
+        cfg = transformers.Gemma3TextConfig(**_COMMON, num_key_value_heads=1, head_dim=32, pad_token_id=0)
+        model = transformers.Gemma3ForCausalLM(cfg).eval()
+    res = fxprune.compile(model, tokens(), mac_budget=budget)
+    assert res.report.lower_macs <= res.macs <= res.report.budget_macs
+    hf = res.to_hf()
+    assert hf.config.hidden_size % hf.config.num_attention_heads == 0, hf.config
+    assert _validates(hf.config)
+    assert any("multiple of num_attention_heads" in n for n in res.report.notes), res.report.notes
+    hf.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = tokens(2, 9, seed=3)
+    with torch.no_grad():
+        assert torch.equal(back(**x).logits, hf(**x).logits)
+
+
+def test_a_budget_the_config_cannot_reach_is_planned_per_layer_and_to_hf_says_why():
+    """GPTNeoXModel: its output is the residual stream (whole), and its head_dim is hidden // heads, so
+    one width per role leaves only the MLP: 50% is below that. The compile plans per layer instead of
+    failing, says so, and to_hf() refuses with the reason."""
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXModel(transformers.GPTNeoXConfig(**_COMMON)).eval()
+    res = fxprune.compile(model, tokens(), mac_budget="50%")
+    assert res.report.lower_macs <= res.macs <= res.report.budget_macs
+    assert any("planned per layer instead" in n for n in res.report.notes), res.report.notes
+    with pytest.raises(ConfigError, match="planned per layer"):
+        res.to_hf()
+    with pytest.raises(fxprune.errors.BudgetUnreachableError):
+        fxprune.compile(model, tokens(), mac_budget="50%", layer_uniform=True)
