@@ -32,7 +32,13 @@ OPT, GPT-J)                 are one variable (the residual keeps ``head_dim`` ch
                             query head); the MLP width.
 scaled embeddings (Gemma)   the class multiplies the input embeddings by ``sqrt(hidden_size)``, so
                             a pruned residual would change that factor: the residual stays whole.
+validated divisibility      the config's ``validate()`` refuses ``hidden_size % num_attention_heads``
+(LLaMA, Gemma 3)            != 0 (probed on copies): the residual keeps ``hidden / heads`` channels
+                            per kept query head; with the residual whole, only dividing head counts.
 ==========================  =========================================================================
+
+A budget that no such plan reaches is planned per layer instead (``_compile`` notes it), and
+:func:`to_hf` then refuses with that reason.
 
 The rebuilt model takes the pruned graph's tensors by their (unchanged) names and is checked
 against the graph: the logits on the example inputs must agree.
