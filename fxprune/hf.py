@@ -84,7 +84,7 @@ class HFSource:
     head_dim: int
     example: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     #: the class sizes attention by ``config.head_dim``; else ``head_dim = hidden_size // heads`` and
-    #: the residual width is tied to the heads (GPT-2, Cohere, StableLM)
+    #: the residual width is tied to the heads (GPT-2, StableLM, GPT-NeoX, OPT, GPT-J)
     head_dim_free: bool = True
     #: the input embeddings' factor when the class derives it from the hidden size (Gemma)
     embed_scale: float | None = None
@@ -325,8 +325,7 @@ def layout_for(src: HFSource, groups: Sequence) -> Layout:
         # head_dim = hidden_size // num_attention_heads: the residual keeps head_dim channels per kept query head
         heads = complete.pop("heads", None)
         n_q = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
-        n_kv = getattr(cfg, "num_key_value_heads", None) or n_q
-        mult = src.head_dim * max(n_q // n_kv, 1)
+        mult = src.head_dim * (max(n_q // heads[0].n, 1) if heads else 1)  # query heads per unit of the group
         what = ("GPT-2: n_embd = n_head * head_dim in every layer" if src.family == "gpt2" else
                 f"{name}: hidden_size = num_attention_heads * head_dim (its attention derives head_dim from them)")
         if heads and hidden and hidden[0].n == mult * heads[0].n:
@@ -339,12 +338,13 @@ def layout_for(src: HFSource, groups: Sequence) -> Layout:
     heads = complete.get("heads")
     if heads and src.heads_divide_hidden:  # (with head_dim derived, the tie above already keeps it)
         n_q = cfg.num_attention_heads
-        r = max(n_q // (getattr(cfg, "num_key_value_heads", None) or n_q), 1)  # query heads per pruned unit
+        r = max(n_q // heads[0].n, 1)  # query heads per unit of the group (a KV head's, or one with one KV head)
         width = int(cfg.hidden_size)
         if hidden:
             complete.pop("heads")
             per = width // n_q
-            out.ties.append(Tie(tuple((g.id, 1) for g in heads) + ((hidden[0].id, per * r),), ""))
+            out.ties.append(Tie(tuple((g.id, 1) for g in heads) + ((hidden[0].id, per * r),),
+                                f"{name}: hidden_size a multiple of num_attention_heads"))
             out.notes.append(f"layer_uniform: {name}'s config requires hidden_size to be a multiple of "
                              f"num_attention_heads, so the residual width and the heads are one decision (the "
                              f"residual keeps {per} channels per kept query head)")
