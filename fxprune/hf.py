@@ -12,7 +12,7 @@ attention output projection and an MLP output projection under one of the names 
 :data:`_NAMES`, and whose config has ``hidden_size``, ``num_attention_heads`` and an MLP width
 (:data:`_INTERMEDIATE`). That is found from the model's structure, not from a list of model
 types: LLaMA's naming covers Mistral, Qwen2/3, Phi-3, Gemma 1-3, Granite, OLMo 1-2, Cohere,
-StableLM, Helium, GLM and SmolLM3; Phi, Starcoder2, GPT-J, GPT-NeoX and OPT name theirs otherwise.
+StableLM, Helium, GLM and SmolLM3; Phi, Starcoder2, GPT-J, GPT-NeoX, OPT and Falcon name theirs otherwise.
 What the config can express is measured, not assumed: the class is instantiated on the meta
 device with a wider hidden size to see whether it sizes attention by ``config.head_dim``.
 
@@ -130,12 +130,13 @@ def _layers_path(model: nn.Module) -> tuple[str, int] | None:
 _NAMES = {
     "q": ("self_attn.q_proj", "attn.q_proj"),
     "k": ("self_attn.k_proj", "attn.k_proj"),
-    "qkv": ("self_attn.qkv_proj", "attention.query_key_value"),
-    "o": ("self_attn.o_proj", "self_attn.dense", "self_attn.out_proj", "attn.out_proj", "attention.dense"),
+    "qkv": ("self_attn.qkv_proj", "attention.query_key_value", "self_attention.query_key_value"),
+    "o": ("self_attn.o_proj", "self_attn.dense", "self_attn.out_proj", "attn.out_proj", "attention.dense",
+          "self_attention.dense"),
     "down": ("mlp.down_proj", "mlp.fc2", "mlp.c_proj", "mlp.fc_out", "mlp.dense_4h_to_h", "fc2"),
 }
 #: Config fields of the MLP width, first present wins.
-_INTERMEDIATE = ("intermediate_size", "n_inner", "ffn_dim")
+_INTERMEDIATE = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")
 
 
 def _layer_names(model: nn.Module, layers: str) -> dict[str, str] | None:
@@ -167,8 +168,8 @@ def _head_dim_free(model: nn.Module, layers: str, o_proj: str, head_dim: int) ->
     cfg = copy.deepcopy(model.config)
     heads = cfg.num_attention_heads
     cfg.hidden_size = 2 * cfg.hidden_size
-    cfg.head_dim = head_dim
     try:
+        cfg.head_dim = head_dim  # a read-only property (Falcon): derived
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
             probe = type(model)(cfg)
         o = probe.get_submodule(f"{layers}.0.{o_proj}").weight
@@ -429,9 +430,6 @@ def hf_config_for(src: HFSource, gm: nn.Module) -> Any:
     if q_out % hd or kv_out % hd or (q_out // hd) % (kv_out // hd):
         raise ConfigError(f"the pruned {name} has {q_out} query and {kv_out} key/value channels, not whole heads of "
                           f"{hd} in groups; its config cannot express that")
-    if kv_out != q_out and not hasattr(cfg, "num_key_value_heads"):
-        raise ConfigError(f"the pruned {name} has {q_out} query and {kv_out} key/value channels, and its config has "
-                          "no num_key_value_heads")
     if not src.head_dim_free and hidden != q_out:
         raise ConfigError(
             f"{name} derives head_dim from hidden_size // num_attention_heads, so its config cannot express "
@@ -441,8 +439,18 @@ def hf_config_for(src: HFSource, gm: nn.Module) -> Any:
         cfg.word_embed_proj_dim = hidden
     cfg.hidden_size = hidden
     cfg.num_attention_heads = q_out // hd
-    if hasattr(cfg, "num_key_value_heads"):
-        cfg.num_key_value_heads = kv_out // hd
+    kv = kv_out // hd
+    if getattr(cfg, "num_key_value_heads", q_out // hd) != kv:
+        for field_name in ("num_key_value_heads", "num_kv_heads"):  # Falcon's is a property over num_kv_heads
+            try:
+                setattr(cfg, field_name, kv)
+            except AttributeError:
+                continue
+            if getattr(cfg, "num_key_value_heads", kv) == kv:
+                break
+        else:
+            raise ConfigError(f"the pruned {name} has {q_out} query and {kv_out} key/value channels, and its config "
+                              "cannot express that number of key/value heads")
     if src.head_dim_free:
         cfg.head_dim = hd
     setattr(cfg, next(a for a in _INTERMEDIATE if hasattr(cfg, a)), inter)

@@ -4,8 +4,9 @@ Small configs with random weights and the default ``use_cache=True``: LLaMA (mul
 (grouped-query attention, attention bias), Mistral (GQA), Phi-3 (fused ``qkv_proj`` and
 ``gate_up_proj``), GPT-2 (transformers' ``Conv1D``, tied embeddings), Gemma 2 (embeddings scaled by
 sqrt(hidden_size), so the residual width stays whole), OLMo 2 (q/k norms over all heads), StableLM,
-GPT-NeoX and OPT (head_dim follows hidden_size // heads, so the residual is tied to the heads;
-other layer naming, a fused head-interleaved ``query_key_value``, ``ffn_dim``). Each compiles at 50% of
+GPT-NeoX, OPT and Falcon (head_dim follows hidden_size // heads, so the residual is tied to the heads;
+other layer naming, a fused head-interleaved ``query_key_value``, ``ffn_dim``, multi-query attention).
+Each compiles at 50% of
 its MACs, comes back through ``result.to_hf()`` as its own class with an updated config,
 generates with the KV cache exactly what a full-prefix greedy loop on the pruned graph produces,
 and round-trips through ``save_pretrained`` / ``from_pretrained`` with identical logits.
@@ -60,6 +61,9 @@ def make(family: str) -> nn.Module:
         cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                      num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)
         return transformers.OPTForCausalLM(cfg).eval()
+    if family == "falcon":  # multi-query: [queries, one key, one value] fused; head_dim a read-only property
+        cfg = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+        return transformers.FalconForCausalLM(cfg).eval()
     if family == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                       bos_token_id=0, eos_token_id=1)
@@ -72,9 +76,9 @@ def tokens(batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, torch.Tens
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gpt2", "gemma2", "olmo2", "stablelm", "gpt_neox", "opt"]
+FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gpt2", "gemma2", "olmo2", "stablelm", "gpt_neox", "opt", "falcon"]
 _WIDTHS = ("n_embd", "n_head", "n_inner", "hidden_size", "num_attention_heads", "num_key_value_heads",
-           "intermediate_size", "ffn_dim")
+           "intermediate_size", "ffn_dim", "ffn_hidden_size")
 
 
 def _widths(cfg) -> dict:
@@ -115,7 +119,7 @@ def test_decoder_compiles_in_band_and_rebuilds_as_its_own_class(compiled):
     assert hf.config.use_cache
     if family == "gpt2":  # what GPT-2's config can express: the attention width is the residual width
         assert hf.config.n_embd == hf.config.n_head * (model.config.n_embd // model.config.n_head)
-    elif family in ("stablelm", "gpt_neox", "opt"):  # head_dim follows hidden_size // heads: the two stay tied
+    elif family in ("stablelm", "gpt_neox", "opt", "falcon"):  # head_dim follows hidden_size // heads: the two stay tied
         assert hf.config.hidden_size == hf.config.num_attention_heads * 16
     else:
         assert hf.config.head_dim == 16
