@@ -714,23 +714,32 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
     from fxprune.heal import CandidateFailure, Healer, build_candidate
     from fxprune.tying import expand_keep, full_problem
 
+    built_here = problem is None
     if problem is None:
         problem = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio)
-        if problem.min_macs > budget and session.layout is not None and session.layout_by_default:
-            # the default layout (one width per role, what the config can express) cannot reach the
-            # budget: plan per layer rather than fail; to_hf() then says why it cannot rebuild
-            untied = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio, tie=False)
-            if untied.min_macs <= budget:
-                why = (f"layer_uniform: a plan {type(model).__name__}'s config can express has "
-                       f"{format_macs(problem.min_macs)} MACs at the least, above the budget of {format_macs(budget)}; "
-                       "planned per layer instead, so result.model is the pruned model and result.to_hf() cannot "
-                       "rebuild it. Raise the budget to get a plan with the config's one width per role.")
-                report.notes.append(why)
-                problem = untied
-                session.layout = None
-                if session.hf_source is not None:
-                    session.hf_source = dataclasses.replace(session.hf_source, refused=why)
         report.lower_macs = problem.lower
+
+    def per_layer(why: str) -> PruningProblem | None:
+        """The untied problem when the default layout (one width per role: what a Hugging Face config
+        can express) is what stands between the budget and a plan; to_hf() then says why it cannot
+        rebuild the result."""
+        if not (built_here and session.layout is not None and session.layout_by_default):
+            return None
+        untied = build_problem(session, budget, tolerance, channel_multiple, min_keep_ratio, tie=False)
+        if untied.min_macs > budget:
+            return None
+        why = (f"layer_uniform: {why}; planned per layer instead, so result.model is the pruned model and "
+               "result.to_hf() cannot rebuild it. A higher budget or tolerance may allow a plan with the config's "
+               "one width per role.")
+        report.notes.append(why)
+        session.layout = None
+        if session.hf_source is not None:
+            session.hf_source = dataclasses.replace(session.hf_source, refused=why)
+        return untied
+
+    if problem.min_macs > budget:
+        problem = per_layer(f"a plan {type(model).__name__}'s config can express has {format_macs(problem.min_macs)} "
+                            f"MACs at the least, above the budget of {format_macs(budget)}") or problem
     problem = with_healed(problem, session.healed)
     solved_with = len(session.healed)
     pol = get_policy(policy, policy_options)
@@ -742,12 +751,26 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
             scored.append(progress.bar(desc="candidates scored", unit="candidate"))
         scored[0].update(1)
 
-    ctx = _search_context(session, problem, model, evaluate, calibration_data, seed, report,
-                          {"criterion": importance, "model_name": type(model).__name__, **(policy_options or {})},
-                          on_candidate=candidate_done)
-    try:
+    contexts: list = []  # the search context of the last problem solved (the healing loop solves again)
+
+    def select(problem: PruningProblem):
+        ctx = _search_context(session, problem, model, evaluate, calibration_data, seed, report,
+                              {"criterion": importance, "model_name": type(model).__name__, **(policy_options or {})},
+                              on_candidate=candidate_done)
+        contexts[:] = [ctx]
         with progress.stage(f"policy ({getattr(pol, 'name', type(pol).__name__)})"):
-            plan = pol.select(problem, ctx)
+            return pol.select(problem, ctx)
+
+    try:
+        try:
+            plan = select(problem)
+        except BandUnreachableError as err:
+            untied = per_layer(f"no plan {type(model).__name__}'s config can express lands in the band "
+                               f"({str(err).splitlines()[0][:160]})")
+            if untied is None:
+                raise
+            problem = with_healed(untied, session.healed)
+            plan = select(problem)
     finally:
         for b in scored:
             b.close()
@@ -774,7 +797,7 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
                 problem = with_healed(problem, session.healed)
                 if isinstance(policy, str) and policy in _CHEAP_POLICIES:
                     try:
-                        plan = pol.select(problem, ctx)
+                        plan = pol.select(problem, contexts[0])
                     except (BudgetUnreachableError, BandUnreachableError) as err:
                         raise _healed_context(session, err) from err
                 solved_with = len(session.healed)

@@ -381,3 +381,22 @@ def test_a_budget_the_config_cannot_reach_is_planned_per_layer_and_to_hf_says_wh
         res.to_hf()
     with pytest.raises(fxprune.errors.BudgetUnreachableError):
         fxprune.compile(model, tokens(), mac_budget="50%", layer_uniform=True)
+
+
+def test_a_band_the_config_cannot_land_in_is_planned_per_layer():
+    """A tiny GQA LLaMA (hidden 64, 4 query heads in 2 KV groups, vocabulary 256): LLaMA's config wants
+    hidden_size a multiple of the heads, so the residual moves in steps of 32 channels with the KV
+    heads, and no such plan lands in the 1% band at 50% (the nearest is 13% under). The default
+    layout gives way to a per-layer plan in the band, with a note; asked for explicitly, it does not."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**{**_COMMON, "vocab_size": 256, "num_key_value_heads": 2})
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    res = fxprune.compile(model, x, mac_budget="50%")
+    assert res.report.lower_macs <= res.macs <= res.report.budget_macs
+    assert any("lands in the band" in n and "planned per layer" in n for n in res.report.notes), res.report.notes
+    with pytest.raises(ConfigError, match="planned per layer"):
+        res.to_hf()
+    with pytest.raises(fxprune.errors.BandUnreachableError):
+        fxprune.compile(model, x, mac_budget="50%", layer_uniform=True)
