@@ -33,8 +33,8 @@ OPT, GPT-J)                 are one variable (the residual keeps ``head_dim`` ch
 scaled embeddings (Gemma)   the class multiplies the input embeddings by ``sqrt(hidden_size)``, so
                             a pruned residual would change that factor: the residual stays whole.
 validated divisibility      the config's ``validate()`` refuses ``hidden_size % num_attention_heads``
-(LLaMA, Gemma 3)            != 0 (probed on copies): the residual keeps ``hidden / heads`` channels
-                            per kept query head; with the residual whole, only dividing head counts.
+(LLaMA, Gemma 3)            != 0 (probed on copies): head counts and residual widths are narrowed
+                            independently so that every pair divides (:func:`_dividing_widths`).
 ==========================  =========================================================================
 
 A budget that no such plan reaches is planned per layer instead (``_compile`` notes it), and
@@ -47,6 +47,7 @@ against the graph: the logits on the example inputs must agree.
 from __future__ import annotations
 
 import copy
+import math
 import inspect
 import os
 import re
@@ -285,6 +286,32 @@ def _role(group, src: HFSource) -> tuple[str, int | None]:
     return "other", i
 
 
+def _dividing_widths(width: int, n_q: int, units: int, hidden_free: bool) -> tuple[tuple[int, ...], int]:
+    """Keep counts of a heads group of ``units`` units (``n_q // units`` query heads each) and the
+    step of the residual width such that every pair satisfies ``hidden % query_heads == 0`` (the
+    config's own validation), chosen independently so the policies keep their freedom:
+
+    * query-head counts that divide ``width`` (the residual's full size is always allowed), taken
+      from the most heads down while the least common multiple ``step`` of those taken stays at or
+      under ``max(n_q, width // 16)``;
+    * the residual: multiples of ``step`` (every taken head count divides it).
+
+    With the residual whole (``hidden_free`` False) every head count dividing ``width`` is allowed.
+    LLaMA-3-8B (4096, 32 query heads in 8 KV groups): 4, 8, 16, 32 heads and multiples of 32 channels;
+    a 384-wide model of 6 heads: 1, 2, 3, 4, 6 heads and multiples of 12 channels."""
+    r = max(n_q // units, 1)
+    counts = [k for k in range(units, 0, -1) if width % (k * r) == 0]
+    if not hidden_free:
+        return tuple(sorted(counts)), width
+    cap = max(n_q, width // 16)
+    step, taken = 1, []
+    for k in counts:
+        m = math.lcm(step, k * r)
+        if m <= cap:
+            step, taken = m, taken + [k]
+    return tuple(sorted(taken)), step
+
+
 def layout_for(src: HFSource, groups: Sequence) -> Layout:
     """Ties and whole groups that make every plan expressible in ``src``'s config (see module doc).
 
@@ -338,23 +365,17 @@ def layout_for(src: HFSource, groups: Sequence) -> Layout:
             hidden = []
     heads = complete.get("heads")
     if heads and src.heads_divide_hidden:  # (with head_dim derived, the tie above already keeps it)
-        n_q = cfg.num_attention_heads
-        r = max(n_q // heads[0].n, 1)  # query heads per unit of the group (a KV head's, or one with one KV head)
-        width = int(cfg.hidden_size)
+        ok, step = _dividing_widths(int(cfg.hidden_size), cfg.num_attention_heads, heads[0].n, bool(hidden))
+        for g in heads:
+            out.allowed[g.id] = ok
+        r = max(cfg.num_attention_heads // heads[0].n, 1)
+        kept = f"the heads keep one of {[k * r for k in ok]} query heads per layer"
         if hidden:
-            complete.pop("heads")
-            per = width // n_q
-            out.ties.append(Tie(tuple((g.id, 1) for g in heads) + ((hidden[0].id, per * r),),
-                                f"{name}: hidden_size a multiple of num_attention_heads"))
-            out.notes.append(f"layer_uniform: {name}'s config requires hidden_size to be a multiple of "
-                             f"num_attention_heads, so the residual width and the heads are one decision (the "
-                             f"residual keeps {per} channels per kept query head)")
-        else:
-            ok = tuple(k for k in range(1, heads[0].n + 1) if width % (k * r) == 0)
-            for g in heads:
-                out.allowed[g.id] = ok
-            out.notes.append(f"layer_uniform: {name}'s config requires hidden_size ({width}) to be a multiple of "
-                             f"num_attention_heads, so the heads keep {r} x one of {list(ok)} per layer")
+            for g in hidden:
+                out.allowed[g.id] = tuple(range(step, g.n + 1, step))
+            kept += f" and the residual a multiple of {step} channels"
+        out.notes.append(f"layer_uniform: {name}'s config requires hidden_size ({cfg.hidden_size}) to be a multiple of "
+                         f"num_attention_heads, so {kept}: every pair divides")
     for role, gs in complete.items():
         if len(gs) > 1:
             out.ties.append(Tie(tuple((g.id, 1) for g in gs), f"{name}: one {role} width for every layer"))

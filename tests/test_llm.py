@@ -384,13 +384,14 @@ def test_a_budget_the_config_cannot_reach_is_planned_per_layer_and_to_hf_says_wh
 
 
 def test_a_band_the_config_cannot_land_in_is_planned_per_layer():
-    """A tiny GQA LLaMA (hidden 64, 4 query heads in 2 KV groups, vocabulary 256): LLaMA's config wants
-    hidden_size a multiple of the heads, so the residual moves in steps of 32 channels with the KV
-    heads, and no such plan lands in the 1% band at 50% (the nearest is 13% under). The default
-    layout gives way to a per-layer plan in the band, with a note; asked for explicitly, it does not."""
+    """GPT-NeoX with two heads of 32 (head_dim = hidden_size // heads): the residual moves with the
+    heads in steps of 32 of its 64 channels, and the MLP (32 wide) cannot fill the gap to the 1%
+    band. The default layout gives way to a per-layer plan in the band, with a note; asked for
+    explicitly (layer_uniform=True), it does not."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**{**_COMMON, "vocab_size": 256, "num_key_value_heads": 2})
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    cfg = transformers.GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, max_position_embeddings=128)
+    model = transformers.GPTNeoXForCausalLM(cfg).eval()
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     res = fxprune.compile(model, x, mac_budget="50%")
@@ -400,3 +401,18 @@ def test_a_band_the_config_cannot_land_in_is_planned_per_layer():
         res.to_hf()
     with pytest.raises(fxprune.errors.BandUnreachableError):
         fxprune.compile(model, x, mac_budget="50%", layer_uniform=True)
+
+
+@pytest.mark.parametrize("width,n_q,units", [(4096, 32, 8), (4096, 32, 32), (384, 6, 6), (2048, 32, 4), (96, 6, 6),
+                                              (64, 4, 2), (2304, 8, 4), (3072, 24, 8)])
+def test_dividing_widths_every_pair_divides(width, n_q, units):
+    from fxprune.hf import _dividing_widths
+
+    r = n_q // units
+    ok, step = _dividing_widths(width, n_q, units, hidden_free=True)
+    assert units in ok and len(ok) >= 2  # the full head count, and at least one cut
+    hiddens = list(range(step, width + 1, step)) + [width]
+    assert all(h % (k * r) == 0 for h in hiddens for k in ok)
+    assert step <= max(n_q, width // 16)
+    whole, _ = _dividing_widths(width, n_q, units, hidden_free=False)
+    assert set(ok) <= set(whole) and all(width % (k * r) == 0 for k in whole)

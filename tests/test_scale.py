@@ -387,3 +387,17 @@ def test_export_capture_follows_dtype_in_factories_masks_and_casts():
         out = copy.deepcopy(res.model).to(dtype)(x.to(dtype))
         assert out.dtype == dtype and torch.isfinite(out).all()  # fp16's own finfo.min: no -inf + inf
         assert (out.double() - ref).abs().max() <= tol * ref.abs().max(), dtype
+
+
+def test_cli_quiet_holds_for_its_call_only(capsys):
+    """``main([..., "--quiet"])`` run in-process (a notebook, a test) leaves progress output as it was."""
+    from fxprune import progress
+    from fxprune.cli import main
+
+    progress.set_enabled(None)
+    assert main(["--quiet", "profile", "torchvision:resnet18"]) == 0
+    assert progress._enabled is None
+    progress.set_enabled(True)
+    assert main(["profile", "torchvision:resnet18", "-q"]) == 0
+    assert progress._enabled is True
+    progress.set_enabled(None)

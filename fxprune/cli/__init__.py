@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    before = progress._enabled  # --quiet holds for this call only (main() may run in-process)
     if args.quiet:
         progress.set_enabled(False)
     try:
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        progress.set_enabled(before)
 
 
 if __name__ == "__main__":  # pragma: no cover
