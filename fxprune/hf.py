@@ -286,6 +286,13 @@ def _role(group, src: HFSource) -> tuple[str, int | None]:
     return "other", i
 
 
+def _queries_per_unit(cfg: Any, heads_group: Any) -> int:
+    """Query heads per unit of a per-layer heads group: a KV head's share under grouped-query
+    attention, 1 where heads are pruned one by one (multi-head, or one KV head's query heads).
+    (GPT-2's config maps ``num_attention_heads`` to ``n_head``.)"""
+    return max(cfg.num_attention_heads // heads_group.n, 1)
+
+
 def _dividing_widths(width: int, n_q: int, units: int, hidden_free: bool) -> tuple[tuple[int, ...], int]:
     """Keep counts of a heads group of ``units`` units (``n_q // units`` query heads each) and the
     step of the residual width such that every pair satisfies ``hidden % query_heads == 0`` (the
@@ -352,8 +359,7 @@ def layout_for(src: HFSource, groups: Sequence) -> Layout:
     if not src.head_dim_free:
         # head_dim = hidden_size // num_attention_heads: the residual keeps head_dim channels per kept query head
         heads = complete.pop("heads", None)
-        n_q = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
-        mult = src.head_dim * (max(n_q // heads[0].n, 1) if heads else 1)  # query heads per unit of the group
+        mult = src.head_dim * (_queries_per_unit(cfg, heads[0]) if heads else 1)
         what = ("GPT-2: n_embd = n_head * head_dim in every layer" if src.family == "gpt2" else
                 f"{name}: hidden_size = num_attention_heads * head_dim (its attention derives head_dim from them)")
         if heads and hidden and hidden[0].n == mult * heads[0].n:
@@ -368,7 +374,7 @@ def layout_for(src: HFSource, groups: Sequence) -> Layout:
         ok, step = _dividing_widths(int(cfg.hidden_size), cfg.num_attention_heads, heads[0].n, bool(hidden))
         for g in heads:
             out.allowed[g.id] = ok
-        r = max(cfg.num_attention_heads // heads[0].n, 1)
+        r = _queries_per_unit(cfg, heads[0])
         kept = f"the heads keep one of {[k * r for k in ok]} query heads per layer"
         if hidden:
             for g in hidden:
