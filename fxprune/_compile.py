@@ -287,7 +287,7 @@ def _set_layout(session: PruneSession, model: nn.Module, layer_uniform: bool | N
     if not layer_uniform:
         return
     if session.hf_source is not None:
-        session.layout = layout_for(session.hf_source, session.graph.groups)
+        session.layout = layout_for(session.hf_source, session.graph.groups, session.graph.keys)
     else:
         ties = layer_ties(session.graph.groups)
         session.layout = Layout(ties, {}, [f"layer_uniform: {sum(len(t.members) for t in ties)} groups decided as "
@@ -418,7 +418,8 @@ def build_problem(session: PruneSession, budget: int, tolerance: float, channel_
     shares = (session.base_macs - session.cost(K)) / max(session.base_macs, 1) if G else np.zeros(0)
     specs = []
     for g, share in zip(groups, shares):
-        allowed = allowed_keeps(g.n, blocks=g.block_count, multiple=channel_multiple, unit=g.unit,
+        quantum = math.lcm(g.block_count, g.align)
+        allowed = allowed_keeps(g.n, blocks=quantum, multiple=channel_multiple, unit=g.unit,
                                 heads=g.kind == "heads", min_keep_ratio=min_keep_ratio)
         if g.id in session.healed:  # frozen by the self-healing compile: kept whole
             allowed = (g.n,)
@@ -426,7 +427,7 @@ def build_problem(session: PruneSession, budget: int, tolerance: float, channel_
         scale = float(np.mean(raw)) if raw is not None and len(raw) else 1.0
         imp = tuple((raw / scale).tolist()) if raw is not None and scale > 0 else None
         specs.append(GroupSpec(g.id, g.name, g.kind, g.n, g.unit, allowed, g.bucket, g.members, float(share),
-                               imp, g.exact, g.block_count, scale))
+                               imp, g.exact, quantum, scale))
     mins = np.array([s.allowed[0] for s in specs], dtype=np.int64)
     min_macs = int(session.cost(mins[None, :])[0]) if G else session.base_macs
     fixed = int(session.cost(np.zeros((1, G), dtype=np.int64))[0]) if G else session.base_macs

@@ -152,6 +152,7 @@ def _capture_once(model, args, kwargs, names, specs, notes) -> tuple[torch.fx.Gr
     _sym_size_to_method(gm)
     _symbolic_sizes_to_torch(gm)
     _dunder_ops_to_named(gm)
+    _histc_on_floats(gm)
     _live_devices(gm, *((probe.args, probe.kwargs) if probe is not None else (args, kwargs)))
     converted, kept = _layers_to_modules(gm)
     if probe is not None:  # scale: dtype arguments follow the weights; the model's tensors are bound
@@ -634,6 +635,31 @@ def _dunder_ops_to_named(gm: torch.fx.GraphModule) -> int:
         if overload is not None:
             node.target = overload
             count += 1
+    return count
+
+
+def _histc_on_floats(gm: torch.fx.GraphModule) -> int:
+    """``histc(x)`` of an integer ``x`` -> ``histc(x.float()).to(x.dtype)``.
+
+    Code that picks the dtype by device (transformers' mixture-of-experts counts tokens per expert
+    with ``histc`` on integers except on CPU, where the kernel takes floats only) takes the non-CPU
+    branch on the weightless (meta-device) capture. Float ``histc`` counts integers exactly (below
+    2**24) on every device, so the graph runs on CPU and GPU alike."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or getattr(node.target, "overloadpacket", None) is not aten.histc:
+            continue
+        src = node.args[0] if node.args else None
+        val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor) or val.dtype.is_floating_point:
+            continue
+        with gm.graph.inserting_before(node):
+            as_float = gm.graph.call_function(aten.to.dtype, (src, torch.float32))
+        node.replace_input_with(src, as_float)
+        with gm.graph.inserting_after(node):
+            back = gm.graph.call_function(aten.to.dtype, (node, val.dtype))
+        node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
+        count += 1
     return count
 
 

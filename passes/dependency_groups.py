@@ -72,6 +72,9 @@ class Group:
     bucket: str = ""
     inexact_reasons: tuple[str, ...] = ()
     unit: int = 1
+    #: keep must be a multiple of this for the pruned model to run at all (kernels that need aligned
+    #: strides, ``CouplingBuilder.align``); unlike ``channel_multiple`` never relaxed to reach the band
+    align: int = 1
 
 
 @dataclass
@@ -192,6 +195,7 @@ class _Builder:
         self.origins: set[int] = set()
         self.inexact_: dict[int, str] = {}
         self.blocks_: list[tuple[int, int, str]] = []
+        self.align_: dict[int, int] = {}
         self.roles: dict[int, str] = {}
         self.reshapes: list[tuple[torch.fx.Node, torch.fx.Node, Any]] = []
         self.dsu = _DSU()
@@ -295,6 +299,10 @@ class _Builder:
 
     def blocks(self, space: int, n: int, reason: str) -> None:
         self.blocks_.append((space, int(n), reason))
+
+    def align(self, space: int, elements: int, reason: str) -> None:
+        """The space's kept size must be a multiple of ``elements`` (a kernel's stride alignment)."""
+        self.align_[space] = math.lcm(self.align_.get(space, 1), max(int(elements), 1))
 
     def role(self, space: int, role: str) -> None:
         if role == "consumer" and self.roles.get(space) == "producer" and self.keys[space][0] == "p":
@@ -907,6 +915,9 @@ def _label_groups(gm: torch.fx.GraphModule, b: _Builder, groups: list[Group]) ->
             elif key[0] == "n":
                 node_names.append(key[1])
         g.members = tuple(members)
+        for sp, idx in g.spaces.items():  # keep * (elements per unit in sp) must be a multiple of align_[sp]
+            a = b.align_.get(sp, 1)
+            g.align = math.lcm(g.align, a // math.gcd(a, idx.shape[1]))
         reasons = sorted({b.inexact_[s] for s in g.spaces if s in b.inexact_})
         g.exact = not reasons
         g.inexact_reasons = tuple(reasons[:3])

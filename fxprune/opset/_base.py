@@ -10,7 +10,7 @@ overload) an :class:`OpRule` answers three questions:
     blocks and permutations), mark the spaces where prunable channels are produced
     (``b.origin``), freeze spaces that must keep every element (``b.freeze``, always with a
     reason), and declare constraints (``b.blocks``: uniform keep per block; ``b.inexact``:
-    channel-mixing normalisation).
+    channel-mixing normalisation; ``b.align``: a kept size the op's kernel needs a multiple of).
 ``macs(node, m)``
     The op's multiply-accumulates as ``coef * prod(size(space))`` terms (``m.term``), so the same
     formula counts a real graph and estimates a hypothetical plan.
@@ -70,6 +70,7 @@ class CouplingBuilder(Protocol):  # implemented in fxprune.passes.dependency_gro
     def origin(self, space: int) -> None: ...
     def inexact(self, space: int, reason: str) -> None: ...
     def blocks(self, space: int, n: int, reason: str) -> None: ...
+    def align(self, space: int, elements: int, reason: str) -> None: ...
     def role(self, space: int, role: str) -> None: ...
     def reshape(self, node: torch.fx.Node, src: torch.fx.Node, flexible: Sequence[bool] | None) -> None: ...
     def module(self, node: torch.fx.Node) -> torch.nn.Module: ...
@@ -178,7 +179,9 @@ def rule_for(node: torch.fx.Node, gm: torch.fx.GraphModule) -> OpRule:
     if node.op == "call_function":
         rule = _FUNCTIONS.get(node.target)
         if rule is None and isinstance(node.target, torch._ops.OpOverload):
-            rule = _FUNCTIONS.get(node.target.overloadpacket)
+            packet = node.target.overloadpacket
+            # custom ops of other libraries (registered by their qualified name: "transformers::grouped_mm_fallback")
+            rule = _FUNCTIONS.get(packet) or _FUNCTIONS.get(getattr(packet, "_qualified_op_name", None))
         return rule if rule is not None else UNKNOWN
     if node.op == "call_method":
         return _METHODS.get(node.target, UNKNOWN)

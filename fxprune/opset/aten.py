@@ -13,6 +13,8 @@ below cover the calls that stay functional (a linear on a computed weight, a nor
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 
@@ -38,6 +40,7 @@ from fxprune.opset.layers import (
 )
 from fxprune.opset.structural import (
     couple_slice,
+    interleaved,
     CatRule,
     ElementwiseRule,
     ExpandRule,
@@ -170,6 +173,38 @@ register_function(*_ops("repeat", "tile"))(RepeatRule)
 _SIZED_RESHAPES = ("view", "_unsafe_view", "reshape", "view_copy")
 
 
+class ArgReduceRule(OpRule):
+    """``aten.max.dim`` / ``aten.min.dim`` (values and indices) over one dim: the other dims pass through to every output; the reduced dim is kept whole, since the
+    indices point into it (GPT-OSS subtracts the row max of its attention logits and sinks)."""
+
+    name = "arg_reduce"
+
+    def couple(self, node, b):
+        x = node.args[0]
+        xs = ishape(x)
+        dim = const(arg(node, 1, "dim"))
+        if xs is None or dim is None:
+            b.freeze_node(node, f"reduction over every dim with indices ({node.name})")
+            return
+        d0 = norm_dim(int(dim), len(xs))
+        keep = bool(const(arg(node, 2, "keepdim", False)))
+        outs = [node] if ishape(node) is not None else [u for u in node.users if u.target is operator.getitem]
+        b.freeze(b.space(x, d0), f"reduced with indices by '{node.name}'")
+        for out in outs:
+            if ishape(out) is None or len(ishape(out)) != len(xs) - (0 if keep else 1):
+                b.freeze_node(node, f"reduction with indices of unexpected shape ({node.name})")
+                return
+            j = 0
+            for d in range(len(xs)):
+                if d != d0:
+                    b.tie(b.space(x, d), b.space(out, j))
+                if d != d0 or keep:
+                    j += 1
+
+
+register_function(aten.max.dim, aten.min.dim)(ArgReduceRule)
+
+
 class AtenReshapeRule(OpRule):
     """``aten.view / _unsafe_view / reshape`` (sizes at position 1), ``flatten.using_ints``,
     ``unflatten.int`` (sizes at position 2), ``squeeze``, ``unsqueeze``, ``view_as``.
@@ -283,8 +318,9 @@ _INT_MAX = 2**63 - 1
 class AtenSliceRule(OpRule):
     """``aten.slice.Tensor(x, dim=0, start=None, end=None, step=1)``.
 
-    A full-range slice ties the dim; a unit-step partial slice maps the kept range; computed
-    bounds (``end = L``) and strides freeze the dim. The rewrite moves literal bounds when the
+    A full-range slice ties the dim; a unit-step partial slice maps the kept range; an interleaved
+    one (``x[..., 1::2]``) keeps whole blocks; computed bounds (``end = L``) and other strides
+    freeze the dim. The rewrite moves literal bounds when the
     sliced dim lost channels.
     """
 
@@ -324,6 +360,9 @@ class AtenSliceRule(OpRule):
         rng = range(*slice(start, end, step).indices(ishape(x)[dim]))
         if len(rng) == ishape(x)[dim]:
             return  # whole dim: the bounds still cover it
+        if interleaved(ishape(x)[dim], start, end, step):  # whole blocks were pruned: the phase stays
+            set_arg(node, 3, "end", len(kept))
+            return
         lo, hi = np.searchsorted(kept, [rng.start, rng.stop])
         set_arg(node, 2, "start", int(lo))
         set_arg(node, 3, "end", int(hi))

@@ -28,7 +28,7 @@ from fxprune.opset._base import (
     set_arg,
 )
 
-__all__ = ["MatmulRule", "EinsumRule", "SDPARule", "WindowAttentionRule"]
+__all__ = ["MatmulRule", "GroupedMMRule", "EinsumRule", "SDPARule", "WindowAttentionRule"]
 
 
 def _tie_batch(b, pairs):
@@ -212,6 +212,54 @@ class MatmulRule(OpRule):
 
 register_function(torch.matmul, operator.matmul, torch.bmm, torch.mm)(MatmulRule)
 register_method("matmul", "bmm", "mm", "__matmul__")(MatmulRule)
+
+
+_GROUPED_MM_ALIGN = 8
+
+
+class GroupedMMRule(OpRule):
+    """Grouped matmul of a mixture of experts: ``out[s] = x[s] @ w[e(s)]`` with ``x [S, K]``, the
+    experts' weights ``w [E, K, N]`` and the rows grouped by expert (``offs``). Like a linear layer
+    per expert, with the experts sharing one channel space: ``K`` is tied to ``x``'s channels, ``N``
+    to the output's (produced there when ``w`` is a parameter, seen through a transpose), the
+    experts dim is kept whole, and ``K`` and ``N`` keep multiples of 8 (the CPU and CUDA kernels
+    need 16-byte aligned strides: 8 elements at 16 bits; a hard constraint, never relaxed to reach
+    the band as ``channel_multiple`` may be). MACs: ``S * K * N`` (each routed row through one expert).
+
+    ``torch._grouped_mm`` / ``F.grouped_mm`` and transformers' CPU fallback
+    (``transformers::grouped_mm_fallback``, the same contract) share this rule."""
+
+    name = "grouped_mm"
+
+    def couple(self, node, b):
+        x, w = node.args[0], node.args[1]
+        sx, sw, so = ishape(x), ishape(w), ishape(node)
+        if sx is None or sw is None or so is None or len(sx) != 2 or len(sw) != 3 or len(so) != 2:
+            b.freeze_node(node, f"grouped matmul of unexpected ranks ({node.name})")
+            return
+        b.tie(b.space(x, 1), b.space(w, 1))
+        b.tie(b.space(w, 2), b.space(node, 1))
+        b.tie(b.space(x, 0), b.space(node, 0))
+        b.freeze(b.space(w, 0), f"experts of grouped matmul '{node.name}' (every expert is kept)")
+        for space in (b.space(x, 1), b.space(node, 1)):  # the kernel needs 16-byte strides (8 elements at 16 bits)
+            b.align(space, _GROUPED_MM_ALIGN, f"grouped matmul '{node.name}' needs 16-byte aligned strides")
+        bias = arg(node, 3, "bias")
+        if isinstance(bias, torch.fx.Node) and len(ishape(bias) or ()) == 2:
+            b.tie(b.space(bias, 1), b.space(node, 1))
+            b.freeze(b.space(bias, 0), f"experts of grouped matmul '{node.name}' (every expert is kept)")
+        found = weight_param(w, b.gm)
+        if found is not None:
+            name, dims = found
+            b.origin(b.space(node, 1))
+            b.role(b.pspace(name, dims[2]), "producer")
+            b.role(b.pspace(name, dims[1]), "consumer")
+
+    def macs(self, node, m):
+        m.term(1, [(node, 0), (node, 1), (node.args[0], 1)])
+
+
+register_function(getattr(torch.ops.aten, "_grouped_mm", None), getattr(torch, "_grouped_mm", None),
+                  getattr(F, "grouped_mm", None), "transformers::grouped_mm_fallback")(GroupedMMRule)
 
 
 def _parse_einsum(eq: str, n: int):

@@ -697,14 +697,31 @@ register_method("split", "chunk", "tensor_split", "unbind", "split_with_sizes")(
 
 
 
+def interleaved(size: int, start, stop, step) -> bool:
+    """Whether ``[start:stop:step]`` (step > 1) takes one phase of every block of ``step`` consecutive
+    elements of a dim of ``size``: ``x[..., ::2]`` / ``x[..., 1::2]`` of an interleaved gate/up
+    projection (GPT-OSS's experts)."""
+    rng = range(*slice(start, stop, step).indices(size))
+    return rng.step > 1 and size % rng.step == 0 and rng.start < rng.step and len(rng) == size // rng.step
+
+
 def couple_slice(b, node, x, d: int, o: int, start, stop, step) -> None:
     """``node`` dim ``o`` is ``x[start:stop:step]`` along dim ``d`` (constant bounds): a whole-dim
-    slice ties the two spaces, a contiguous part maps its channels onto x's, a strided one freezes."""
-    rng = range(*slice(start, stop, step).indices(ishape(x)[d]))
-    if len(rng) == ishape(x)[d]:
+    slice ties the two spaces, a contiguous part maps its channels onto x's, an interleaved one
+    (:func:`interleaved`) makes each block of ``step`` elements of ``x`` one unit with the output
+    element it gives (the sibling phases share the blocks, so pruning keeps the interleaving); any
+    other strided slice freezes."""
+    size = ishape(x)[d]
+    rng = range(*slice(start, stop, step).indices(size))
+    if len(rng) == size:
         b.tie(b.space(x, d), b.space(node, o))
     elif (step or 1) == 1 and len(rng):
         b.tie_map(b.space(node, o), np.arange(len(rng)), b.space(x, d), np.asarray(rng))
+    elif interleaved(size, start, stop, step):
+        k = rng.step
+        blocks = b.vspace(x, f"interleaved dim {d} by {k}", size // k)
+        b.tie_map(b.space(x, d), np.arange(size), blocks, np.arange(size) // k)
+        b.tie_map(b.space(node, o), np.arange(len(rng)), blocks, np.arange(len(rng)))
     else:
         b.freeze(b.space(x, d), f"strided slice ({node.name})")
         b.freeze(b.space(node, o), f"strided slice ({node.name})")
@@ -786,10 +803,14 @@ class GetItemRule(OpRule):
                 continue
             if isinstance(it, slice) and not (it.start is None and it.stop is None):
                 kept = r.kept(x, d)
-                if kept is not None:  # only unit-step slices are ever tied to a pruned dim
-                    rng = range(*slice(const(it.start), const(it.stop), const(it.step)).indices(xs[d]))
-                    lo, hi = np.searchsorted(kept, [rng.start, rng.stop])
-                    items[j] = slice(int(lo), int(hi), None)
+                if kept is not None:  # unit-step and interleaved slices are the only ones tied to a pruned dim
+                    bounds = (const(it.start), const(it.stop), const(it.step))
+                    rng = range(*slice(*bounds).indices(xs[d]))
+                    if interleaved(xs[d], *bounds):  # whole blocks were pruned: the phase stays
+                        items[j] = slice(rng.start, None, rng.step)
+                    else:
+                        lo, hi = np.searchsorted(kept, [rng.start, rng.stop])
+                        items[j] = slice(int(lo), int(hi), None)
                     changed = True
             d += 1
         if changed:
