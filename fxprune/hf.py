@@ -89,8 +89,15 @@ class HFSource:
     head_dim_free: bool = True
     #: the input embeddings' factor when the class derives it from the hidden size (Gemma)
     embed_scale: float | None = None
+    #: float constants the class derives from the hidden size (``module.attr``: nGPT's scales), measured
+    hidden_constants: tuple[str, ...] = ()
     #: the layer's projections by role (:data:`_NAMES`), for every family but GPT-2
     names: dict[str, str] = field(default_factory=dict)
+    #: MLP widths by config field: ``{field: {layer: (tensor inside the layer, dim)}}`` (:func:`_mlp_widths`)
+    widths: dict[str, dict[int, tuple[str, int]]] = field(default_factory=dict)
+    #: per role ("heads", or an MLP width field): every ``(tensor inside a layer, dim)`` the config resizes
+    #: with it (measured); a group of that role with another tensor dim cannot be expressed
+    sized: dict[str, frozenset] = field(default_factory=dict)
     #: the config refuses a hidden size that is not a multiple of num_attention_heads
     heads_divide_hidden: bool = False
     #: why this compile's plan cannot be rebuilt (set when it was planned per layer), else ""
@@ -127,7 +134,8 @@ def _layers_path(model: nn.Module) -> tuple[str, int] | None:
 
 #: Where a decoder layer keeps the projections :func:`hf_config_for` reads widths off, per role (the
 #: first name present in layer 0 is the model's): the query (or fused q/k/v) projection, the key
-#: projection, the attention output and the MLP's output projection.
+#: projection, the attention output and the MLP's output projection (a layer whose MLP is a
+#: mixture of experts has none: its widths come from :func:`_mlp_widths`).
 _NAMES = {
     "q": ("self_attn.q_proj", "attn.q_proj"),
     "k": ("self_attn.k_proj", "attn.k_proj"),
@@ -136,8 +144,11 @@ _NAMES = {
           "self_attention.dense"),
     "down": ("mlp.down_proj", "mlp.fc2", "mlp.c_proj", "mlp.fc_out", "mlp.dense_4h_to_h", "fc2"),
 }
-#: Config fields of the MLP width, first present wins.
-_INTERMEDIATE = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")
+#: Config fields that may hold an MLP width (besides any int field named like ``*intermediate*``,
+#: ``*ffn*`` or ``*inner*``); which of them size which tensors is measured (:func:`_mlp_widths`).
+_INTERMEDIATE = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "moe_intermediate_size",
+                 "shared_expert_intermediate_size")
+_WIDTH_FIELD = re.compile(r"intermediate|ffn|inner")
 
 
 def _layer_names(model: nn.Module, layers: str) -> dict[str, str] | None:
@@ -145,21 +156,149 @@ def _layer_names(model: nn.Module, layers: str) -> dict[str, str] | None:
     :func:`hf_config_for` can write a config for, else None. LLaMA's naming
     (``self_attn.{q,k,v,o}_proj`` or a fused ``qkv_proj``, ``mlp.down_proj``) is shared by Gemma 1-3,
     Granite, OLMo 1-2, Cohere, StableLM, Helium, GLM, SmolLM3 and more; Phi, Starcoder2, GPT-J,
-    GPT-NeoX and OPT name them otherwise."""
+    GPT-NeoX and OPT name them otherwise. The MLP may be a mixture of experts (no ``down`` role)."""
     try:
-        present = {n for n, m in model.get_submodule(f"{layers}.0").named_modules()
-                   if isinstance(getattr(m, "weight", None), torch.Tensor)}
+        blocks = list(model.get_submodule(layers))
     except AttributeError:
         return None
-    found = {role: next((n for n in cands if n in present), None) for role, cands in _NAMES.items()}
-    if found["q"] is None and found["qkv"] is None or found["o"] is None or found["down"] is None:
+    if not blocks:
         return None
+    present = [{n for n, m in block.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+               for block in blocks]
+    found = {role: next((n for n in cands if n in present[0]), None) for role, cands in _NAMES.items()}
+    if found["q"] is None and found["qkv"] is None or found["o"] is None:
+        return None
+    if any(n is not None and n not in p for p in present[1:] for n in found.values()):
+        return None  # layers of several kinds (linear-attention or recurrent layers between attention layers)
     cfg = model.config
     if not all(isinstance(getattr(cfg, a, None), int) for a in ("hidden_size", "num_attention_heads")):
         return None
-    if not any(hasattr(cfg, a) for a in _INTERMEDIATE):
-        return None
     return {role: n for role, n in found.items() if n is not None}
+
+
+def _meta_build(cls: type, cfg: Any) -> nn.Module | None:
+    """``cls(cfg)`` on the meta device (no memory, no arithmetic, the caller's RNG untouched), or
+    None when the class refuses the config."""
+    try:
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            return cls(cfg)
+    except Exception:  # noqa: BLE001 - a config the class refuses is a probe that failed
+        return None
+
+
+def _layer_shapes(model: nn.Module, layers: str) -> dict[str, tuple[int, ...]]:
+    prefix = layers + "."
+    return {n[len(prefix):]: tuple(p.shape) for n, p in model.named_parameters() if n.startswith(prefix)}
+
+
+def _changed_dims(base: dict[str, tuple[int, ...]], probe: nn.Module, layers: str) -> dict[str, dict[int, int]]:
+    """Per tensor of the probe's layers (name inside ``layers``: ``0.mlp.down_proj.weight``), the
+    dims whose size differs from ``base``, with their new size."""
+    out: dict[str, dict[int, int]] = {}
+    for name, shape in _layer_shapes(probe, layers).items():
+        old = base.get(name)
+        if old is not None and len(old) == len(shape):
+            diff = {d: b for d, (a, b) in enumerate(zip(old, shape)) if a != b}
+            if diff:
+                out[name] = diff
+    return out
+
+
+def _relative(name: str) -> tuple[int, str] | None:
+    layer, _, rel = name.partition(".")
+    return (int(layer), rel) if layer.isdigit() else None
+
+
+def _mlp_widths(model: nn.Module, layers: str,
+                sized: dict[str, frozenset] | None = None) -> dict[str, dict[int, tuple[str, int]]]:
+    """Which config fields size which MLP tensors, measured: each candidate field (:data:`_INTERMEDIATE`
+    and int fields named like it) is set to a new value on a copy of the config, the class is built
+    on the meta device, and the tensors of the decoder layers that take exactly that size are read.
+
+    Returns ``{field: {layer: (tensor name inside the layer, dim)}}`` for the fields that size
+    something: LLaMA ``intermediate_size`` -> ``mlp.down_proj.weight`` dim 1 in every layer; Mixtral
+    ``intermediate_size`` -> ``mlp.experts.down_proj`` dim 2; Qwen2-MoE ``moe_intermediate_size``
+    (the experts), ``shared_expert_intermediate_size`` (the shared expert) and ``intermediate_size``
+    (its dense layers, if any). A field whose default is None (GPT-J's ``n_inner``) is probed too.
+    ``sized`` (when given) receives, per field, every ``(tensor inside the layer, dim)`` it resizes
+    (the fused ``gate_up_proj``'s too), which :func:`layout_for` checks the groups against."""
+    cfg = model.config
+    base = _layer_shapes(model, layers)
+    values = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    fields = [f for f in dict.fromkeys(_INTERMEDIATE + tuple(values)) if hasattr(cfg, f)
+              and (f in _INTERMEDIATE or _WIDTH_FIELD.search(f))]
+    out: dict[str, dict[int, tuple[str, int]]] = {}
+    for f in fields:
+        v = getattr(cfg, f, None)
+        if isinstance(v, bool) or not (v is None or isinstance(v, int) and v > 0):
+            continue
+        new = 2 * v if v else 3 * int(cfg.hidden_size) + 8  # a size no other width of the model has
+        c = copy.deepcopy(cfg)
+        try:
+            setattr(c, f, new)
+        except (AttributeError, TypeError, ValueError):
+            continue
+        probe = _meta_build(type(model), c)
+        if probe is None:
+            continue
+        found: dict[int, tuple[str, int]] = {}
+        every = set()
+        for name, diff in _changed_dims(base, probe, layers).items():
+            where = _relative(name)
+            if where is None:
+                continue
+            for d, b in diff.items():
+                every.add((where[1], d))
+                if b == new:
+                    found.setdefault(where[0], (where[1], d))
+        if found and not _sizes_linearly(model, layers, f, new - 24, found):
+            continue  # the class rounds the field (LFM2's multiple_of): a pruned width is not what it builds
+        if found:
+            out[f] = found
+            if sized is not None:
+                sized[f] = frozenset(every)
+    return out
+
+
+def _sizes_linearly(model: nn.Module, layers: str, f: str, value: int, found: dict[int, tuple[str, int]]) -> bool:
+    """Whether the class builds the tensors ``found`` at exactly ``value`` when the field is set to it
+    (a second probe point, off any power of two)."""
+    c = copy.deepcopy(model.config)
+    try:
+        setattr(c, f, value)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    probe = _meta_build(type(model), c)
+    if probe is None:
+        return False
+    shapes = _layer_shapes(probe, layers)
+    return all((shapes.get(f"{i}.{rel}") or ())[d:d + 1] == (value,) for i, (rel, d) in found.items())
+
+
+def _heads_sized(model: nn.Module, layers: str, head_dim: int, kv_too: bool = True) -> frozenset:
+    """Every ``(tensor inside a layer, dim)`` whose size follows the number of heads (query heads,
+    and with ``kv_too`` key/value heads, doubled at a fixed ``head_dim``, measured on the meta
+    device): what a pruned heads group may resize (with ``kv_too``), or must (query heads only:
+    pruning the query heads of one KV head leaves the keys and values). Empty when the probe cannot
+    be built."""
+    cfg = copy.deepcopy(model.config)
+    try:
+        cfg.num_attention_heads = 2 * cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None)
+        if kv_too and isinstance(kv, int):
+            cfg.num_key_value_heads = 2 * kv
+        cfg.head_dim = head_dim
+    except (AttributeError, TypeError, ValueError):
+        return frozenset()
+    probe = _meta_build(type(model), cfg)
+    if probe is None:
+        return frozenset()
+    out = set()
+    for name, diff in _changed_dims(_layer_shapes(model, layers), probe, layers).items():
+        where = _relative(name)
+        if where is not None:
+            out.update((where[1], d) for d in diff)
+    return frozenset(out)
 
 
 def _head_dim_free(model: nn.Module, layers: str, o_proj: str, head_dim: int) -> bool:
@@ -171,10 +310,12 @@ def _head_dim_free(model: nn.Module, layers: str, o_proj: str, head_dim: int) ->
     cfg.hidden_size = 2 * cfg.hidden_size
     try:
         cfg.head_dim = head_dim  # a read-only property (Falcon): derived
-        with torch.device("meta"), torch.random.fork_rng(devices=[]):
-            probe = type(model)(cfg)
+    except AttributeError:
+        return False
+    probe = _meta_build(type(model), cfg)
+    try:
         o = probe.get_submodule(f"{layers}.0.{o_proj}").weight
-    except Exception:  # noqa: BLE001 - a class that cannot be built this way is treated as tied
+    except AttributeError:  # (probe None too) a class that cannot be built this way is treated as tied
         return False
     return tuple(o.shape) == (cfg.hidden_size, heads * head_dim)
 
@@ -203,6 +344,51 @@ def _heads_divide_hidden(cfg: Any) -> bool:
         return True
 
     return passes(heads) and not passes(odd)
+
+
+def _float_attrs(model: nn.Module) -> dict[str, float]:
+    return {f"{path}.{k}" if path else k: v for path, mod in model.named_modules() for k, v in vars(mod).items()
+            if isinstance(v, float)}
+
+
+def _hidden_sized(model: nn.Module, layers: str, head_dim: int) -> frozenset:
+    """Every ``(tensor inside a layer, dim)`` whose size follows ``hidden_size`` (doubled at fixed
+    heads and ``head_dim``, on the meta device): what pruning the residual stream may resize."""
+    cfg = copy.deepcopy(model.config)
+    try:
+        cfg.hidden_size = 2 * cfg.hidden_size
+        cfg.head_dim = head_dim
+    except (AttributeError, TypeError, ValueError):
+        return frozenset()
+    probe = _meta_build(type(model), cfg)
+    if probe is None:
+        return frozenset()
+    out = set()
+    for name, diff in _changed_dims(_layer_shapes(model, layers), probe, layers).items():
+        where = _relative(name)
+        if where is not None:
+            out.update((where[1], d) for d in diff)
+    return frozenset(out)
+
+
+def _hidden_constants(model: nn.Module) -> tuple[str, ...]:
+    """Python float attributes of the model's modules that change with the hidden size (nGPT-style
+    ``hidden_size ** 0.5`` scales): measured on a meta-device build with twice the hidden size and
+    twice the heads (so a derived head_dim stays). A pruned residual would change them in the rebuilt
+    model, so its width stays whole."""
+    cfg = copy.deepcopy(model.config)
+    try:
+        cfg.hidden_size = 2 * cfg.hidden_size
+        cfg.num_attention_heads = 2 * cfg.num_attention_heads
+        if isinstance(getattr(cfg, "num_key_value_heads", None), int):
+            cfg.num_key_value_heads = 2 * cfg.num_key_value_heads
+    except (AttributeError, TypeError, ValueError):
+        return ()
+    probe = _meta_build(type(model), cfg)
+    if probe is None:
+        return ()
+    base, new = _float_attrs(model), _float_attrs(probe)
+    return tuple(sorted(k for k, v in base.items() if k in new and not math.isclose(new[k], v, rel_tol=1e-9)))
 
 
 def _embedding_scale(model: nn.Module) -> float | None:
@@ -236,29 +422,39 @@ def source_of(model: nn.Module, args: tuple = (), kwargs: dict | None = None) ->
         return None
     layers, n = found
     names: dict[str, str] = {}
+    widths: dict[str, dict[int, tuple[str, int]]] = {}
+    sized: dict[str, frozenset] = {}
     if family != "gpt2":
         names = _layer_names(model, layers) or {}
         if not names:
             return None
         family = "llama"
+    widths = _mlp_widths(model, layers, sized)
+    if not widths:
+        return None
     if family == "gpt2":
         head_dim = cfg.n_embd // cfg.n_head
         free = False
     else:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         free = _head_dim_free(model, layers, names["o"], int(head_dim))
+        if free:
+            sized["heads"] = _heads_sized(model, layers, int(head_dim))
+            sized["heads:required"] = _heads_sized(model, layers, int(head_dim), kv_too=False)
+            sized["hidden"] = _hidden_sized(model, layers, int(head_dim))
     example = dict(kwargs or {})
     if args:
         try:
-            names = [p.name for p in inspect.signature(model.forward).parameters.values()]
+            params = [p.name for p in inspect.signature(model.forward).parameters.values()]
         except (TypeError, ValueError):
-            names = []
+            params = []
         for i, a in enumerate(args):
-            if i < len(names):
-                example[names[i]] = a
+            if i < len(params):
+                example[params[i]] = a
     gen = getattr(model, "generation_config", None)
     return HFSource(type(model), copy.deepcopy(cfg), copy.deepcopy(gen), family, layers, n, int(head_dim), example,
-                    head_dim_free=free, embed_scale=_embedding_scale(model), names=names,
+                    head_dim_free=free, embed_scale=_embedding_scale(model), names=names, widths=widths, sized=sized,
+                    hidden_constants=_hidden_constants(model),
                     heads_divide_hidden=_heads_divide_hidden(cfg))
 
 
@@ -284,6 +480,19 @@ def _role(group, src: HFSource) -> tuple[str, int | None]:
     if group.kind == "channels" and all(any(s in m for s in mlp) for m in group.members):
         return "mlp", i
     return "other", i
+
+
+def _width_field(group, src: HFSource, layer: int) -> str | None:
+    """The config field that sizes ``group`` (a group inside one layer): the field that resizes a
+    tensor of one of the group's layers (:func:`_mlp_widths`)."""
+    members = set(group.members)
+    for f, per_layer in src.widths.items():
+        if layer not in per_layer:
+            continue
+        tensors = {rel for rel, _ in src.sized.get(f, ())} | {per_layer[layer][0]}
+        if any(f"{src.layers}.{layer}.{rel}".rsplit(".", 1)[0] in members for rel in tensors):
+            return f
+    return None
 
 
 def _queries_per_unit(cfg: Any, heads_group: Any) -> int:
@@ -319,33 +528,83 @@ def _dividing_widths(width: int, n_q: int, units: int, hidden_free: bool) -> tup
     return tuple(sorted(taken)), step
 
 
-def layout_for(src: HFSource, groups: Sequence) -> Layout:
+def _misfits(gs: Sequence, src: HFSource, role: str, keys: Sequence | None) -> list[str]:
+    """Where the groups ``gs`` (one role) and the config disagree: tensor dims of the groups that
+    the config does not resize with that role, and tensor dims it resizes with it that the groups
+    do not prune (they would change in the rebuilt model and not in the pruned graph)."""
+    sized = src.sized.get(role)
+    required = src.sized.get(role + ":required", sized)
+    if keys is None or not sized:
+        return []
+    prefix = src.layers + "."
+    pruned = {}
+    for g in gs:
+        for s in g.spaces:
+            key = keys[s]
+            if key[0] == "p" and str(key[1]).startswith(prefix):
+                where = _relative(str(key[1])[len(prefix):])
+                if where is not None:
+                    pruned[(where[1], int(key[2]))] = f"{key[1]} dim {key[2]}"
+    layers = {str(k[1])[len(prefix):].partition(".")[0] for g in gs for s in g.spaces
+              if (k := keys[s])[0] == "p" and str(k[1]).startswith(prefix)}
+    out = [f"{label} (its config does not resize it with {role})" for d, label in pruned.items() if d not in sized]
+    out += [f"{src.layers}.{i}.{rel} dim {d} (the config resizes it with {role}, the plan does not)"
+            for rel, d in sorted(required - set(pruned)) for i in sorted(layers)[:1]]
+    return sorted(out)
+
+
+def layout_for(src: HFSource, groups: Sequence, keys: Sequence | None = None) -> Layout:
     """Ties and whole groups that make every plan expressible in ``src``'s config (see module doc).
 
-    ``groups``: the dependency groups (``fxprune.passes.dependency_groups.Group``).
+    ``groups``: the dependency groups (``fxprune.passes.dependency_groups.Group``); ``keys``: the
+    dependency graph's space keys, to check every tensor dim of a group against what the config
+    resizes with its role (:attr:`HFSource.sized`): a group the config cannot express is left whole.
     """
     out = Layout()
     name = src.cls.__name__
-    by_role: dict[str, dict[int, Any]] = {"heads": {}, "mlp": {}}
+    # "heads", or the config field of an MLP width ("intermediate_size", "moe_intermediate_size", ...)
+    by_role: dict[str, dict[int, list]] = {"heads": {}}
     hidden = []
     for g in groups:
         role, layer = _role(g, src)
+        if role != "hidden" and role != "heads" and layer is not None:
+            role = _width_field(g, src, layer) or role
         if role == "hidden":
             hidden.append(g)
-        elif role in by_role and layer not in by_role[role]:
-            by_role[role][layer] = g
+        elif role == "heads" and layer not in by_role["heads"] or role in src.widths:
+            by_role.setdefault(role, {}).setdefault(layer, []).append(g)  # a field may size several groups
         else:
             out.fixed[g.id] = f"{name}'s config has no width for this group"
-    complete = {}
+    complete: dict[str, list] = {}
+    mults: dict[int, int] = {}
     for role, per_layer in by_role.items():
-        gs = [per_layer[i] for i in sorted(per_layer)]
-        sizes = {(g.n, g.unit) for g in gs}
-        if len(gs) == src.n_layers and len(sizes) == 1:
-            complete[role] = gs
+        gs = [g for i in sorted(per_layer) for g in per_layer[i]]
+        shapes = {tuple(sorted(g.n for g in per_layer[i])) for i in per_layer}
+        expected = src.n_layers if role == "heads" else len(src.widths[role])
+        misfit = _misfits(gs, src, role, keys)
+        lead = min(gs, key=lambda g: g.n) if gs else None
+        # several groups of one field in a layer (an MoE layer's shared expert) keep proportional counts
+        proportional = lead is not None and all(g.n % lead.n == 0 for g in gs)
+        if misfit:
+            for g in gs:
+                out.fixed[g.id] = (f"{name}'s config cannot express pruning {misfit[0]}"
+                                   + (f" (and {len(misfit) - 1} more tensor dims)" if len(misfit) > 1 else ""))
+        elif len(per_layer) == expected and len(shapes) == 1 and proportional:
+            complete[role] = sorted(gs, key=lambda g: g.n)
+            mults.update({g.id: g.n // lead.n for g in gs})
+        elif not proportional:
+            for g in gs:
+                out.fixed[g.id] = (f"{name}'s config sizes groups of {sorted({g.n for g in gs})} channels with one "
+                                   f"{role}, which no common keep count can express")
         else:
             for g in gs:
-                out.fixed[g.id] = (f"{name}'s config has one {role} width for all layers and only {len(gs)} of "
-                                   f"{src.n_layers} layers can be pruned alike")
+                out.fixed[g.id] = (f"{name}'s config has one {role} width for all layers and only {len(per_layer)} "
+                                   f"of {expected} layers can be pruned alike")
+    if hidden and len(hidden) == 1 and _misfits(hidden, src, "hidden", keys):
+        for g in hidden:
+            out.fixed[g.id] = (f"{name}'s config cannot express pruning the residual: "
+                               + _misfits(hidden, src, "hidden", keys)[0])
+        hidden = []
     if len(hidden) > 1:
         for g in hidden:
             out.fixed[g.id] = f"the residual stream of {name} splits into {len(hidden)} groups"
@@ -355,6 +614,12 @@ def layout_for(src: HFSource, groups: Sequence) -> Layout:
         for g in hidden:
             out.fixed[g.id] = (f"{name} multiplies its input embeddings by {src.embed_scale:.4g}, which it derives from "
                                "hidden_size: a pruned residual width would change that factor in the rebuilt model")
+        hidden = []
+    if hidden and src.hidden_constants:
+        c = src.hidden_constants
+        for g in hidden:
+            out.fixed[g.id] = (f"{name} derives {c[0]}" + (f" (and {len(c) - 1} more constants)" if len(c) > 1 else "")
+                               + " from hidden_size: a pruned residual width would change it in the rebuilt model")
         hidden = []
     if not src.head_dim_free:
         # head_dim = hidden_size // num_attention_heads: the residual keeps head_dim channels per kept query head
@@ -384,7 +649,7 @@ def layout_for(src: HFSource, groups: Sequence) -> Layout:
                          f"num_attention_heads, so {kept}: every pair divides")
     for role, gs in complete.items():
         if len(gs) > 1:
-            out.ties.append(Tie(tuple((g.id, 1) for g in gs), f"{name}: one {role} width for every layer"))
+            out.ties.append(Tie(tuple((g.id, mults.get(g.id, 1)) for g in gs), f"{name}: one {role} width for every layer"))
     if out.ties:
         out.notes.append(f"layer_uniform: {sum(len(t.members) for t in out.ties)} groups decided as {len(out.ties)} "
                          f"(the same keep count in every layer), so {name}'s config can express the plan")
@@ -445,15 +710,23 @@ def hf_config_for(src: HFSource, gm: nn.Module) -> Any:
     nm = src.names
     for i in range(src.n_layers):
         p = f"{src.layers}.{i}"
-        o, down, q, k, qkv = (_shape(t, f"{p}.{nm[r]}.weight") if r in nm else None
-                              for r in ("o", "down", "q", "k", "qkv"))
-        if o is None or down is None or (q is None and qkv is None):
-            raise ExportError(f"the pruned graph has no attention/MLP projections under {p}; cannot rebuild {name}")
+        o, q, k, qkv = (_shape(t, f"{p}.{nm[r]}.weight") if r in nm else None for r in ("o", "q", "k", "qkv"))
+        if o is None or (q is None and qkv is None):
+            raise ExportError(f"the pruned graph has no attention projections under {p}; cannot rebuild {name}")
         q_out = o[1]
         kv_out = k[0] if k is not None else (qkv[0] - q_out) // 2
         hidden = (q or qkv)[1]
-        dims.append((hidden, q_out, kv_out, down[1]))
-    hidden, q_out, kv_out, inter = _uniform(dims, "widths", name)
+        dims.append((hidden, q_out, kv_out))
+    hidden, q_out, kv_out = _uniform(dims, "widths", name)
+    mlp = {}
+    for f, per_layer in src.widths.items():
+        sizes = []
+        for i, (rel, d) in sorted(per_layer.items()):
+            shape = _shape(t, f"{src.layers}.{i}.{rel}")
+            if shape is None:
+                raise ExportError(f"the pruned graph has no tensor {src.layers}.{i}.{rel}; cannot rebuild {name}")
+            sizes.append((shape[d],))
+        (mlp[f],) = _uniform(sizes, f"{f} widths", name)
     if q_out % hd or kv_out % hd or (q_out // hd) % (kv_out // hd):
         raise ConfigError(f"the pruned {name} has {q_out} query and {kv_out} key/value channels, not whole heads of "
                           f"{hd} in groups; its config cannot express that")
@@ -480,11 +753,17 @@ def hf_config_for(src: HFSource, gm: nn.Module) -> Any:
                               "cannot express that number of key/value heads")
     if src.head_dim_free:
         cfg.head_dim = hd
-    setattr(cfg, next(a for a in _INTERMEDIATE if hasattr(cfg, a)), inter)
+    for f, width in mlp.items():
+        setattr(cfg, f, width)
     return cfg
 
 
 # ------------------------------------------------------------------------------------ rebuild
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
 
 def _first_tensor(out: Any) -> torch.Tensor:
     from fxprune.importance import output_tensor
@@ -495,21 +774,41 @@ def _first_tensor(out: Any) -> torch.Tensor:
 
 def rebuild(src: HFSource, gm: nn.Module, *, verify: bool = True) -> nn.Module:
     """The pruned graph ``gm`` as an instance of ``src.cls`` (see :func:`to_hf`)."""
-    cfg = hf_config_for(src, gm)
+    from fxprune.errors import FxpruneError
+
+    try:
+        cfg = hf_config_for(src, gm)
+    except FxpruneError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a config class validating on assignment (strict dataclasses)
+        raise ConfigError(f"{src.cls.__name__}'s config refuses the pruned widths ({type(err).__name__}: "
+                          f"{_first_line(err)}), so to_hf() cannot rebuild it; result.model (a GraphModule) is the "
+                          "pruned model.") from err
     tensors = _tensors(gm)
     dtype = next((v.dtype for v in tensors.values() if v.is_floating_point()), torch.float32)
     device = next((v.device for v in tensors.values()), torch.device("cpu"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = src.cls(cfg)
+    name = src.cls.__name__
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = src.cls(cfg)
+    except Exception as err:  # noqa: BLE001 - the class's own validation of the pruned widths
+        raise ConfigError(f"{name} refuses the pruned config ({type(err).__name__}: {_first_line(err)}), so to_hf() "
+                          "cannot rebuild it; result.model (a GraphModule) is the pruned model. Keeping the "
+                          "offending widths whole (ignore=[...]) or another budget may give a config it accepts."
+                          ) from err
     model.to(device=device, dtype=dtype)
     state = model.state_dict()
     load = {k: v for k, v in tensors.items() if k in state}
-    try:
-        missing, _ = model.load_state_dict(load, strict=False)
-    except RuntimeError as err:
-        raise ExportError(f"the pruned graph's tensors do not fit a {src.cls.__name__} built from the updated config "
-                          f"({str(err).splitlines()[0][:300]}). This is a bug in fxprune: please report it.") from err
+    misfit = [f"{k} {tuple(v.shape)} (the config gives {tuple(state[k].shape)})" for k, v in load.items()
+              if tuple(v.shape) != tuple(state[k].shape)]
+    if misfit:
+        raise ConfigError(
+            f"{name}'s config cannot express the pruned widths of {len(misfit)} tensor(s): " + "; ".join(misfit[:3])
+            + ". The class sizes them by another config field than the one fxprune pruned them with. result.model "
+            "(a GraphModule) is the pruned model; to get a rebuildable plan, keep those layers whole with "
+            "ignore=[...].")
+    missing, _ = model.load_state_dict(load, strict=False)
     loaded = {id(t) for n, t in model.named_parameters(remove_duplicate=False) if n in load}
     loaded |= {id(t) for n, t in model.named_buffers(remove_duplicate=False) if n in load}
     every = dict(model.named_parameters(remove_duplicate=False))
