@@ -7,14 +7,27 @@ alike). For a Hugging Face causal LM whose layers fxprune can read, :meth:`Compi
 config (hidden size, heads, KV heads, ``head_dim``, intermediate size), so ``generate()`` with the
 KV cache, ``save_pretrained`` and ``AutoModelForCausalLM.from_pretrained`` work as before.
 
-Which models: GPT-2, and any decoder whose layers have a query (or fused q/k/v) projection, an
-attention output projection and an MLP output projection under one of the names in
-:data:`_NAMES`, and whose config has ``hidden_size``, ``num_attention_heads`` and an MLP width
-(:data:`_INTERMEDIATE`). That is found from the model's structure, not from a list of model
-types: LLaMA's naming covers Mistral, Qwen2/3, Phi-3, Gemma 1-3, Granite, OLMo 1-2, Cohere,
-StableLM, Helium, GLM and SmolLM3; Phi, Starcoder2, GPT-J, GPT-NeoX, OPT and Falcon name theirs otherwise.
-What the config can express is measured, not assumed: the class is instantiated on the meta
-device with a wider hidden size to see whether it sizes attention by ``config.head_dim``.
+Which models: GPT-2, and any decoder whose layers (every one alike) have a query (or fused q/k/v)
+projection and an attention output projection under one of the names in :data:`_NAMES`, and whose
+config has ``hidden_size``, ``num_attention_heads`` and a field that sizes the MLP. That is found
+from the model's structure, not from a list of model types: LLaMA's naming covers Mistral,
+Qwen2/3, Phi-3, Gemma 1-3, Granite, OLMo 1-2, Cohere, StableLM, Helium, GLM and SmolLM3; Phi,
+Starcoder2, GPT-J, GPT-NeoX, OPT and Falcon name theirs otherwise; the MLP may be a mixture of
+experts (Mixtral, Qwen2-MoE, GPT-OSS, Granite-MoE, PhiMoE, ...).
+
+What the config can express is measured, not assumed: the class is instantiated on the meta device
+(no memory, no arithmetic) with one field changed at a time, and the tensors that change are read:
+
+* which fields size the MLP and which tensors they size (:func:`_mlp_widths`: ``intermediate_size``
+  -> ``mlp.down_proj``; Mixtral's ``intermediate_size`` -> the experts; Qwen2-MoE's
+  ``moe_intermediate_size`` and ``shared_expert_intermediate_size``), checked at a second value so
+  a class that rounds the field (LFM2) is not trusted;
+* what the heads and the hidden size resize (:func:`_heads_sized`, :func:`_hidden_sized`): every
+  tensor dim of a group must be one its config field resizes, and every tensor dim the field
+  resizes must be in the group, else the group is left whole (BitNet's ``attn_sub_norm`` is sized
+  by ``hidden_size`` but sits on the heads; OLMoE's ``q_norm`` likewise);
+* whether attention is sized by ``config.head_dim`` (:func:`_head_dim_free`), and float constants
+  derived from ``hidden_size`` (:func:`_hidden_constants`: nGPT-style scales keep the residual whole).
 
 A config has one width per kind of layer, so the plan must keep the same counts in every layer.
 For these models :func:`layout_for` ties the groups that play the same role in every layer into
@@ -35,6 +48,10 @@ scaled embeddings (Gemma)   the class multiplies the input embeddings by ``sqrt(
 validated divisibility      the config's ``validate()`` refuses ``hidden_size % num_attention_heads``
 (LLaMA, Gemma 3)            != 0 (probed on copies): head counts and residual widths are narrowed
                             independently so that every pair divides (:func:`_dividing_widths`).
+mixtures of experts         each field that sizes the MLP is one decision for all layers; a field that
+                            sizes several groups per layer (Qwen2-MoE's shared expert, HunYuan's) ties
+                            them proportionally. The experts keep multiples of 8 channels (the
+                            grouped-matmul kernels need 16-byte strides).
 ==========================  =========================================================================
 
 A budget that no such plan reaches is planned per layer instead (``_compile`` notes it), and
@@ -132,17 +149,16 @@ def _layers_path(model: nn.Module) -> tuple[str, int] | None:
     return best
 
 
-#: Where a decoder layer keeps the projections :func:`hf_config_for` reads widths off, per role (the
-#: first name present in layer 0 is the model's): the query (or fused q/k/v) projection, the key
-#: projection, the attention output and the MLP's output projection (a layer whose MLP is a
-#: mixture of experts has none: its widths come from :func:`_mlp_widths`).
+#: Where a decoder layer keeps the projections :func:`hf_config_for` reads the attention widths off,
+#: per role (the first name present in layer 0 is the model's, and every layer must have it): the
+#: query and key projections (or a fused q/k/v one) and the attention output. The MLP widths come
+#: from :func:`_mlp_widths` (dense or mixture of experts, alike or not in every layer).
 _NAMES = {
     "q": ("self_attn.q_proj", "attn.q_proj"),
     "k": ("self_attn.k_proj", "attn.k_proj"),
     "qkv": ("self_attn.qkv_proj", "attention.query_key_value", "self_attention.query_key_value"),
     "o": ("self_attn.o_proj", "self_attn.dense", "self_attn.out_proj", "attn.out_proj", "attention.dense",
           "self_attention.dense"),
-    "down": ("mlp.down_proj", "mlp.fc2", "mlp.c_proj", "mlp.fc_out", "mlp.dense_4h_to_h", "fc2"),
 }
 #: Config fields that may hold an MLP width (besides any int field named like ``*intermediate*``,
 #: ``*ffn*`` or ``*inner*``); which of them size which tensors is measured (:func:`_mlp_widths`).
@@ -156,7 +172,7 @@ def _layer_names(model: nn.Module, layers: str) -> dict[str, str] | None:
     :func:`hf_config_for` can write a config for, else None. LLaMA's naming
     (``self_attn.{q,k,v,o}_proj`` or a fused ``qkv_proj``, ``mlp.down_proj``) is shared by Gemma 1-3,
     Granite, OLMo 1-2, Cohere, StableLM, Helium, GLM, SmolLM3 and more; Phi, Starcoder2, GPT-J,
-    GPT-NeoX and OPT name them otherwise. The MLP may be a mixture of experts (no ``down`` role)."""
+    GPT-NeoX and OPT name them otherwise."""
     try:
         blocks = list(model.get_submodule(layers))
     except AttributeError:
@@ -166,8 +182,8 @@ def _layer_names(model: nn.Module, layers: str) -> dict[str, str] | None:
     present = [{n for n, m in block.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
                for block in blocks]
     found = {role: next((n for n in cands if n in present[0]), None) for role, cands in _NAMES.items()}
-    if found["q"] is None and found["qkv"] is None or found["o"] is None:
-        return None
+    if found["o"] is None or found["qkv"] is None and (found["q"] is None or found["k"] is None):
+        return None  # (latent attention, DeepSeek's MLA, has no key projection: its heads are not config widths)
     if any(n is not None and n not in p for p in present[1:] for n in found.values()):
         return None  # layers of several kinds (linear-attention or recurrent layers between attention layers)
     cfg = model.config
@@ -856,11 +872,12 @@ def to_hf(result: Any, *, verify: bool = True) -> nn.Module:
     src = getattr(result, "hf_source", None)
     if src is None:
         raise ConfigError(
-            "to_hf() needs a Hugging Face decoder fxprune can rebuild: GPT-2, or one whose layers have query (or "
-            "fused q/k/v), attention-output and MLP-output projections fxprune knows by name (LLaMA's "
-            "self_attn.q_proj/o_proj and mlp.down_proj, as in Mistral, Qwen, Gemma, Phi, OLMo, GPT-NeoX, OPT, ...) "
-            "and a config with hidden_size, num_attention_heads and an MLP width; this result came from another "
-            "model. result.model (a GraphModule) runs, trains, saves with fxprune.save and exports to ONNX.")
+            "to_hf() needs a Hugging Face decoder fxprune can rebuild: GPT-2, or one whose layers all have query "
+            "and key (or fused q/k/v) and attention-output projections fxprune knows by name (LLaMA's "
+            "self_attn.q_proj/k_proj/o_proj, as in Mistral, Qwen, Gemma, Phi, OLMo, GPT-NeoX, OPT, Mixtral, ...) "
+            "and a config with hidden_size, num_attention_heads and a field that sizes the MLP; this result came "
+            "from another model (or one with layers of several kinds, or latent attention). result.model (a "
+            "GraphModule) runs, trains, saves with fxprune.save and exports to ONNX.")
     if src.refused:
         raise ConfigError(src.refused)
     return rebuild(src, result.model, verify=verify)

@@ -74,6 +74,10 @@ def make(family: str) -> nn.Module:
         cfg = transformers.Qwen2MoeConfig(**_MOE, num_key_value_heads=2, num_experts=4, moe_intermediate_size=128,
                                           shared_expert_intermediate_size=256, pad_token_id=0)
         return transformers.Qwen2MoeForCausalLM(cfg).eval()
+    if family == "gpt_oss":  # interleaved gate/up experts with biases (x[..., ::2]), a learned sink per head
+        cfg = transformers.GptOssConfig(**_MOE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                        head_dim=16, pad_token_id=0, bos_token_id=0, eos_token_id=1)
+        return transformers.GptOssForCausalLM(cfg).eval()
     if family == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                       bos_token_id=0, eos_token_id=1)
@@ -87,7 +91,7 @@ def tokens(batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, torch.Tens
 
 
 FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gpt2", "gemma2", "olmo2", "stablelm", "gpt_neox", "opt", "falcon",
-            "mixtral", "qwen2_moe"]
+            "mixtral", "qwen2_moe", "gpt_oss"]
 _WIDTHS = ("n_embd", "n_head", "n_inner", "hidden_size", "num_attention_heads", "num_key_value_heads",
            "intermediate_size", "ffn_dim", "ffn_hidden_size", "moe_intermediate_size", "shared_expert_intermediate_size")
 
@@ -149,12 +153,14 @@ def test_decoder_compiles_in_band_and_rebuilds_as_its_own_class(compiled):
     with torch.no_grad():
         torch.testing.assert_close(hf(**x).logits, res.model(**x).logits, atol=1e-5, rtol=1e-4)
     assert sum(p.numel() for p in hf.parameters()) < sum(p.numel() for p in model.parameters())
-    if family in ("mixtral", "qwen2_moe"):  # the grouped-matmul kernels need widths in multiples of 8
+    if family in ("mixtral", "qwen2_moe", "gpt_oss"):  # the grouped-matmul kernels need widths in multiples of 8
         experts = hf.get_submodule("model.layers.0.mlp.experts")
-        assert experts.down_proj.shape[0] == 4 and experts.down_proj.shape[-1] % 8 == 0
+        inter = 1 if experts.is_transposed else 2  # GPT-OSS stores down_proj as [E, I, H]
+        assert experts.down_proj.shape[0] == 4 and experts.down_proj.shape[inter] % 8 == 0
         assert hf.config.hidden_size % 8 == 0
-        if family == "mixtral":  # its experts hold most of the MACs
-            assert experts.down_proj.shape[-1] < model.get_submodule("model.layers.0.mlp.experts").down_proj.shape[-1]
+        if family != "qwen2_moe":  # their experts hold most of the MACs
+            before = model.get_submodule("model.layers.0.mlp.experts").down_proj.shape[inter]
+            assert experts.down_proj.shape[inter] < before
 
 
 def test_generate_with_kv_cache_equals_a_full_prefix_greedy_loop(compiled):
@@ -255,6 +261,33 @@ def test_expert_widths_keep_kernel_alignment_even_per_layer():
     assert len(widths) == 2 and all(w % 8 == 0 for w in widths) and min(widths) < 256, widths
     with torch.no_grad():  # the pruned graph runs on CPU (the capture's integer histc was legalised)
         assert res.model(**tokens(1, 7, seed=4)).logits.shape == (1, 7, VOCAB)
+
+
+def test_a_tensor_the_config_sizes_by_another_field_keeps_its_group_whole():
+    """BitNet normalises the attention output with a norm sized by hidden_size (``attn_sub_norm``):
+    its config cannot express pruned heads, so the heads stay whole (measured on the meta device,
+    not assumed) while the rest is pruned, and to_hf() rebuilds what the graph computes."""
+    torch.manual_seed(0)
+    cfg = transformers.BitNetConfig(**_COMMON, num_key_value_heads=2, pad_token_id=0)
+    model = transformers.BitNetForCausalLM(cfg).eval()
+    res = fxprune.compile(model, tokens(), mac_budget="50%")
+    assert res.report.lower_macs <= res.macs <= res.report.budget_macs
+    assert any("attn_sub_norm" in n and "left whole" in n for n in res.report.notes), res.report.notes
+    hf = res.to_hf()
+    assert (hf.config.num_attention_heads, hf.config.num_key_value_heads) == (4, 2)
+    assert hf.config.intermediate_size < 128
+    x = tokens(2, 9, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**x).logits, res.model(**x).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_positional_example_inputs_rebuild_too():
+    model = make("qwen2")
+    ids = tokens()["input_ids"]
+    res = fxprune.compile(model, (ids,), mac_budget="50%")
+    hf = res.to_hf()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, res.model(ids).logits, atol=1e-5, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ tying
