@@ -149,6 +149,7 @@ def _capture_once(model, args, kwargs, names, specs, notes) -> tuple[torch.fx.Gr
     gm = program.module(check_guards=False) if _has_check_guards() else program.module()
     dyn = _record_dynamic(gm, names, specs, args, kwargs, notes)
     _drop_guards_and_asserts(gm)
+    _inline_grad_blocks(gm)
     _sym_size_to_method(gm)
     _symbolic_sizes_to_torch(gm)
     _dunder_ops_to_named(gm)
@@ -638,6 +639,53 @@ def _dunder_ops_to_named(gm: torch.fx.GraphModule) -> int:
     return count
 
 
+def _inline_grad_blocks(gm: torch.fx.GraphModule) -> int:
+    """Inline the subgraphs of ``wrap_with_set_grad_enabled`` (a ``with torch.no_grad():`` block in
+    the model's code) into the graph, so every pass sees their ops (device and dtype constants,
+    layers) like any other. The outputs of a ``no_grad`` block are detached, which is what the block
+    gives: the same values, no gradient through them."""
+    hop = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    count = 0
+    for node in list(gm.graph.nodes):
+        if hop is None or node.op != "call_function" or node.target is not hop:
+            continue
+        enabled, sub_node, *operands = node.args
+        if not isinstance(sub_node, torch.fx.Node) or sub_node.op != "get_attr":
+            continue
+        sub = gm.get_submodule(str(sub_node.target))
+        if not isinstance(sub, torch.fx.GraphModule):
+            continue
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(operands):
+            continue
+        val_map = dict(zip(placeholders, operands))
+        with gm.graph.inserting_before(node):
+            outputs = gm.graph.graph_copy(sub.graph, val_map)
+            for orig, new in val_map.items():
+                if orig.op == "get_attr":  # the subgraph's own constants stay on it, under its path
+                    new.target = f"{sub_node.target}.{orig.target}"
+            outs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+            if not enabled:
+                outs = [gm.graph.call_function(torch.ops.aten.detach.default, (o,))
+                        if isinstance(o, torch.fx.Node) and isinstance(o.meta.get("val"), torch.Tensor) else o
+                        for o in outs]
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int):
+                user.replace_all_uses_with(outs[user.args[1]])
+                gm.graph.erase_node(user)
+        if node.users:
+            raise TraceError(f"torch.export captured a grad-mode block ({node.name}) fxprune cannot inline: its "
+                             "outputs are used as a whole")
+        gm.graph.erase_node(node)
+        if not sub_node.users:
+            gm.graph.erase_node(sub_node)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
 def _histc_on_floats(gm: torch.fx.GraphModule) -> int:
     """``histc(x)`` of an integer ``x`` -> ``histc(x.float()).to(x.dtype)``.
 
@@ -671,12 +719,27 @@ def _input_device(args: tuple, kwargs: dict) -> torch.device | None:
 
 
 def _live_devices(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> int:
-    """Replace ``device=<capture device>`` constants by ``<first input>.device``."""
+    """Replace ``device=<capture device>`` constants by ``<first input>.device``, in the graph and in
+    the bodies of its higher-order ops (a ``torch.no_grad()`` block in the model's code is captured
+    as ``wrap_with_set_grad_enabled`` over a subgraph: its constants take the device of the
+    subgraph's first tensor input)."""
     device = _input_device(args, kwargs)
     if device is None:
         return 0
-    graph = gm.graph
-    anchor = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    count = _replace_device(gm.graph, device, next((n for n in gm.graph.nodes if n.op == "placeholder"), None))
+    for name, sub in gm.named_modules():
+        if sub is gm or not isinstance(sub, torch.fx.GraphModule):
+            continue
+        anchor = next((n for n in sub.graph.nodes if n.op == "placeholder"
+                       and isinstance(n.meta.get("val"), torch.Tensor)), None)
+        changed = _replace_device(sub.graph, device, anchor)
+        if changed:
+            sub.recompile()
+            count += changed
+    return count
+
+
+def _replace_device(graph: torch.fx.Graph, device: torch.device, anchor: torch.fx.Node | None) -> int:
     if anchor is None:
         return 0
     dev_node = None

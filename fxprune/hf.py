@@ -66,6 +66,7 @@ from __future__ import annotations
 import copy
 import math
 import inspect
+import logging
 import os
 import re
 import sys
@@ -80,6 +81,8 @@ import torch.nn as nn
 from fxprune._io import default_file_mode
 from fxprune.errors import ConfigError, ExportError, PostconditionError
 from fxprune.tying import Tie
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["HFSource", "Layout", "source_of", "layout_for", "hf_config_for", "to_hf", "save_pretrained", "FAMILIES"]
 
@@ -428,9 +431,19 @@ def _embedding_scale(model: nn.Module) -> float | None:
 
 def source_of(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> HFSource | None:
     """An :class:`HFSource` for a Hugging Face model fxprune can rebuild (a family in
-    :data:`FAMILIES`, or any model whose layers are named like LLaMA's), else None."""
+    :data:`FAMILIES`, or any model whose layers are named like LLaMA's), else None. A config that
+    refuses to be read the usual way (Gemma 4's per-layer ``head_dim``) means None, never an error:
+    the model still compiles, only ``to_hf()`` is unavailable."""
     if not _is_hf(model):
         return None
+    try:
+        return _source_of(model, args, kwargs)
+    except Exception as err:  # noqa: BLE001 - detection is best effort; compile must not fail on it
+        logger.debug("to_hf() unavailable for %s: %s: %s", type(model).__name__, type(err).__name__, err)
+        return None
+
+
+def _source_of(model: nn.Module, args: tuple, kwargs: dict | None) -> HFSource | None:
     cfg = getattr(model, "config", None)
     family = FAMILIES.get(getattr(cfg, "model_type", None))  # None: any decoder whose layers _layer_names reads
     found = _layers_path(model)

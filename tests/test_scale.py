@@ -401,3 +401,28 @@ def test_cli_quiet_holds_for_its_call_only(capsys):
     assert main(["profile", "torchvision:resnet18", "-q"]) == 0
     assert progress._enabled is True
     progress.set_enabled(None)
+
+
+class _NoGradMask(torch.nn.Module):
+    """Masks built under ``torch.no_grad()`` with ``device=x.device`` (CPM-Ant): torch.export puts the
+    block in a ``wrap_with_set_grad_enabled`` subgraph, where the weightless capture recorded the
+    meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        with torch.no_grad():
+            keep = torch.arange(x.shape[1], device=x.device)[None, :, None] < torch.full((1, 1, 1), 4, device=x.device)
+        return self.fc2(torch.relu(self.fc1(x))) * keep
+
+
+def test_device_constants_inside_no_grad_blocks_follow_the_input():
+    torch.manual_seed(0)
+    model, x = _NoGradMask().eval(), torch.randn(2, 6, 8)
+    res = fxprune.compile(model, x, mac_budget="50%", capture="export")
+    assert res.report.lower_macs <= res.macs <= res.report.budget_macs
+    with torch.no_grad():
+        out = res.model(x)
+    assert out.shape == (2, 6, 8) and (out[:, 4:] == 0).all() and (out[:, :4] != 0).any()
