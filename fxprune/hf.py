@@ -189,6 +189,9 @@ def _layer_names(model: nn.Module, layers: str) -> dict[str, str] | None:
         return None  # (latent attention, DeepSeek's MLA, has no key projection: its heads are not config widths)
     if any(n is not None and n not in p for p in present[1:] for n in found.values()):
         return None  # layers of several kinds (linear-attention or recurrent layers between attention layers)
+    for n in found.values():
+        if n is not None and len({tuple(block.get_submodule(n).weight.shape) for block in blocks}) > 1:
+            return None  # attention of different widths per layer (MiMo's sliding-window layers): per-layer config fields
     cfg = model.config
     if not all(isinstance(getattr(cfg, a, None), int) for a in ("hidden_size", "num_attention_heads")):
         return None
@@ -294,19 +297,13 @@ def _sizes_linearly(model: nn.Module, layers: str, f: str, value: int, found: di
     return all((shapes.get(f"{i}.{rel}") or ())[d:d + 1] == (value,) for i, (rel, d) in found.items())
 
 
-def _heads_sized(model: nn.Module, layers: str, head_dim: int, kv_too: bool = True) -> frozenset:
-    """Every ``(tensor inside a layer, dim)`` whose size follows the number of heads (query heads,
-    and with ``kv_too`` key/value heads, doubled at a fixed ``head_dim``, measured on the meta
-    device): what a pruned heads group may resize (with ``kv_too``), or must (query heads only:
-    pruning the query heads of one KV head leaves the keys and values). Empty when the probe cannot
-    be built."""
+def _resized_by(model: nn.Module, layers: str, changes: dict[str, Any]) -> frozenset:
+    """Every ``(tensor inside a layer, dim)`` whose size changes when the config's fields are set to
+    ``changes`` (measured on the meta device); empty when the class cannot be built that way."""
     cfg = copy.deepcopy(model.config)
     try:
-        cfg.num_attention_heads = 2 * cfg.num_attention_heads
-        kv = getattr(cfg, "num_key_value_heads", None)
-        if kv_too and isinstance(kv, int):
-            cfg.num_key_value_heads = 2 * kv
-        cfg.head_dim = head_dim
+        for k, v in changes.items():
+            setattr(cfg, k, v)
     except (AttributeError, TypeError, ValueError):
         return frozenset()
     probe = _meta_build(type(model), cfg)
@@ -318,6 +315,17 @@ def _heads_sized(model: nn.Module, layers: str, head_dim: int, kv_too: bool = Tr
         if where is not None:
             out.update((where[1], d) for d in diff)
     return frozenset(out)
+
+
+def _heads_sized(model: nn.Module, layers: str, head_dim: int, kv_too: bool = True) -> frozenset:
+    """What follows the number of heads (query heads, and with ``kv_too`` key/value heads, doubled
+    at a fixed ``head_dim``): what a pruned heads group may resize (with ``kv_too``), or must (query
+    heads only: pruning the query heads of one KV head leaves the keys and values)."""
+    cfg = model.config
+    changes = {"num_attention_heads": 2 * cfg.num_attention_heads, "head_dim": head_dim}
+    if kv_too and isinstance(getattr(cfg, "num_key_value_heads", None), int):
+        changes["num_key_value_heads"] = 2 * cfg.num_key_value_heads
+    return _resized_by(model, layers, changes)
 
 
 def _head_dim_free(model: nn.Module, layers: str, o_proj: str, head_dim: int) -> bool:
@@ -371,23 +379,9 @@ def _float_attrs(model: nn.Module) -> dict[str, float]:
 
 
 def _hidden_sized(model: nn.Module, layers: str, head_dim: int) -> frozenset:
-    """Every ``(tensor inside a layer, dim)`` whose size follows ``hidden_size`` (doubled at fixed
-    heads and ``head_dim``, on the meta device): what pruning the residual stream may resize."""
-    cfg = copy.deepcopy(model.config)
-    try:
-        cfg.hidden_size = 2 * cfg.hidden_size
-        cfg.head_dim = head_dim
-    except (AttributeError, TypeError, ValueError):
-        return frozenset()
-    probe = _meta_build(type(model), cfg)
-    if probe is None:
-        return frozenset()
-    out = set()
-    for name, diff in _changed_dims(_layer_shapes(model, layers), probe, layers).items():
-        where = _relative(name)
-        if where is not None:
-            out.update((where[1], d) for d in diff)
-    return frozenset(out)
+    """What follows ``hidden_size`` (doubled at fixed heads and ``head_dim``): what pruning the
+    residual stream may resize."""
+    return _resized_by(model, layers, {"hidden_size": 2 * model.config.hidden_size, "head_dim": head_dim})
 
 
 def _hidden_constants(model: nn.Module) -> tuple[str, ...]:

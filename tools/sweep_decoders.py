@@ -1,0 +1,171 @@
+"""Every causal language model class of the installed transformers, tried as a new user would.
+
+For each decoder-only ``model_type`` in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` (encoders and
+encoder-decoders excluded), in its own subprocess with a timeout: the default config with small
+sizes (``--scale`` x 64 hidden, 2 layers, 4 experts where it has experts; random weights) -> one
+forward (a config transformers itself cannot run is recorded as ``build`` and skipped) ->
+``fxprune.compile(mac_budget="50%")`` -> ``result.to_hf()`` -> ``generate()`` -> ``save_pretrained``
+/ ``from_pretrained`` -> the reloaded logits against the rebuilt model's and the rebuilt model's
+against the pruned graph's. Results go to a JSONL file, a summary ends the run.
+
+    python tools/sweep_decoders.py --jobs 2              # every type, results in decoders.jsonl
+    python tools/sweep_decoders.py mixtral gpt_oss --scale 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+_NOT_DECODERS = {
+    "bart", "bert", "bert-generation", "big_bird", "bigbird_pegasus", "blenderbot", "blenderbot-small", "camembert",
+    "data2vec-text", "electra", "ernie", "marian", "mbart", "megatron-bert", "mvp", "pegasus", "plbart", "prophetnet",
+    "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "trocr", "whisper", "xlm", "xlm-roberta",
+    "xlm-roberta-xl", "xlnet", "xmod", "musicgen", "musicgen_melody", "moshi", "git", "got_ocr2", "fuyu", "emu3",
+    "mllama", "phi4_multimodal", "reformer"}
+
+_SMALL = dict(vocab_size=128, hidden_size=64, n_embd=64, d_model=64, intermediate_size=128, ffn_dim=128,
+              n_inner=None, num_hidden_layers=2, n_layer=2, n_layers=2, num_layers=2, num_attention_heads=4,
+              n_head=4, n_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128, n_positions=128,
+              n_ctx=128, moe_intermediate_size=32, num_local_experts=4, num_experts=4, n_routed_experts=4,
+              num_experts_per_tok=2, n_shared_experts=1, shared_expert_intermediate_size=64, pad_token_id=0,
+              bos_token_id=1, eos_token_id=2, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16,
+              q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, rotary_dim=8,
+              word_embed_proj_dim=64)
+_SCALED = ("hidden_size", "n_embd", "d_model", "intermediate_size", "ffn_dim", "moe_intermediate_size",
+           "shared_expert_intermediate_size", "word_embed_proj_dim")
+
+
+def _one(model_type: str, scale: int) -> dict:
+    """Runs in the subprocess."""
+    import tempfile
+    import time
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    import transformers as T
+
+    import fxprune
+
+    rec: dict = {"type": model_type}
+    sizes = {k: (v * scale if k in _SCALED else v) for k, v in _SMALL.items()}
+    try:
+        cfg = T.AutoConfig.for_model(model_type)
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        for k, v in sizes.items():
+            if hasattr(cfg, k):
+                try:
+                    setattr(cfg, k, v)
+                except Exception:  # noqa: BLE001 - a read-only or validated field keeps its default
+                    pass
+        for k in ("layer_types", "mlp_layer_types", "attn_layer_types"):
+            lt = getattr(cfg, k, None)
+            if isinstance(lt, (list, tuple)) and len(lt) > 2:
+                setattr(cfg, k, list(lt[:2]))
+        torch.manual_seed(0)
+        model = T.AutoModelForCausalLM.from_config(cfg).eval()
+        ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+        ex = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            model(**ex)
+    except Exception as err:  # noqa: BLE001 - transformers cannot build/run this small config
+        rec["build"] = f"{type(err).__name__}: {str(err)[:200]}"
+        return rec
+    rec["params"] = sum(p.numel() for p in model.parameters())
+    t = time.time()
+    try:
+        res = fxprune.compile(model, ex, mac_budget="50%")
+    except Exception as err:  # noqa: BLE001
+        rec["compile"] = f"{type(err).__module__}.{type(err).__name__}: {str(err)[:300]}"
+        return rec
+    rec["ratio"], rec["seconds"] = round(res.macs / res.base_macs, 4), round(time.time() - t, 1)
+    rec["in_band"] = res.report.lower_macs <= res.macs <= res.report.budget_macs
+    try:
+        hf = res.to_hf()
+        hf.generate(ids[:1, :8], max_new_tokens=6, do_sample=False)
+    except Exception as err:  # noqa: BLE001
+        rec["to_hf"] = f"{type(err).__module__}.{type(err).__name__}: {str(err)[:300]}"
+        return rec
+    rec["to_hf"] = "ok"
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d)
+            back = T.AutoModelForCausalLM.from_pretrained(d).eval()
+            with torch.no_grad():
+                a, b, c = hf(**ex).logits, back(**ex).logits, res.model(**ex).logits
+        rec["roundtrip"], rec["vs_graph"] = float((a - b).abs().max()), float((a - c).abs().max())
+    except Exception as err:  # noqa: BLE001 - e.g. the small config fails the class's own validation
+        rec["save"] = f"{type(err).__module__}.{type(err).__name__}: {str(err)[:200]}"
+    return rec
+
+
+def _kind(rec: dict) -> str:
+    if "timeout" in rec:
+        return "timeout"
+    if "build" in rec:
+        return "small config does not run in transformers"
+    if "compile" in rec:
+        return "compile: " + rec["compile"].split(":")[0].rsplit(".", 1)[-1]
+    if not rec.get("in_band"):
+        return "compiled OUTSIDE the band"
+    if rec["to_hf"] != "ok":
+        err = rec["to_hf"]
+        if "needs a Hugging Face decoder" in err:
+            return "compiled in band; to_hf refused: layers it cannot rebuild"
+        if "planned per layer" in err:
+            return "compiled in band; to_hf refused: planned per layer (budget/band)"
+        return "compiled in band; to_hf FAILED: " + err.split(":")[0].rsplit(".", 1)[-1]
+    if "save" in rec:
+        return "compiled, rebuilt, generates; save_pretrained fails (" + rec["save"].split(":")[0].rsplit(".", 1)[-1] + ")"
+    if rec.get("roundtrip", 1) > 0 or rec.get("vs_graph", 1) > 1e-4:
+        return "rebuilt but logits DIFFER"
+    return "compiled in band, rebuilt, generates, save/load exact"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("types", nargs="*", help="model types (default: every decoder-only causal LM)")
+    ap.add_argument("--scale", type=int, default=2, help="width multiplier of the small configs (default 2)")
+    ap.add_argument("--out", default="decoders.jsonl")
+    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--jobs", type=int, default=1, help="subprocesses at once")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(_one(args.one, args.scale)))
+        return 0
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    types = args.types or sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if t not in _NOT_DECODERS)
+    def run(t: str) -> dict:
+        try:
+            out = subprocess.run([sys.executable, __file__, "--one", t, "--scale", str(args.scale)],
+                                 capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            return {"type": t, "timeout": args.timeout}
+        line = (out.stdout.strip().splitlines() or ["{}"])[-1]
+        return json.loads(line) if line.startswith("{") else {"type": t, "compile": "crashed: " + out.stderr[-200:]}
+
+    records = []
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for rec in pool.map(run, types):
+            records.append(rec)
+            print(f"{rec['type']:28s} {_kind(rec)}", flush=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+    counts = Counter(_kind(r) for r in records)
+    print(f"\n{len(records)} model types:")
+    for k, n in counts.most_common():
+        print(f"{n:4d}  {k}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
