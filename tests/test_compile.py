@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -325,3 +326,33 @@ def test_recurrent_layers_have_their_hidden_units_and_inputs_pruned(kind, bidire
     rng = np.random.default_rng(0)
     for _ in range(3):
         check_equivalence(cap.gm, dg, random_plan(dg, rng), cap.inputs, atol=1e-4)
+
+
+class _InterleavedGLU(torch.nn.Module):
+    """A gated MLP whose gate and up halves are interleaved in one projection (GPT-OSS's experts)."""
+
+    def __init__(self, d=32, inner=64):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(d, 2 * inner), torch.nn.Linear(inner, d)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(torch.nn.functional.silu(h[..., ::2]) * h[..., 1::2])
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_interleaved_gate_up_keeps_each_pair_together(capture):
+    """Pruning unit j of an interleaved projection removes rows 2j and 2j+1 together: the pruned model
+    equals the original with the dropped units' columns of fc2 zeroed."""
+    torch.manual_seed(0)
+    model, x = _InterleavedGLU().eval(), torch.randn(4, 32)
+    res = fxprune.compile(model, x, mac_budget="55%", capture=capture, channel_multiple=1)
+    assert res.report.lower_macs <= res.macs <= res.report.budget_macs
+    w2 = dict(res.model.named_parameters())["fc2.weight"]
+    assert w2.shape[1] < 64
+    kept = [next(j for j in range(64) if torch.equal(model.fc2.weight[:, j], w2[:, i])) for i in range(w2.shape[1])]
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        drop = [j for j in range(64) if j not in kept]
+        masked.fc2.weight[:, drop] = 0
+        torch.testing.assert_close(res.model(x), masked(x), atol=1e-5, rtol=1e-4)
