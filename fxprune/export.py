@@ -41,6 +41,7 @@ import onnx
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 from fxprune._io import atomic_path, check_writable
@@ -284,23 +285,64 @@ def _size_floor(a: Any) -> Any:
     return torch.floor(a).to(torch.int64) if isinstance(a, torch.Tensor) else math.floor(a)
 
 
+def _histc_exportable(x: torch.Tensor, bins: int = 100, min: float = 0, max: float = 0) -> torch.Tensor:  # noqa: A002
+    """``torch.histc`` from ops ONNX has (``floor``, ``one_hot``, ``sum``): a mixture of experts
+    counts its tokens per expert with it."""
+    flat = x.reshape(-1).float()
+    lo, hi = (flat.min(), flat.max()) if min == max else (torch.tensor(float(min)), torch.tensor(float(max)))
+    width = torch.clamp(hi - lo, min=1e-12)
+    idx = torch.floor((flat - lo) * (bins / width)).clamp(0, bins - 1).long()
+    inside = ((flat >= lo) & (flat <= hi)).float()
+    return (F.one_hot(idx, bins).float() * inside[:, None]).sum(0).to(x.dtype)
+
+
+def _grouped_mm_exportable(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None = None,
+                           bias: torch.Tensor | None = None, out_dtype: Any = None) -> torch.Tensor:
+    """A grouped matmul (rows ``offs[e-1]:offs[e]`` of ``x`` through expert ``e``) as one gather and
+    one matmul per expert, with the row ranges computed in the graph: every routed row is multiplied
+    once, as in the fused kernel, and the token count stays dynamic."""
+    if offs is None:
+        out = torch.bmm(x, w)
+    else:
+        outs, start = [], torch.zeros((), dtype=torch.long)
+        for e in range(w.shape[0]):
+            end = offs[e].long()
+            part = x.index_select(0, torch.arange(start, end, dtype=torch.long)) @ w[e]
+            outs.append(part + bias[e] if bias is not None else part)
+            start = end
+        out = torch.cat(outs, 0)
+    return out.to(out_dtype) if out_dtype is not None else out
+
+
 _TRACEABLE_SIZE_MATH = {torch.sym_max: _size_max, torch.sym_min: _size_min, math.ceil: _size_ceil,
                         math.floor: _size_floor}
+#: ops with no ONNX form, by qualified name, and their exportable equivalents
+_EXPORTABLE_OPS = {"aten::histc": _histc_exportable, "aten::_grouped_mm": _grouped_mm_exportable,
+                   "transformers::grouped_mm_fallback": _grouped_mm_exportable}
+
+
+def _export_substitute(target: Any) -> Any:
+    if target in _TRACEABLE_SIZE_MATH:
+        return _TRACEABLE_SIZE_MATH[target]
+    packet = getattr(target, "overloadpacket", None)
+    return _EXPORTABLE_OPS.get(getattr(packet, "_qualified_op_name", None))
 
 
 def _traceable_size_math(model: nn.Module) -> nn.Module:
     """``model``, or a graph-module twin sharing its modules, whose integer size arithmetic also
     accepts the 0-d tensors the TorchScript exporter hands out for sizes (so a size such as timm's
-    TF-``SAME`` padding, ``max(ceil(x / s) ... - x, 0)``, stays a computation in the ONNX graph)."""
+    TF-``SAME`` padding, ``max(ceil(x / s) ... - x, 0)``, stays a computation in the ONNX graph), and
+    whose ops without an ONNX form (``histc``, grouped matmuls: mixtures of experts) are written with
+    ops that have one (:data:`_EXPORTABLE_OPS`)."""
     if not isinstance(model, torch.fx.GraphModule):
         return model
-    nodes = [n for n in model.graph.nodes if n.op == "call_function" and n.target in _TRACEABLE_SIZE_MATH]
+    nodes = [n for n in model.graph.nodes if n.op == "call_function" and _export_substitute(n.target) is not None]
     if not nodes:
         return model
     graph = copy.deepcopy(model.graph)
     for n in graph.nodes:
-        if n.op == "call_function" and n.target in _TRACEABLE_SIZE_MATH:
-            n.target = _TRACEABLE_SIZE_MATH[n.target]
+        if n.op == "call_function" and _export_substitute(n.target) is not None:
+            n.target = _export_substitute(n.target)
     twin = torch.fx.GraphModule(model, graph, type(model).__name__)
     twin.train(model.training)
     return twin
