@@ -59,12 +59,13 @@ def _one(model_type: str, scale: int) -> dict:
     try:
         cfg = T.AutoConfig.for_model(model_type)
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        fields = cfg.to_dict()
         for k, v in sizes.items():
-            if hasattr(cfg, k):
-                try:
+            try:  # (hasattr raises on Gemma 4's per-layer fields)
+                if k in fields or hasattr(cfg, k):
                     setattr(cfg, k, v)
-                except Exception:  # noqa: BLE001 - a read-only or validated field keeps its default
-                    pass
+            except Exception:  # noqa: BLE001 - a read-only, per-layer or validated field keeps its default
+                pass
         for k in ("layer_types", "mlp_layer_types", "attn_layer_types"):
             lt = getattr(cfg, k, None)
             if isinstance(lt, (list, tuple)) and len(lt) > 2:
