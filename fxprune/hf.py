@@ -157,11 +157,12 @@ def _layers_path(model: nn.Module) -> tuple[str, int] | None:
 #: query and key projections (or a fused q/k/v one) and the attention output. The MLP widths come
 #: from :func:`_mlp_widths` (dense or mixture of experts, alike or not in every layer).
 _NAMES = {
-    "q": ("self_attn.q_proj", "attn.q_proj"),
-    "k": ("self_attn.k_proj", "attn.k_proj"),
-    "qkv": ("self_attn.qkv_proj", "attention.query_key_value", "self_attention.query_key_value"),
+    "q": ("self_attn.q_proj", "attn.q_proj", "attn.attention.q_proj"),
+    "k": ("self_attn.k_proj", "attn.k_proj", "attn.attention.k_proj"),
+    "qkv": ("self_attn.qkv_proj", "attention.query_key_value", "self_attention.query_key_value",
+            "self_attn.query_key_value", "attn.c_attn", "attn.Wqkv"),
     "o": ("self_attn.o_proj", "self_attn.dense", "self_attn.out_proj", "attn.out_proj", "attention.dense",
-          "self_attention.dense"),
+          "self_attention.dense", "attn.attention.out_proj", "attn.c_proj"),
 }
 #: Config fields that may hold an MLP width (besides any int field named like ``*intermediate*``,
 #: ``*ffn*`` or ``*inner*``); which of them size which tensors is measured (:func:`_mlp_widths`).

@@ -78,6 +78,10 @@ def make(family: str) -> nn.Module:
         cfg = transformers.GptOssConfig(**_MOE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                                         head_dim=16, pad_token_id=0, bos_token_id=0, eos_token_id=1)
         return transformers.GptOssForCausalLM(cfg).eval()
+    if family == "gpt_bigcode":  # StarCoder's layout: multi-query attention fused in an nn.Linear c_attn
+        cfg = transformers.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                            multi_query=True, bos_token_id=0, eos_token_id=1)
+        return transformers.GPTBigCodeForCausalLM(cfg).eval()
     if family == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                       bos_token_id=0, eos_token_id=1)
@@ -91,7 +95,7 @@ def tokens(batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, torch.Tens
 
 
 FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gpt2", "gemma2", "olmo2", "stablelm", "gpt_neox", "opt", "falcon",
-            "mixtral", "qwen2_moe", "gpt_oss"]
+            "mixtral", "qwen2_moe", "gpt_oss", "gpt_bigcode"]
 _WIDTHS = ("n_embd", "n_head", "n_inner", "hidden_size", "num_attention_heads", "num_key_value_heads",
            "intermediate_size", "ffn_dim", "ffn_hidden_size", "moe_intermediate_size", "shared_expert_intermediate_size")
 
@@ -134,7 +138,7 @@ def test_decoder_compiles_in_band_and_rebuilds_as_its_own_class(compiled):
     assert hf.config.use_cache
     if family == "gpt2":  # what GPT-2's config can express: the attention width is the residual width
         assert hf.config.n_embd == hf.config.n_head * (model.config.n_embd // model.config.n_head)
-    elif family in ("stablelm", "gpt_neox", "opt", "falcon"):  # head_dim follows hidden_size // heads: the two stay tied
+    elif family in ("stablelm", "gpt_neox", "opt", "falcon", "gpt_bigcode"):  # head_dim = hidden_size // heads: tied
         assert hf.config.hidden_size == hf.config.num_attention_heads * 16
     else:
         assert hf.config.head_dim == 16
