@@ -259,7 +259,7 @@ def _mlp_widths(model: nn.Module, layers: str,
         c = copy.deepcopy(cfg)
         try:
             setattr(c, f, new)
-        except (AttributeError, TypeError, ValueError):
+        except Exception:  # noqa: BLE001 - a field the config refuses (read-only, validated): no probe
             continue
         probe = _meta_build(type(model), c)
         if probe is None:
@@ -289,7 +289,7 @@ def _sizes_linearly(model: nn.Module, layers: str, f: str, value: int, found: di
     c = copy.deepcopy(model.config)
     try:
         setattr(c, f, value)
-    except (AttributeError, TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - a field the config refuses (read-only, validated): no probe
         return False
     probe = _meta_build(type(model), c)
     if probe is None:
@@ -305,7 +305,7 @@ def _resized_by(model: nn.Module, layers: str, changes: dict[str, Any]) -> froze
     try:
         for k, v in changes.items():
             setattr(cfg, k, v)
-    except (AttributeError, TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - a field the config refuses (read-only, validated): no probe
         return frozenset()
     probe = _meta_build(type(model), cfg)
     if probe is None:
@@ -338,7 +338,7 @@ def _head_dim_free(model: nn.Module, layers: str, o_proj: str, head_dim: int) ->
     cfg.hidden_size = 2 * cfg.hidden_size
     try:
         cfg.head_dim = head_dim  # a read-only property (Falcon): derived
-    except AttributeError:
+    except Exception:  # noqa: BLE001 - read-only or validated: treated as derived (tied)
         return False
     probe = _meta_build(type(model), cfg)
     try:
@@ -396,7 +396,7 @@ def _hidden_constants(model: nn.Module) -> tuple[str, ...]:
         cfg.num_attention_heads = 2 * cfg.num_attention_heads
         if isinstance(getattr(cfg, "num_key_value_heads", None), int):
             cfg.num_key_value_heads = 2 * cfg.num_key_value_heads
-    except (AttributeError, TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - a field the config refuses (read-only, validated): no probe
         return ()
     probe = _meta_build(type(model), cfg)
     if probe is None:
