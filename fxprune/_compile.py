@@ -752,13 +752,13 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
             scored.append(progress.bar(desc="candidates scored", unit="candidate"))
         scored[0].update(1)
 
-    contexts: list = []  # the search context of the last problem solved (the healing loop solves again)
+    ctx = None  # the search context of the last problem solved (the healing loop solves again)
 
     def select(problem: PruningProblem):
+        nonlocal ctx
         ctx = _search_context(session, problem, model, evaluate, calibration_data, seed, report,
                               {"criterion": importance, "model_name": type(model).__name__, **(policy_options or {})},
                               on_candidate=candidate_done)
-        contexts[:] = [ctx]
         with progress.stage(f"policy ({getattr(pol, 'name', type(pol).__name__)})"):
             return pol.select(problem, ctx)
 
@@ -798,7 +798,7 @@ def compile_at_budget(model: nn.Module, session: PruneSession, budget: int, star
                 problem = with_healed(problem, session.healed)
                 if isinstance(policy, str) and policy in _CHEAP_POLICIES:
                     try:
-                        plan = pol.select(problem, contexts[0])
+                        plan = pol.select(problem, ctx)
                     except (BudgetUnreachableError, BandUnreachableError) as err:
                         raise _healed_context(session, err) from err
                 solved_with = len(session.healed)

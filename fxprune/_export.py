@@ -719,27 +719,12 @@ def _input_device(args: tuple, kwargs: dict) -> torch.device | None:
 
 
 def _live_devices(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> int:
-    """Replace ``device=<capture device>`` constants by ``<first input>.device``, in the graph and in
-    the bodies of its higher-order ops (a ``torch.no_grad()`` block in the model's code is captured
-    as ``wrap_with_set_grad_enabled`` over a subgraph: its constants take the device of the
-    subgraph's first tensor input)."""
+    """Replace ``device=<capture device>`` constants by ``<first input>.device``."""
     device = _input_device(args, kwargs)
     if device is None:
         return 0
-    count = _replace_device(gm.graph, device, next((n for n in gm.graph.nodes if n.op == "placeholder"), None))
-    for name, sub in gm.named_modules():
-        if sub is gm or not isinstance(sub, torch.fx.GraphModule):
-            continue
-        anchor = next((n for n in sub.graph.nodes if n.op == "placeholder"
-                       and isinstance(n.meta.get("val"), torch.Tensor)), None)
-        changed = _replace_device(sub.graph, device, anchor)
-        if changed:
-            sub.recompile()
-            count += changed
-    return count
-
-
-def _replace_device(graph: torch.fx.Graph, device: torch.device, anchor: torch.fx.Node | None) -> int:
+    graph = gm.graph
+    anchor = next((n for n in graph.nodes if n.op == "placeholder"), None)
     if anchor is None:
         return 0
     dev_node = None

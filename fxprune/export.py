@@ -253,7 +253,7 @@ def _export_torchscript(model: nn.Module, spec: _ExportSpec, file: Path, opset: 
     _register_antialias_symbolics()
     with _quiet_exporter(), contextlib.redirect_stderr(_LogStream()):
         torch.onnx.export(
-            _traceable_size_math(model),
+            _exportable_twin(model),
             spec.inputs,
             str(file),
             dynamo=False,
@@ -328,7 +328,7 @@ def _export_substitute(target: Any) -> Any:
     return _EXPORTABLE_OPS.get(getattr(packet, "_qualified_op_name", None))
 
 
-def _traceable_size_math(model: nn.Module) -> nn.Module:
+def _exportable_twin(model: nn.Module) -> nn.Module:
     """``model``, or a graph-module twin sharing its modules, whose integer size arithmetic also
     accepts the 0-d tensors the TorchScript exporter hands out for sizes (so a size such as timm's
     TF-``SAME`` padding, ``max(ceil(x / s) ... - x, 0)``, stays a computation in the ONNX graph), and
@@ -336,13 +336,13 @@ def _traceable_size_math(model: nn.Module) -> nn.Module:
     ops that have one (:data:`_EXPORTABLE_OPS`)."""
     if not isinstance(model, torch.fx.GraphModule):
         return model
-    nodes = [n for n in model.graph.nodes if n.op == "call_function" and _export_substitute(n.target) is not None]
-    if not nodes:
+    if not any(n.op == "call_function" and _export_substitute(n.target) is not None for n in model.graph.nodes):
         return model
     graph = copy.deepcopy(model.graph)
     for n in graph.nodes:
-        if n.op == "call_function" and _export_substitute(n.target) is not None:
-            n.target = _export_substitute(n.target)
+        sub = _export_substitute(n.target) if n.op == "call_function" else None
+        if sub is not None:
+            n.target = sub
     twin = torch.fx.GraphModule(model, graph, type(model).__name__)
     twin.train(model.training)
     return twin

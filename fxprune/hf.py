@@ -22,7 +22,7 @@ What the config can express is measured, not assumed: the class is instantiated 
   -> ``mlp.down_proj``; Mixtral's ``intermediate_size`` -> the experts; Qwen2-MoE's
   ``moe_intermediate_size`` and ``shared_expert_intermediate_size``), checked at a second value so
   a class that rounds the field (LFM2) is not trusted;
-* what the heads and the hidden size resize (:func:`_heads_sized`, :func:`_hidden_sized`): every
+* what the heads and the hidden size resize (:func:`_heads_sized`, :func:`_resized`): every
   tensor dim of a group must be one its config field resizes, and every tensor dim the field
   resizes must be in the group, else the group is left whole (BitNet's ``attn_sub_norm`` is sized
   by ``hidden_size`` but sits on the heads; OLMoE's ``q_norm`` likewise);
@@ -79,7 +79,8 @@ import torch
 import torch.nn as nn
 
 from fxprune._io import default_file_mode
-from fxprune.errors import ConfigError, ExportError, PostconditionError
+from fxprune._export import _first_line
+from fxprune.errors import ConfigError, ExportError, FxpruneError, PostconditionError
 from fxprune.tying import Tie
 
 logger = logging.getLogger(__name__)
@@ -199,13 +200,17 @@ def _layer_names(model: nn.Module, layers: str) -> dict[str, str] | None:
     return {role: n for role, n in found.items() if n is not None}
 
 
-def _meta_build(cls: type, cfg: Any) -> nn.Module | None:
-    """``cls(cfg)`` on the meta device (no memory, no arithmetic, the caller's RNG untouched), or
-    None when the class refuses the config."""
+def _probe(model: nn.Module, changes: dict[str, Any]) -> nn.Module | None:
+    """The model's class built on the meta device (no memory, no arithmetic, the caller's RNG
+    untouched) from a copy of its config with the fields ``changes`` set, or None when the config
+    refuses a value (read-only, validated) or the class the config: no probe."""
+    cfg = copy.deepcopy(model.config)
     try:
+        for k, v in changes.items():
+            setattr(cfg, k, v)
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
-            return cls(cfg)
-    except Exception:  # noqa: BLE001 - a config the class refuses is a probe that failed
+            return type(model)(cfg)
+    except Exception:  # noqa: BLE001 - whatever the config or the class refuses, the probe failed
         return None
 
 
@@ -256,12 +261,7 @@ def _mlp_widths(model: nn.Module, layers: str,
         if isinstance(v, bool) or not (v is None or isinstance(v, int) and v > 0):
             continue
         new = 2 * v if v else 3 * int(cfg.hidden_size) + 8  # a size no other width of the model has
-        c = copy.deepcopy(cfg)
-        try:
-            setattr(c, f, new)
-        except Exception:  # noqa: BLE001 - a field the config refuses (read-only, validated): no probe
-            continue
-        probe = _meta_build(type(model), c)
+        probe = _probe(model, {f: new})
         if probe is None:
             continue
         found: dict[int, tuple[str, int]] = {}
@@ -286,28 +286,16 @@ def _mlp_widths(model: nn.Module, layers: str,
 def _sizes_linearly(model: nn.Module, layers: str, f: str, value: int, found: dict[int, tuple[str, int]]) -> bool:
     """Whether the class builds the tensors ``found`` at exactly ``value`` when the field is set to it
     (a second probe point, off any power of two)."""
-    c = copy.deepcopy(model.config)
-    try:
-        setattr(c, f, value)
-    except Exception:  # noqa: BLE001 - a field the config refuses (read-only, validated): no probe
-        return False
-    probe = _meta_build(type(model), c)
+    probe = _probe(model, {f: value})
     if probe is None:
         return False
     shapes = _layer_shapes(probe, layers)
     return all((shapes.get(f"{i}.{rel}") or ())[d:d + 1] == (value,) for i, (rel, d) in found.items())
 
 
-def _resized_by(model: nn.Module, layers: str, changes: dict[str, Any]) -> frozenset:
-    """Every ``(tensor inside a layer, dim)`` whose size changes when the config's fields are set to
-    ``changes`` (measured on the meta device); empty when the class cannot be built that way."""
-    cfg = copy.deepcopy(model.config)
-    try:
-        for k, v in changes.items():
-            setattr(cfg, k, v)
-    except Exception:  # noqa: BLE001 - a field the config refuses (read-only, validated): no probe
-        return frozenset()
-    probe = _meta_build(type(model), cfg)
+def _resized(model: nn.Module, probe: nn.Module | None, layers: str) -> frozenset:
+    """Every ``(tensor inside a layer, dim)`` whose size differs between ``model`` and its
+    :func:`_probe` (empty without a probe)."""
     if probe is None:
         return frozenset()
     out = set()
@@ -326,26 +314,18 @@ def _heads_sized(model: nn.Module, layers: str, head_dim: int, kv_too: bool = Tr
     changes = {"num_attention_heads": 2 * cfg.num_attention_heads, "head_dim": head_dim}
     if kv_too and isinstance(getattr(cfg, "num_key_value_heads", None), int):
         changes["num_key_value_heads"] = 2 * cfg.num_key_value_heads
-    return _resized_by(model, layers, changes)
+    return _resized(model, _probe(model, changes), layers)
 
 
-def _head_dim_free(model: nn.Module, layers: str, o_proj: str, head_dim: int) -> bool:
+def _head_dim_free(model: nn.Module, wide: nn.Module | None, layers: str, o_proj: str, head_dim: int) -> bool:
     """Whether the model's class sizes its attention by ``config.head_dim`` rather than by
-    ``hidden_size // num_attention_heads``: a copy of the config with twice the hidden size is
-    instantiated on the meta device (no memory, no arithmetic) and its output projection read."""
-    cfg = copy.deepcopy(model.config)
-    heads = cfg.num_attention_heads
-    cfg.hidden_size = 2 * cfg.hidden_size
-    try:
-        cfg.head_dim = head_dim  # a read-only property (Falcon): derived
-    except Exception:  # noqa: BLE001 - read-only or validated: treated as derived (tied)
+    ``hidden_size // num_attention_heads``: ``wide`` is its :func:`_probe` with twice the hidden size
+    and ``head_dim`` set, whose output projection is read. A class that cannot be built that way
+    (Falcon's read-only ``head_dim``) is treated as derived (tied)."""
+    if wide is None:
         return False
-    probe = _meta_build(type(model), cfg)
-    try:
-        o = probe.get_submodule(f"{layers}.0.{o_proj}").weight
-    except AttributeError:  # (probe None too) a class that cannot be built this way is treated as tied
-        return False
-    return tuple(o.shape) == (cfg.hidden_size, heads * head_dim)
+    o = wide.get_submodule(f"{layers}.0.{o_proj}").weight
+    return tuple(o.shape) == (2 * model.config.hidden_size, model.config.num_attention_heads * head_dim)
 
 
 def _heads_divide_hidden(cfg: Any) -> bool:
@@ -379,26 +359,16 @@ def _float_attrs(model: nn.Module) -> dict[str, float]:
             if isinstance(v, float)}
 
 
-def _hidden_sized(model: nn.Module, layers: str, head_dim: int) -> frozenset:
-    """What follows ``hidden_size`` (doubled at fixed heads and ``head_dim``): what pruning the
-    residual stream may resize."""
-    return _resized_by(model, layers, {"hidden_size": 2 * model.config.hidden_size, "head_dim": head_dim})
-
-
 def _hidden_constants(model: nn.Module) -> tuple[str, ...]:
     """Python float attributes of the model's modules that change with the hidden size (nGPT-style
     ``hidden_size ** 0.5`` scales): measured on a meta-device build with twice the hidden size and
     twice the heads (so a derived head_dim stays). A pruned residual would change them in the rebuilt
     model, so its width stays whole."""
-    cfg = copy.deepcopy(model.config)
-    try:
-        cfg.hidden_size = 2 * cfg.hidden_size
-        cfg.num_attention_heads = 2 * cfg.num_attention_heads
-        if isinstance(getattr(cfg, "num_key_value_heads", None), int):
-            cfg.num_key_value_heads = 2 * cfg.num_key_value_heads
-    except Exception:  # noqa: BLE001 - a field the config refuses (read-only, validated): no probe
-        return ()
-    probe = _meta_build(type(model), cfg)
+    cfg = model.config
+    changes = {"hidden_size": 2 * cfg.hidden_size, "num_attention_heads": 2 * cfg.num_attention_heads}
+    if isinstance(getattr(cfg, "num_key_value_heads", None), int):
+        changes["num_key_value_heads"] = 2 * cfg.num_key_value_heads
+    probe = _probe(model, changes)
     if probe is None:
         return ()
     base, new = _float_attrs(model), _float_attrs(probe)
@@ -446,7 +416,6 @@ def _source_of(model: nn.Module, args: tuple, kwargs: dict | None) -> HFSource |
         return None
     layers, n = found
     names: dict[str, str] = {}
-    widths: dict[str, dict[int, tuple[str, int]]] = {}
     sized: dict[str, frozenset] = {}
     if family != "gpt2":
         names = _layer_names(model, layers) or {}
@@ -460,12 +429,13 @@ def _source_of(model: nn.Module, args: tuple, kwargs: dict | None) -> HFSource |
         head_dim = cfg.n_embd // cfg.n_head
         free = False
     else:
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        free = _head_dim_free(model, layers, names["o"], int(head_dim))
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        wide = _probe(model, {"hidden_size": 2 * cfg.hidden_size, "head_dim": head_dim})  # heads and head_dim fixed
+        free = _head_dim_free(model, wide, layers, names["o"], head_dim)
         if free:
-            sized["heads"] = _heads_sized(model, layers, int(head_dim))
-            sized["heads:required"] = _heads_sized(model, layers, int(head_dim), kv_too=False)
-            sized["hidden"] = _hidden_sized(model, layers, int(head_dim))
+            sized["heads"] = _heads_sized(model, layers, head_dim)
+            sized["heads:required"] = _heads_sized(model, layers, head_dim, kv_too=False)
+            sized["hidden"] = _resized(model, wide, layers)  # what pruning the residual stream may resize
     example = dict(kwargs or {})
     if args:
         try:
@@ -624,10 +594,9 @@ def layout_for(src: HFSource, groups: Sequence, keys: Sequence | None = None) ->
             for g in gs:
                 out.fixed[g.id] = (f"{name}'s config has one {role} width for all layers and only {len(per_layer)} "
                                    f"of {expected} layers can be pruned alike")
-    if hidden and len(hidden) == 1 and _misfits(hidden, src, "hidden", keys):
-        for g in hidden:
-            out.fixed[g.id] = (f"{name}'s config cannot express pruning the residual: "
-                               + _misfits(hidden, src, "hidden", keys)[0])
+    misfit = _misfits(hidden, src, "hidden", keys) if len(hidden) == 1 else []
+    if misfit:
+        out.fixed[hidden[0].id] = f"{name}'s config cannot express pruning the residual: {misfit[0]}"
         hidden = []
     if len(hidden) > 1:
         for g in hidden:
@@ -784,11 +753,6 @@ def hf_config_for(src: HFSource, gm: nn.Module) -> Any:
 
 # ------------------------------------------------------------------------------------ rebuild
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
-
-
 def _first_tensor(out: Any) -> torch.Tensor:
     from fxprune.importance import output_tensor
 
@@ -798,20 +762,18 @@ def _first_tensor(out: Any) -> torch.Tensor:
 
 def rebuild(src: HFSource, gm: nn.Module, *, verify: bool = True) -> nn.Module:
     """The pruned graph ``gm`` as an instance of ``src.cls`` (see :func:`to_hf`)."""
-    from fxprune.errors import FxpruneError
-
+    name = src.cls.__name__
     try:
         cfg = hf_config_for(src, gm)
     except FxpruneError:
         raise
     except Exception as err:  # noqa: BLE001 - a config class validating on assignment (strict dataclasses)
-        raise ConfigError(f"{src.cls.__name__}'s config refuses the pruned widths ({type(err).__name__}: "
+        raise ConfigError(f"{name}'s config refuses the pruned widths ({type(err).__name__}: "
                           f"{_first_line(err)}), so to_hf() cannot rebuild it; result.model (a GraphModule) is the "
                           "pruned model.") from err
     tensors = _tensors(gm)
     dtype = next((v.dtype for v in tensors.values() if v.is_floating_point()), torch.float32)
     device = next((v.device for v in tensors.values()), torch.device("cpu"))
-    name = src.cls.__name__
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

@@ -174,8 +174,9 @@ _SIZED_RESHAPES = ("view", "_unsafe_view", "reshape", "view_copy")
 
 
 class ArgReduceRule(OpRule):
-    """``aten.max.dim`` / ``aten.min.dim`` (values and indices) over one dim: the other dims pass through to every output; the reduced dim is kept whole, since the
-    indices point into it (GPT-OSS subtracts the row max of its attention logits and sinks)."""
+    """``aten.max.dim`` / ``aten.min.dim`` (values and indices) over one dim: the other dims pass
+    through to every output; the reduced dim is kept whole, since the indices point into it (GPT-OSS
+    subtracts the row max of its attention logits and sinks)."""
 
     name = "arg_reduce"
 
@@ -320,8 +321,7 @@ class AtenSliceRule(OpRule):
 
     A full-range slice ties the dim; a unit-step partial slice maps the kept range; an interleaved
     one (``x[..., 1::2]``) keeps whole blocks; computed bounds (``end = L``) and other strides
-    freeze the dim. The rewrite moves literal bounds when the
-    sliced dim lost channels.
+    freeze the dim. The rewrite moves literal bounds when the sliced dim lost channels.
     """
 
     name = "aten_slice"
