@@ -331,11 +331,14 @@ def settle_sizes(model: nn.Module, gm: nn.Module, inputs: Sequence[Any], names: 
                 for k in accepted_by if k not in fixed}
 
     failing = failures(gm)
+    why_not = ""  # why no re-capture was kept, beyond not reproducing the probes
     if any(failing.values()) and recapture is not None:
         probes_all = [p for k in accepted_by for p in accepted_by[k]]
         bad = [p for k in failing for p, _ in failing[k]]
         gm2, at = _recapture(model, inputs, bad, probes_all, n_args, kw_names, recapture)
-        if gm2 is not None:
+        if gm2 is None:
+            why_not = at
+        else:
             k0 = next(k for k in failing if failing[k])
             p0, r0 = failing[k0][0]
             cls0 = classes[k0]
@@ -354,7 +357,7 @@ def settle_sizes(model: nn.Module, gm: nn.Module, inputs: Sequence[Any], names: 
             example = _fmt(cls, inputs)
             notes.append(f"{cls.label} specialised to {example} ({_where(cls, names)}): the model accepts "
                          f"{_fmt(cls, inputs, p.sizes)} but the captured graph does not reproduce it there "
-                         f"({reason[:200]}); the pruned model and its ONNX take {example} only")
+                         f"({reason[:200]}{why_not}); the pruned model and its ONNX take {example} only")
             continue
         for (i, d) in cls.dims:
             dynamic.setdefault(i, []).append(d)
@@ -366,10 +369,29 @@ def _where(cls: SizeClass, names: Sequence[str]) -> str:
     return ", ".join(f"{names[i]!r} dim {d}" for i, d in cls.dims)
 
 
+def _counted_call(model: nn.Module, inputs: Sequence[Any], n_args: int, kw_names: Sequence[str]) -> tuple[Any, int]:
+    """``_call`` and the FLOPs it dispatched (``FlopCounterMode``, attention on the math path)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        out = _call(model, inputs, n_args, kw_names)
+    return out, int(counter.get_total_flops())
+
+
 def _recapture(model, inputs, bad: list[_Probe], everything: list[_Probe], n_args, kw_names, recapture):
     """A capture at one of the failing probe sizes that reproduces the model at the example and at
-    every accepted probe, or ``(None, "")``."""
-    example_want = None
+    every accepted probe, with the size it was captured at; else ``None`` and why a capture that
+    reproduced them was refused (or ``""``).
+
+    It must also do no more work than the model at the example: a capture at a size that takes a
+    "pad to a multiple" branch pads by ``c - x % c`` unconditionally, so at the example (a multiple)
+    it pads ``c`` where the model pads nothing; when later strides drop the padding its outputs
+    still agree, but its MACs are not the model's (FocalNet at 64 px: 24% more) and a budget taken
+    from it would not be one of the user's model.
+    """
+    example_want = example_flops = None
+    rejected = ""
     for p in reversed(bad):  # the irregular sizes first
         try:
             gm2 = recapture(p.inputs)
@@ -377,12 +399,23 @@ def _recapture(model, inputs, bad: list[_Probe], everything: list[_Probe], n_arg
             logger.debug("re-capture at %s failed: %s", p.sizes, err)
             continue
         if example_want is None:
-            example_want = _call(model, inputs, n_args, kw_names)
-        if reproduces(gm2, model, inputs, n_args, kw_names, example_want):
+            example_want, example_flops = _counted_call(model, inputs, n_args, kw_names)
+        try:
+            got, flops = _counted_call(gm2, inputs, n_args, kw_names)
+        except Exception as err:
+            logger.debug("re-capture at %s fails at the example: %s", p.sizes, err)
             continue
-        if all(reproduces(gm2, model, q.inputs, n_args, kw_names, q.want) is None for q in everything):
+        if close(_leaves(got), _leaves(example_want)):
+            continue
+        if not all(reproduces(gm2, model, q.inputs, n_args, kw_names, q.want) is None for q in everything):
+            continue
+        if flops <= example_flops:
             return gm2, _fmt(p.cls, inputs, p.sizes)
-    return None, ""
+        extra = 100.0 * (flops - example_flops) / max(example_flops, 1)
+        rejected = (f"; a capture at {_fmt(p.cls, inputs, p.sizes)} reproduces every size tried but does "
+                    f"{extra:.0f}% more work than the model at {_fmt(p.cls, inputs)}: a size-dependent branch "
+                    f"taken at {_fmt(p.cls, inputs, p.sizes)} is unconditional in it")
+    return None, rejected
 
 
 # ------------------------------------------------------------------------------- ONNX export side

@@ -347,6 +347,27 @@ def test_size_branch_is_recaptured_at_an_irregular_size_and_stays_dynamic(tmp_pa
     assert parity.ok, parity.summary()
 
 
+def test_a_recapture_that_pads_where_the_model_does_not_is_refused():
+    """HF FocalNet pads to a multiple of the patch (``if w % 4: pad(4 - w % 4)``, per stage). At
+    64 px no stage pads, the 64 px graph fails at 48 px (a stage pads there), and the graph captured
+    at 81 px pads ``4 - w % 4`` unconditionally: right outputs at 64 px (later strides drop the
+    padding) but 24% more MACs, which made the budget one of a model the user does not have."""
+    transformers = pytest.importorskip("transformers")
+    from fxprune.testing.hf_cases import independent_macs
+
+    cfg = transformers.FocalNetConfig(image_size=64, embed_dim=16, depths=[1, 1, 1, 1], focal_levels=[2] * 4,
+                                      focal_windows=[3] * 4)
+    torch.manual_seed(0)
+    model = transformers.FocalNetModel(cfg).eval()
+    x = {"pixel_values": torch.randn(2, 3, 64, 64)}
+    cap = capture(model, x)
+    assert fxprune.count_macs(cap.gm, x) == independent_macs(model, x) == 8_039_424
+    note = next(n for n in cap.notes if "specialised to 64x64" in n)
+    assert "more work than the model at 64x64" in note, note
+    with torch.no_grad():
+        torch.testing.assert_close(cap.gm(**x).last_hidden_state, model(**x).last_hidden_state)
+
+
 class FixedGrid(nn.Module):
     """A ViT-like model: a position table for one grid, so one image size only (checked, like
     transformers' ViT does)."""
