@@ -266,6 +266,46 @@ def test_equivalence_oracle_tiny(name):
         check_equivalence(cap.gm, dg, random_plan(dg, rng), cap.inputs)
 
 
+class BlockedAttention(nn.Module):
+    """LongT5's local attention: einsums with an ellipsis over the blocks."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):  # [batch, blocks, block length, d]
+        b, n, l, d = x.shape
+        q, k, v = (p(x).view(b, n, l, self.heads, d // self.heads) for p in (self.q, self.k, self.v))
+        attn = torch.einsum("...qhd,...khd->...hqk", q, k).softmax(-1)
+        return self.o(torch.einsum("...hqk,...khd->...qhd", attn, v).reshape(b, n, l, d))
+
+
+def test_einsum_with_an_ellipsis_couples_and_prunes():
+    """Head dims pruned through ``...qhd,...khd->...hqk``: the pruned model equals the original with
+    the dropped dims of every head zeroed in the producer (q for q.k, v for v.o)."""
+    import copy
+
+    from fxprune.testing.equivalence import prune_with_units
+
+    torch.manual_seed(0)
+    model, x = BlockedAttention().eval(), torch.randn(2, 3, 5, 32)
+    cap, dg = analyse(model, (x,))
+    assert [f.reasons for f in dg.frozen] == [("model output",)]  # nothing frozen at the einsums
+    assert sorted((g.members[0], g.n) for g in dg.groups) == [("q", 8), ("v", 8)]
+    for g in dg.groups:
+        keep = np.array([0, 1, 4, 6, 7])
+        pruned = prune_with_units(cap.gm, dg, {g.id: keep}, (x,))
+        ref = copy.deepcopy(model)
+        producer = getattr(ref, g.members[0])
+        dropped = [h * 8 + d for h in range(4) for d in range(8) if d not in keep]
+        with torch.no_grad():
+            producer.weight[dropped] = 0
+            producer.bias[dropped] = 0
+            assert getattr(pruned, g.members[0]).out_features == 4 * len(keep)
+            torch.testing.assert_close(pruned(x), ref(x), atol=1e-5, rtol=1e-4)
+
+
 ZOO = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "regnet_x_400mf", "googlenet",
        "densenet121", "efficientnet_b0", "squeezenet1_1", "resnext50_32x4d", "mnasnet0_5"]
 

@@ -100,6 +100,11 @@ def test_matmul_bmm_einsum():
     assert macs(bcast, torch.randn(2, 4, 5, 6), torch.randn(6, 7)) == 2 * 4 * 5 * 6 * 7
     ein = Wrap(lambda self, a, b: torch.einsum("bhid,bhjd->bhij", a, b))
     assert macs(ein, torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8)) == 2 * 3 * 5 * 7 * 8
+    # an ellipsis broadcast from the right (LongT5's blocked attention), and the implicit output form
+    ell = Wrap(lambda self, a, b: torch.einsum("...qhd,...khd->...hqk", a, b))
+    assert macs(ell, torch.randn(2, 3, 5, 4, 8), torch.randn(3, 7, 4, 8)) == 2 * 3 * 4 * 5 * 7 * 8
+    implicit = Wrap(lambda self, a, b: torch.einsum("...ij,jk", a, b))
+    assert macs(implicit, torch.randn(2, 5, 6), torch.randn(6, 7)) == 2 * 5 * 6 * 7
 
 
 def test_sdpa_counts_qk_and_av():

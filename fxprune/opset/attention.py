@@ -262,18 +262,31 @@ register_function(getattr(torch.ops.aten, "_grouped_mm", None), getattr(torch, "
                   getattr(F, "grouped_mm", None), "transformers::grouped_mm_fallback")(GroupedMMRule)
 
 
-def _parse_einsum(eq: str, n: int):
+def _parse_einsum(eq: str, ranks: list[int]):
+    """``(operand specs, output spec)`` with one letter per dim, or None (an equation it cannot read).
+
+    An ellipsis becomes letters of its own, broadcast from the right across the operands as
+    einsum does (``"...qhd,...khd->...hqk"``: LongT5's blocked attention).
+    """
     eq = eq.replace(" ", "")
-    if "..." in eq:
-        return None
-    if "->" in eq:
-        lhs, rhs = eq.split("->")
-    else:
-        lhs = eq
-        letters = lhs.replace(",", "")
-        rhs = "".join(sorted(ch for ch in set(letters) if letters.count(ch) == 1))
+    lhs, arrow, rhs = eq.partition("->")
     ins = lhs.split(",")
-    if len(ins) != n:
+    if len(ins) != len(ranks):
+        return None
+    ell = ""
+    if "..." in eq:
+        spare = [ch for ch in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if ch not in eq]
+        widths = [r - len(spec.replace("...", "")) if "..." in spec else 0 for spec, r in zip(ins, ranks)]
+        most = max(widths)
+        if min(widths) < 0 or most > len(spare):
+            return None
+        ell = "".join(spare[:most])
+        ins = [spec.replace("...", ell[most - w:]) for spec, w in zip(ins, widths)]
+        rhs = rhs.replace("...", ell)
+    if not arrow:  # implicit output: the broadcast dims, then the letters used once, sorted
+        letters = "".join(ins)
+        rhs = ell + "".join(sorted(ch for ch in set(letters) if letters.count(ch) == 1 and ch not in ell))
+    if any("." in spec for spec in ins + [rhs]) or any(len(spec) != r for spec, r in zip(ins, ranks)):
         return None
     return ins, rhs
 
@@ -290,7 +303,7 @@ class EinsumRule(OpRule):
 
     def couple(self, node, b):
         eq, ops = self._operands(node)
-        parsed = _parse_einsum(eq, len(ops))
+        parsed = _parse_einsum(eq, [len(ishape(op)) for op in ops])
         if parsed is None:
             b.freeze_node(node, f"einsum '{eq}' not supported ({node.name})")
             return
@@ -310,7 +323,7 @@ class EinsumRule(OpRule):
 
     def macs(self, node, m):
         eq, ops = self._operands(node)
-        parsed = _parse_einsum(eq, len(ops))
+        parsed = _parse_einsum(eq, [len(ishape(op)) for op in ops])
         if parsed is None or len(ops) < 2:
             return
         ins, rhs = parsed
