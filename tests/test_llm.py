@@ -247,11 +247,16 @@ def test_to_hf_refuses_per_layer_widths_and_other_models():
 def test_expert_macs_follow_the_routed_tokens():
     """Grouped matmuls are counted per routed row: top-2 routing costs one more pass of every token
     through an expert's three projections than top-1 (3 * hidden * intermediate per token and layer)."""
+    from fxprune.testing.hf_cases import independent_macs
+
     counts = {}
     for k in (1, 2):
         torch.manual_seed(0)
         cfg = transformers.MixtralConfig(**_MOE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=k)
-        counts[k] = fxprune.count_macs(transformers.MixtralForCausalLM(cfg).eval(), tokens())
+        model = transformers.MixtralForCausalLM(cfg).eval()
+        counts[k] = fxprune.count_macs(model, tokens())
+        # the independent count of what the model dispatches (grouped matmuls by their shapes) agrees
+        assert counts[k] == independent_macs(model, tokens())
     n_tokens, hidden, inter, layers = 2 * 16, _MOE["hidden_size"], _MOE["intermediate_size"], 2
     assert counts[2] - counts[1] == n_tokens * 3 * hidden * inter * layers
 

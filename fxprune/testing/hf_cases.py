@@ -267,14 +267,30 @@ def independent_macs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> int:
 
     Independent of fxprune's analytical cost model: it counts the ATen matmuls/convolutions the
     model really dispatches. The math SDPA backend is forced because the fused CPU attention
-    kernels have no FLOP formula (they would count as 0).
+    kernels have no FLOP formula (they would count as 0). Grouped matmuls (mixture-of-experts
+    layers: ``aten._grouped_mm``, transformers' ``grouped_mm_fallback`` custom op) have none in
+    torch either: each routed row ``[S, K]`` meets one expert's ``[K, N]``, ``2 * S * K * N`` FLOPs.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), \
+            FlopCounterMode(display=False, custom_mapping=_grouped_mm_formulas()) as counter:
         model(**inputs)
     return int(counter.get_total_flops()) // 2
+
+
+def _grouped_mm_formulas() -> dict[Any, Callable[..., int]]:
+    def flops(a_shape, b_shape, *_, out_shape=None, **__) -> int:
+        rows, k = a_shape[-2], a_shape[-1]
+        return 2 * rows * k * b_shape[-1] if len(b_shape) == 3 else 2 * math.prod(out_shape) * k
+
+    ops = [getattr(torch.ops.aten, "_grouped_mm", None)]
+    try:
+        ops.append(torch.ops.transformers.grouped_mm_fallback)
+    except (AttributeError, RuntimeError):  # transformers not imported, or without the op
+        pass
+    return {op: flops for op in ops if op is not None}  # (keyed by overload packet, as the registry is)
 
 
 def _library_independent_count() -> Callable[..., int] | None:
@@ -434,5 +450,3 @@ def passed(rec: dict[str, Any]) -> bool:
         need.append("size_ok")
     return all(rec.get(k) is True for k in need)
 
-
-_ = math
