@@ -41,6 +41,37 @@ _SCALED = ("hidden_size", "n_embd", "d_model", "intermediate_size", "ffn_dim", "
            "shared_expert_intermediate_size", "word_embed_proj_dim")
 
 
+def _shrink(cfg, sizes: dict) -> None:
+    """Sets the small sizes on one config (fields it has), its per-layer lists cut to two layers."""
+    fields = cfg.to_dict()
+    for k, v in sizes.items():
+        try:  # (hasattr raises on Gemma 4's per-layer fields)
+            if (k in fields or hasattr(cfg, k)) and not isinstance(getattr(cfg, k, None), (list, tuple)):
+                setattr(cfg, k, v)  # (a per-stage list, Swin's heads, keeps its default)
+        except Exception:  # noqa: BLE001 - a read-only, per-layer or validated field keeps its default
+            pass
+    for k in ("layer_types", "mlp_layer_types", "attn_layer_types"):
+        lt = getattr(cfg, k, None)
+        if isinstance(lt, (list, tuple)) and len(lt) > 2:
+            setattr(cfg, k, list(lt[:2]))
+
+
+def small_config(model_type: str, scale: int = 2, extra: dict | None = None, nested: bool = False):
+    """The default config of ``model_type`` with small sizes (``nested``: its text, vision, audio,
+    encoder and decoder configs too)."""
+    import transformers as T
+
+    sizes = {k: (v * scale if k in _SCALED else v) for k, v in _SMALL.items()}
+    sizes.update(extra or {})
+    cfg = T.AutoConfig.for_model(model_type)
+    _shrink(cfg, sizes)
+    for name in list(vars(cfg)) if nested else ():
+        sub = getattr(cfg, name, None)
+        if isinstance(sub, T.PretrainedConfig):
+            _shrink(sub, sizes)
+    return cfg
+
+
 def _one(model_type: str, scale: int) -> dict:
     """Runs in the subprocess."""
     import tempfile
@@ -55,21 +86,9 @@ def _one(model_type: str, scale: int) -> dict:
     import fxprune
 
     rec: dict = {"type": model_type}
-    sizes = {k: (v * scale if k in _SCALED else v) for k, v in _SMALL.items()}
     try:
-        cfg = T.AutoConfig.for_model(model_type)
+        cfg = small_config(model_type, scale)
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        fields = cfg.to_dict()
-        for k, v in sizes.items():
-            try:  # (hasattr raises on Gemma 4's per-layer fields)
-                if k in fields or hasattr(cfg, k):
-                    setattr(cfg, k, v)
-            except Exception:  # noqa: BLE001 - a read-only, per-layer or validated field keeps its default
-                pass
-        for k in ("layer_types", "mlp_layer_types", "attn_layer_types"):
-            lt = getattr(cfg, k, None)
-            if isinstance(lt, (list, tuple)) and len(lt) > 2:
-                setattr(cfg, k, list(lt[:2]))
         torch.manual_seed(0)
         model = T.AutoModelForCausalLM.from_config(cfg).eval()
         ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
