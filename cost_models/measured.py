@@ -10,7 +10,9 @@ fused attention...), plus the formulas that module lacks on CPU:
 * ``_scaled_dot_product_flash_attention_for_cpu`` (the CPU SDPA kernel; torch counts it as 0,
   which is why ``FlopCounterMode`` undercounts transformers on CPU): QK^T + AV, as the math path;
 * ``mkldnn_rnn_layer`` (LSTM on CPU): ``T*B*(W_ih + W_hh)`` per layer and direction;
-* ``mv``/``addmv``/``dot``/``vdot`` and ``_trilinear`` (``nn.Bilinear``).
+* ``mv``/``addmv``/``dot``/``vdot`` and ``_trilinear`` (``nn.Bilinear``);
+* grouped matmuls of mixture-of-experts layers (``_grouped_mm``, transformers' custom
+  ``grouped_mm_fallback``): one dot product of length ``K`` per output element.
 
 An ATen op whose name says it multiplies matrices (conv, mm, attention, rnn...) but that has no
 formula is recorded per node as *unmeasured*: the count then cannot vouch for that node.
@@ -41,7 +43,7 @@ import torch.fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-__all__ = ["GraphMeasure", "measure_graph", "measure_model", "MacMeter", "FORMULAS"]
+__all__ = ["GraphMeasure", "measure_graph", "measure_model", "MacMeter", "FORMULAS", "formula_for", "grouped_mm_flops"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,17 @@ def _trilinear(i1, i2, i3, expand1, expand2, expand3, sumdim, unroll_dim=1, *arg
     return 2 * math.prod(dims)
 
 
+def grouped_mm_flops(a, b, *args, out_shape=None, **kwargs) -> int:
+    """Grouped matmuls (mixture-of-experts layers: ``aten._grouped_mm``, transformers'
+    ``grouped_mm_fallback``): every output element is one dot product of length ``K``; rows
+    ``[S, K]`` against experts ``[E, K, N]`` give ``2 * S * N * K``. With both operands 2-D the
+    groups split ``K`` (an ``[E, M, N]`` output of ``E`` partial products): ``2 * M * N * K``."""
+    k = a[-1]
+    if len(a) == 2 and len(b) == 2 and len(out_shape) == 3:
+        return 2 * out_shape[1] * out_shape[2] * k
+    return 2 * math.prod(out_shape) * k
+
+
 def _expand(shape, dims):
     s = list(shape)
     for d in sorted(dims):
@@ -110,6 +123,7 @@ def _formulas() -> dict[Any, Callable[..., int]]:
         "dot": _dot,
         "vdot": _dot,
         "_trilinear": _trilinear,
+        "_grouped_mm": grouped_mm_flops,
     }
     for name, f in extra.items():
         packet = getattr(aten, name, None)
@@ -119,6 +133,18 @@ def _formulas() -> dict[Any, Callable[..., int]]:
 
 
 FORMULAS = _formulas()
+
+#: Formulas of other libraries' custom ops, by qualified name (looked up when the op first runs:
+#: the library registers it on import).
+NAMED_FORMULAS: dict[str, Callable[..., int]] = {"transformers::grouped_mm_fallback": _shapes(grouped_mm_flops)}
+
+
+def formula_for(packet) -> Callable[..., int] | None:
+    """The FLOP formula of an op overload packet (ATen or a named custom op), or None."""
+    f = FORMULAS.get(packet)
+    if f is None:
+        f = NAMED_FORMULAS.get(getattr(packet, "_qualified_op_name", ""))
+    return f
 
 # ATen ops that multiply-accumulate but have no formula: a node running one is "unmeasured".
 _MAC_NAME = re.compile(r"conv|(^|_)(mm|bmm|mv|addmv|dot|vdot|matmul|linear|einsum|tensordot|cdist)($|_)|"
@@ -200,7 +226,7 @@ class MacMeter(TorchDispatchMode):
             return out
         out = func(*args, **kwargs)
         packet = getattr(func, "_overloadpacket", func)
-        f = FORMULAS.get(packet)
+        f = formula_for(packet)
         if f is not None:
             self.flops += int(f(*args, **kwargs, out_val=out))
         elif _unmeasured(packet):

@@ -370,13 +370,12 @@ def _where(cls: SizeClass, names: Sequence[str]) -> str:
 
 
 def _counted_call(model: nn.Module, inputs: Sequence[Any], n_args: int, kw_names: Sequence[str]) -> tuple[Any, int]:
-    """``_call`` and the FLOPs it dispatched (``FlopCounterMode``, attention on the math path)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
+    """``_call`` and the FLOPs it dispatched (``cost_models.measured.MacMeter``)."""
+    from fxprune.cost_models.measured import MacMeter
 
-    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+    with MacMeter() as meter:
         out = _call(model, inputs, n_args, kw_names)
-    return out, int(counter.get_total_flops())
+    return out, meter.flops
 
 
 def _recapture(model, inputs, bad: list[_Probe], everything: list[_Probe], n_args, kw_names, recapture):

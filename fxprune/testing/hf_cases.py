@@ -281,16 +281,14 @@ def independent_macs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> int:
 
 
 def _grouped_mm_formulas() -> dict[Any, Callable[..., int]]:
-    def flops(a_shape, b_shape, *_, out_shape=None, **__) -> int:
-        rows, k = a_shape[-2], a_shape[-1]
-        return 2 * rows * k * b_shape[-1] if len(b_shape) == 3 else 2 * math.prod(out_shape) * k
+    from fxprune.cost_models.measured import grouped_mm_flops
 
     ops = [getattr(torch.ops.aten, "_grouped_mm", None)]
     try:
         ops.append(torch.ops.transformers.grouped_mm_fallback)
     except (AttributeError, RuntimeError):  # transformers not imported, or without the op
         pass
-    return {op: flops for op in ops if op is not None}  # (keyed by overload packet, as the registry is)
+    return {op: grouped_mm_flops for op in ops if op is not None}  # (keyed by overload packet, as the registry is)
 
 
 def _library_independent_count() -> Callable[..., int] | None:
