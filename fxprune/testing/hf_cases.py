@@ -22,7 +22,6 @@ the default calling convention (the tokenizer's keyword tensors with some paddin
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
