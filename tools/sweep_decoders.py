@@ -37,6 +37,7 @@ _SMALL = dict(vocab_size=128, hidden_size=64, n_embd=64, d_model=64, intermediat
               bos_token_id=1, eos_token_id=2, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16,
               q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, rotary_dim=8,
               word_embed_proj_dim=64)
+MARK = "@@record "  # a child's result line (models may print JSON of their own)
 _SCALED = ("hidden_size", "n_embd", "d_model", "intermediate_size", "ffn_dim", "moe_intermediate_size",
            "shared_expert_intermediate_size", "word_embed_proj_dim")
 
@@ -159,32 +160,40 @@ def main() -> int:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(_one(args.one, args.scale)))
+        print(MARK + json.dumps(_one(args.one, args.scale)))
         return 0
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     types = args.types or sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if t not in _NOT_DECODERS)
+    run_types(types, lambda t: [__file__, "--one", t, "--scale", str(args.scale)], _kind, args.out, args.jobs,
+              args.timeout, "compile")
+    return 0
+
+
+def run_types(types: list[str], argv, kind, out_path: str, jobs: int, timeout: int, crash_field: str) -> list[dict]:
+    """Each type in a subprocess (``python *argv(type)``, which prints its record after ``MARK``),
+    ``jobs`` at once; records appended to ``out_path`` as they come, a summary by ``kind`` at the end."""
+
     def run(t: str) -> dict:
         try:
-            out = subprocess.run([sys.executable, __file__, "--one", t, "--scale", str(args.scale)],
-                                 capture_output=True, text=True, timeout=args.timeout)
+            out = subprocess.run([sys.executable, *argv(t)], capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return {"type": t, "timeout": args.timeout}
-        line = (out.stdout.strip().splitlines() or ["{}"])[-1]
-        return json.loads(line) if line.startswith("{") else {"type": t, "compile": "crashed: " + out.stderr[-200:]}
+            return {"type": t, "timeout": timeout}
+        lines = [ln[len(MARK):] for ln in out.stdout.splitlines() if ln.startswith(MARK)]
+        return json.loads(lines[-1]) if lines else {"type": t, crash_field: "crashed: " + out.stderr[-300:]}
 
     records = []
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for rec in pool.map(run, types):
             records.append(rec)
-            print(f"{rec['type']:28s} {_kind(rec)}", flush=True)
-            with open(args.out, "a") as f:
+            print(f"{rec['type']:28s} {kind(rec)}", flush=True)
+            with open(out_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-    counts = Counter(_kind(r) for r in records)
+    counts = Counter(kind(r) for r in records)
     print(f"\n{len(records)} model types:")
     for k, n in counts.most_common():
         print(f"{n:4d}  {k}")
-    return 0
+    return records
 
 
 if __name__ == "__main__":

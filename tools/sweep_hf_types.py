@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
+
+from sweep_decoders import MARK, run_types, small_config  # noqa: E402
 
 _EXTRA = dict(image_size=64, num_channels=3, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
               decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, num_decoder_layers=2, d_ff=256,
@@ -56,7 +55,6 @@ def _stages(cfg) -> None:
                 if isinstance(getattr(c, k, None), int):
                     setattr(c, k, len(depths))
 SEQ, DEC_SEQ, AUDIO = 16, 8, 8000
-_MARK = "@@record "  # the child's result line (models may print JSON of their own)
 
 
 def _inputs(model, cfg, batch: int, seed: int = 0) -> dict:
@@ -113,7 +111,6 @@ def _one(model_type: str, scale: int, onnx: bool) -> dict:
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
     import transformers as T
-    from sweep_decoders import small_config
 
     import fxprune
     from fxprune.errors import FxpruneError
@@ -215,7 +212,7 @@ def main() -> int:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(_MARK + json.dumps(_one(args.one, args.scale, args.onnx)))
+        print(MARK + json.dumps(_one(args.one, args.scale, args.onnx)))
         return 0
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
@@ -227,26 +224,8 @@ def main() -> int:
     elif os.path.exists(args.out):
         os.remove(args.out)
 
-    def run(t: str) -> dict:
-        cmd = [sys.executable, __file__, "--one", t, "--scale", str(args.scale)] + (["--onnx"] if args.onnx else [])
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            return {"type": t, "timeout": args.timeout}
-        lines = [ln[len(_MARK):] for ln in out.stdout.splitlines() if ln.startswith(_MARK)]
-        return json.loads(lines[-1]) if lines else {"type": t, "raw": "crashed: " + out.stderr[-300:]}
-
-    records = []
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for rec in pool.map(run, types):
-            records.append(rec)
-            print(f"{rec['type']:28s} {_kind(rec)}", flush=True)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-    counts = Counter(_kind(r) for r in records)
-    print(f"\n{len(records)} model types:")
-    for k, n in counts.most_common():
-        print(f"{n:4d}  {k}")
+    run_types(types, lambda t: [__file__, "--one", t, "--scale", str(args.scale)] + (["--onnx"] if args.onnx else []),
+              _kind, args.out, args.jobs, args.timeout, "raw")
     return 0
 
 
