@@ -42,6 +42,16 @@ _SCALED = ("hidden_size", "n_embd", "d_model", "intermediate_size", "ffn_dim", "
            "shared_expert_intermediate_size", "word_embed_proj_dim")
 
 
+def error_text(err: BaseException, n: int = 300) -> str:
+    """``module.Class: message`` of an exception, the message cut at ``n`` characters."""
+    return f"{type(err).__module__}.{type(err).__name__}: {str(err)[:n]}"
+
+
+def error_class(text: str) -> str:
+    """The class name in an :func:`error_text`."""
+    return text.split(":")[0].rsplit(".", 1)[-1]
+
+
 def _shrink(cfg, sizes: dict) -> None:
     """Sets the small sizes on one config (fields it has), its per-layer lists cut to two layers."""
     fields = cfg.to_dict()
@@ -104,7 +114,7 @@ def _one(model_type: str, scale: int) -> dict:
     try:
         res = fxprune.compile(model, ex, mac_budget="50%")
     except Exception as err:  # noqa: BLE001
-        rec["compile"] = f"{type(err).__module__}.{type(err).__name__}: {str(err)[:300]}"
+        rec["compile"] = error_text(err, 300)
         return rec
     rec["ratio"], rec["seconds"] = round(res.macs / res.base_macs, 4), round(time.time() - t, 1)
     rec["in_band"] = res.report.lower_macs <= res.macs <= res.report.budget_macs
@@ -112,7 +122,7 @@ def _one(model_type: str, scale: int) -> dict:
         hf = res.to_hf()
         hf.generate(ids[:1, :8], max_new_tokens=6, do_sample=False)
     except Exception as err:  # noqa: BLE001
-        rec["to_hf"] = f"{type(err).__module__}.{type(err).__name__}: {str(err)[:300]}"
+        rec["to_hf"] = error_text(err, 300)
         return rec
     rec["to_hf"] = "ok"
     try:
@@ -123,7 +133,7 @@ def _one(model_type: str, scale: int) -> dict:
                 a, b, c = hf(**ex).logits, back(**ex).logits, res.model(**ex).logits
         rec["roundtrip"], rec["vs_graph"] = float((a - b).abs().max()), float((a - c).abs().max())
     except Exception as err:  # noqa: BLE001 - e.g. the small config fails the class's own validation
-        rec["save"] = f"{type(err).__module__}.{type(err).__name__}: {str(err)[:200]}"
+        rec["save"] = error_text(err, 200)
     return rec
 
 
@@ -133,7 +143,7 @@ def _kind(rec: dict) -> str:
     if "build" in rec:
         return "small config does not run in transformers"
     if "compile" in rec:
-        return "compile: " + rec["compile"].split(":")[0].rsplit(".", 1)[-1]
+        return "compile: " + error_class(rec["compile"])
     if not rec.get("in_band"):
         return "compiled OUTSIDE the band"
     if rec["to_hf"] != "ok":
@@ -142,9 +152,9 @@ def _kind(rec: dict) -> str:
             return "compiled in band; to_hf refused: layers it cannot rebuild"
         if "planned per layer" in err:
             return "compiled in band; to_hf refused: planned per layer (budget/band)"
-        return "compiled in band; to_hf FAILED: " + err.split(":")[0].rsplit(".", 1)[-1]
+        return "compiled in band; to_hf FAILED: " + error_class(err)
     if "save" in rec:
-        return "compiled, rebuilt, generates; save_pretrained fails (" + rec["save"].split(":")[0].rsplit(".", 1)[-1] + ")"
+        return "compiled, rebuilt, generates; save_pretrained fails (" + error_class(rec["save"]) + ")"
     if rec.get("roundtrip", 1) > 0 or rec.get("vs_graph", 1) > 1e-4:
         return "rebuilt but logits DIFFER"
     return "compiled in band, rebuilt, generates, save/load exact"

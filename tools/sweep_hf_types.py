@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from sweep_decoders import MARK, run_types, small_config  # noqa: E402
+from sweep_decoders import MARK, error_class, error_text, run_types, small_config  # noqa: E402
 
 _EXTRA = dict(image_size=64, num_channels=3, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
               decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, num_decoder_layers=2, d_ff=256,
@@ -145,7 +145,7 @@ def _one(model_type: str, scale: int, onnx: bool) -> dict:
     except Exception as err:  # noqa: BLE001 - the error contract is broken
         import traceback
 
-        rec["raw"] = f"{type(err).__module__}.{type(err).__name__}: {str(err)[:300]}"
+        rec["raw"] = error_text(err, 300)
         rec["where"] = traceback.format_exc()[-600:]
         return rec
     rec["seconds"] = round(time.time() - t, 1)
@@ -161,7 +161,7 @@ def _one(model_type: str, scale: int, onnx: bool) -> dict:
             rec["batch_ok"] = _shapes(res.model(**alt)) == _shapes(model(**alt))
         rec["shapes_ok"] = _shapes(res.model(**ex)) == want
     except Exception as err:  # noqa: BLE001
-        rec["after"] = f"{type(err).__module__}.{type(err).__name__}: {str(err)[:300]}"
+        rec["after"] = error_text(err, 300)
         return rec
     if onnx:
         try:
@@ -170,7 +170,7 @@ def _one(model_type: str, scale: int, onnx: bool) -> dict:
             par = onnx_parity(res.model, ex, res.export_onnx(), batch_sizes=(1, 3))
             rec["onnx_ok"] = bool(par.ok)
         except Exception as err:  # noqa: BLE001
-            rec["onnx"] = f"{type(err).__module__}.{type(err).__name__}: {str(err)[:300]}"
+            rec["onnx"] = error_text(err, 300)
     return rec
 
 
@@ -180,11 +180,11 @@ def _kind(rec: dict) -> str:
     if "build" in rec:
         return "does not run with the generic config/inputs"
     if "raw" in rec:
-        return "RAW EXCEPTION from compile: " + rec["raw"].split(":")[0].rsplit(".", 1)[-1]
+        return "RAW EXCEPTION from compile: " + error_class(rec["raw"])
     if "refused" in rec:
         return "clear error: " + rec["refused"].split(":")[0]
     if "after" in rec:
-        return "pruned model FAILS: " + rec["after"].split(":")[0].rsplit(".", 1)[-1]
+        return "pruned model FAILS: " + error_class(rec["after"])
     bad = []
     if rec["ref_base"] != rec["base"]:
         bad.append("base count " + ("UNDER" if rec["base"] < rec["ref_base"] else "over") + "-counted"
@@ -194,7 +194,7 @@ def _kind(rec: dict) -> str:
     if not rec["batch_ok"] or not rec["shapes_ok"]:
         bad.append("output shapes differ")
     if rec.get("onnx_ok") is False or "onnx" in rec:
-        bad.append("ONNX " + ("parity" if "onnx" not in rec else rec["onnx"].split(":")[0].rsplit(".", 1)[-1]))
+        bad.append("ONNX " + ("parity" if "onnx" not in rec else error_class(rec["onnx"])))
     if rec["pruned"] == 0 and not bad:
         return "compiled, nothing pruned"
     return "; ".join(bad) or "pass"
