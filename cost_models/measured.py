@@ -146,6 +146,7 @@ def formula_for(packet) -> Callable[..., int] | None:
         f = NAMED_FORMULAS.get(getattr(packet, "_qualified_op_name", ""))
     return f
 
+
 # ATen ops that multiply-accumulate but have no formula: a node running one is "unmeasured".
 _MAC_NAME = re.compile(r"conv|(^|_)(mm|bmm|mv|addmv|dot|vdot|matmul|linear|einsum|tensordot|cdist)($|_)|"
                        r"attention|rnn|lstm|gru|bilinear|trilinear")
